@@ -1,0 +1,77 @@
+"""``lorapipe <command> ...``: the entrypoint of every container and of local use.
+
+Each command lives in its own module, which provides ``configure_parser(parser)`` and
+``main(args) -> int``. Modules are imported only when their command runs, so
+``lorapipe ingest`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from lorapipe.errors import LorapipeError
+
+# command name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "tiny-model": ("lorapipe.models", "write the tiny offline SD pipeline used by tests and the demo"),
+}
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lorapipe",
+        description="Stable Diffusion LoRA training pipeline. Run `lorapipe COMMAND --help`.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=_version())
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in sorted(COMMANDS.items()):
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _version() -> str:
+    from lorapipe import __version__
+
+    return f"lorapipe {__version__}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        _top_level_parser().parse_args(argv or ["--help"])
+        return 2
+    module_name, help_text = COMMANDS[command]
+    argv.remove(command)
+
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"lorapipe {command}", description=help_text)
+        module.configure_parser(parser)
+        args = parser.parse_args(argv)
+        return int(module.main(args) or 0)
+    except LorapipeError as error:
+        if debug:
+            raise
+        print(f"lorapipe {command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"lorapipe {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

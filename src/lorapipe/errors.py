@@ -1,0 +1,60 @@
+"""One error hierarchy for every stage.
+
+Each error's message is a single line that says what went wrong, where (file, key, line,
+URI) and how to fix it. The CLI prints exactly that line and exits non-zero; a traceback is
+shown only with ``--debug``.
+"""
+
+
+class LorapipeError(Exception):
+    """Base class: a problem the user can fix, described in one line."""
+
+    exit_code = 2
+
+
+class ConfigError(LorapipeError):
+    """A config file, key, value or CLI flag is wrong."""
+
+
+class InputError(LorapipeError):
+    """User-provided input data (images, CSV, archives, job files) is unusable."""
+
+
+class StorageError(LorapipeError):
+    """Object storage or the local filesystem refused an operation."""
+
+
+class BucketNotFoundError(StorageError):
+    """The S3 bucket does not exist."""
+
+
+class AccessDeniedError(StorageError):
+    """Credentials are missing, wrong or lack permission."""
+
+
+class EndpointUnreachableError(StorageError):
+    """The S3 endpoint cannot be reached."""
+
+
+class ObjectNotFoundError(StorageError):
+    """A key or local file does not exist."""
+
+
+class DatasetError(LorapipeError):
+    """A lorapipe Parquet dataset is missing, empty or has the wrong schema."""
+
+
+class ModelError(LorapipeError):
+    """A base model, LoRA or tagger model cannot be loaded."""
+
+
+class LoraFormatError(ModelError):
+    """A LoRA file has unknown, missing or mis-shaped keys, or is not safetensors."""
+
+
+class TrainingError(LorapipeError):
+    """Training cannot continue (diverged, no data, bad resume point)."""
+
+
+class PromptError(LorapipeError):
+    """A prompt or negative-prompt preset is malformed."""

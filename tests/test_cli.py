@@ -1,0 +1,68 @@
+"""The `lorapipe` command: one line per error, tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lorapipe.cli import COMMANDS, main
+from lorapipe.errors import ModelError
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    for name in COMMANDS:
+        assert name in listing
+
+
+def test_every_command_has_its_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"lorapipe {name}" in capsys.readouterr().out
+
+
+def test_unknown_command_exits_non_zero(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-stage"])
+    assert exit_info.value.code != 0
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_lorapipe_error_is_one_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise ModelError("base model 'x' does not exist; give a diffusers-format model directory")
+
+    monkeypatch.setattr("lorapipe.models.build_sd", refuse)
+    assert main(["tiny-model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "lorapipe tiny-model: error: base model 'x' does not exist; "
+        "give a diffusers-format model directory\n"
+    )
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> Path:
+        raise ModelError("nope")
+
+    monkeypatch.setattr("lorapipe.models.build_sd", refuse)
+    with pytest.raises(ModelError):
+        main(["--debug", "tiny-model", str(tmp_path / "m")])
+
+
+def test_console_script_runs_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lorapipe.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    assert result.stdout.startswith("lorapipe ")
