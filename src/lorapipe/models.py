@@ -37,13 +37,80 @@ MODEL_INDEX = "model_index.json"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
 # Words the generated tokenizer knows as whole tokens; everything else falls back to bytes.
-TOKENIZER_WORDS = (
-    "a an the of in on at with and photo photograph portrait landscape street city night rain "
-    "neon light lights film grain style lora woman man cat dog red green blue yellow white black "
-    "circle square triangle star background sky water tree house car flying cyberpunk vintage "
-    "low high quality worst best blurry noisy grainy overexposed underexposed bad anatomy extra "
-    "limbs hands fingers face painting illustration cartoon anime render watermark logo text"
-).split()
+TOKENIZER_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "photo",
+    "photograph",
+    "portrait",
+    "landscape",
+    "street",
+    "city",
+    "night",
+    "rain",
+    "neon",
+    "light",
+    "lights",
+    "film",
+    "grain",
+    "style",
+    "lora",
+    "woman",
+    "man",
+    "cat",
+    "dog",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "background",
+    "sky",
+    "water",
+    "tree",
+    "house",
+    "car",
+    "flying",
+    "cyberpunk",
+    "vintage",
+    "low",
+    "high",
+    "quality",
+    "worst",
+    "best",
+    "blurry",
+    "noisy",
+    "grainy",
+    "overexposed",
+    "underexposed",
+    "bad",
+    "anatomy",
+    "extra",
+    "limbs",
+    "hands",
+    "fingers",
+    "face",
+    "painting",
+    "illustration",
+    "cartoon",
+    "anime",
+    "render",
+    "watermark",
+    "logo",
+    "text",
+]
 
 
 @dataclass(frozen=True)
@@ -124,7 +191,12 @@ def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") ->
     all: it is built under a temporary name and renamed into place.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if preset not in PRESETS:
@@ -278,7 +350,9 @@ def _check_diffusers_dir(directory: Path, uri: str) -> None:
             "StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)"
         )
     if not directory.is_dir():
-        raise ModelError(f"base model '{uri}' does not exist; give a diffusers-format model directory")
+        raise ModelError(
+            f"base model '{uri}' does not exist; give a diffusers-format model directory"
+        )
     if not (directory / MODEL_INDEX).is_file():
         raise ModelError(
             f"base model '{uri}' has no {MODEL_INDEX}; give a diffusers-format model directory "
@@ -294,7 +368,9 @@ def model_cache_root() -> Path:
 def _cached_s3_model(uri: str) -> Path:
     objects = store.list_objects(uri)
     if not objects:
-        raise ModelError(f"base model '{uri}' has no objects; upload a diffusers-format model there")
+        raise ModelError(
+            f"base model '{uri}' has no objects; upload a diffusers-format model there"
+        )
     fingerprint = hashlib.sha256()
     for obj in objects:
         fingerprint.update(f"{obj.uri}\0{obj.etag}\0{obj.size}\n".encode())
@@ -327,7 +403,9 @@ def load_base_model(uri: str, *, torch_dtype: torch.dtype | None = None) -> Stab
             requires_safety_checker=False,
         )
     except (OSError, ValueError, KeyError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (
+            str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        )
         raise ModelError(f"base model '{uri}' could not be loaded: {first_line}") from error
 
 
