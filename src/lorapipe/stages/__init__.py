@@ -1,0 +1,1 @@
+"""Pipeline stages: each a config dataclass, a ``run(...)`` function and a CLI command."""

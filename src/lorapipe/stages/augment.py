@@ -1,0 +1,288 @@
+"""``lorapipe augment``: add a horizontally mirrored copy of every image where mirroring is safe.
+
+Mirroring doubles a small dataset and evens out a subject's left/right bias (the seed article's
+fix for faces and hands drawn one way). It is wrong for some images, which are copied but not
+mirrored: text, logos and signatures come out backwards, and an asymmetric design (a single
+earring, a side ponytail, heterochromia) would be learned both ways round. ``skip_tags`` lists
+them as glob patterns; an image is skipped when one of its tags matches one, or, for
+hand-captioned images, when its caption mentions one.
+
+A mirrored copy gets ``flipped=True``, ``parent_id`` = the original's id, id ``<id>-flip``,
+the sha256 of its own pixels, and its caption and tags with left and right swapped
+(``left hand`` -> ``right hand``). Records that are mirrored copies, or whose copy is already in
+the dataset, are not mirrored again, so running augment on its own output changes nothing.
+
+Output: a dataset directory (local or s3://) plus ``report.json`` / ``report.md`` in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from lorapipe import store
+from lorapipe.captions import find_mention, matching_pattern, split_caption, swap_left_right
+from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
+from lorapipe.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+FLIP_SUFFIX = "-flip"
+PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+# a re-encoded JPEG/WebP copy: visually lossless, so mirroring adds no visible artifacts
+LOSSY_QUALITY = 95
+
+# Tags (glob patterns, Danbooru spelling) that make a mirrored copy wrong.
+TEXT_TAGS = (
+    "text",
+    "* text",
+    "text *",
+    "*logo",
+    "logo *",
+    "*watermark",
+    "signature",
+    "artist name",
+    "character name",
+    "copyright name",
+    "circle name",
+    "*username",
+    "web address",
+    "dated",
+    "numbered",
+    "* writing",
+    "speech bubble",
+    "sound effects",
+    "subtitled",
+    "comic",
+    "4koma",
+    "clock",
+    "* clock",
+)
+ASYMMETRY_TAGS = (
+    "asymmetrical *",
+    "mismatched *",
+    "single glove",
+    "single *glove",
+    "single earring",
+    "single thighhigh",
+    "single kneehigh",
+    "single sock",
+    "single sleeve",
+    "single detached sleeve",
+    "single leg pantyhose",
+    "single pauldron",
+    "single gauntlet",
+    "single wing",
+    "single bare shoulder",
+    "single mechanical arm",
+    "side ponytail",
+    "side braid",
+    "side bun",
+    "one side up",
+    "hair over one eye",
+    "eyepatch",
+    "heterochromia",
+    "mole under eye",
+    "scar across eye",
+)
+DEFAULT_SKIP_TAGS = TEXT_TAGS + ASYMMETRY_TAGS
+
+
+@dataclass
+class AugmentConfig:
+    """Which images ``lorapipe augment`` mirrors."""
+
+    # an image with a tag matching one of these glob patterns is not mirrored (see
+    # TEXT_TAGS and ASYMMETRY_TAGS); setting it replaces the whole default list
+    skip_tags: tuple[str, ...] = DEFAULT_SKIP_TAGS
+    # patterns added to skip_tags, e.g. ("holding sword",)
+    extra_skip_tags: tuple[str, ...] = field(default=())
+
+    @property
+    def patterns(self) -> tuple[str, ...]:
+        return self.skip_tags + self.extra_skip_tags
+
+
+def run(dataset_uri: str, output_uri: str, config: AugmentConfig | None = None) -> dict:
+    """Copy ``dataset_uri`` to ``output_uri`` with a mirrored copy of every eligible image;
+    write the report next to it and return it."""
+    config = config or AugmentConfig()
+    total = count_rows(dataset_uri)
+    if total == 0:
+        raise DatasetError(f"dataset '{dataset_uri}' has no images; run lorapipe ingest first")
+    mirrored_already = _ids_with_mirrored_copy(dataset_uri)
+    stats = _AugmentStats()
+
+    with (
+        DatasetWriter(output_uri) as writer,
+        tqdm(total=total, desc="augment", unit="image", disable=None) as progress,
+    ):
+        for record in read_records(dataset_uri):
+            writer.write(record)
+            progress.update(1)
+            stats.rows += 1
+            if record.flipped or record.id in mirrored_already:
+                stats.already_mirrored += 1
+                continue
+            reason = flip_blocker(record, config.patterns)
+            if reason:
+                stats.skipped.append({"id": record.id, "source": record.source, "reason": reason})
+                continue
+            writer.write(mirror_record(record))
+            stats.added += 1
+
+    report = _report(dataset_uri, output_uri, config, stats)
+    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
+    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
+    log.info(
+        "mirrored %d of %d images (%d skipped); wrote %s",
+        stats.added,
+        stats.rows,
+        len(stats.skipped),
+        output_uri,
+    )
+    return report
+
+
+def flip_blocker(record: ImageRecord, patterns: Sequence[str]) -> str | None:
+    """Why the image must not be mirrored (``tag 'signature' matches 'signature'``), or None.
+
+    Tags are matched whole; the caption is searched for mentions, so a hand-written
+    "a watermark in the corner" counts as well as the tag ``watermark``."""
+    for tag in record.tags:
+        pattern = matching_pattern(tag, patterns)
+        if pattern:
+            return f"tag '{tag}' matches '{pattern}'"
+    mention = find_mention(record.caption, patterns)
+    if mention:
+        phrase, pattern = mention
+        return f"caption mentions '{phrase}' (matches '{pattern}')"
+    return None
+
+
+def mirror_record(record: ImageRecord) -> ImageRecord:
+    """The mirrored copy of a record: pixels, id, hash, caption and tags."""
+    mirrored = ImageOps.mirror(decode_image(record))
+    encoded = _encode(mirrored, record.format)
+    return dataclasses.replace(
+        record,
+        id=record.id + FLIP_SUFFIX,
+        image=encoded,
+        sha256=_pixel_sha256(Image.open(io.BytesIO(encoded))),
+        caption=swap_left_right(record.caption),
+        tags=[swap_left_right(tag) for tag in record.tags],
+        flipped=True,
+        parent_id=record.id,
+    )
+
+
+def _encode(image: Image.Image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    pillow_format = PILLOW_FORMATS.get(image_format, "PNG")
+    options = {} if pillow_format == "PNG" else {"quality": LOSSY_QUALITY}
+    image.save(buffer, format=pillow_format, **options)
+    return buffer.getvalue()
+
+
+def _pixel_sha256(image: Image.Image) -> str:
+    return hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()
+
+
+def _ids_with_mirrored_copy(dataset_uri: str) -> set[str]:
+    """Ids whose mirrored copy is already in the dataset (a rerun on augment's own output)."""
+    return {
+        record.parent_id
+        for record in read_records(dataset_uri, columns=["flipped", "parent_id"])
+        if record.flipped and record.parent_id
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass
+class _AugmentStats:
+    rows: int = 0
+    added: int = 0
+    already_mirrored: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def _report(
+    dataset_uri: str, output_uri: str, config: AugmentConfig, stats: _AugmentStats
+) -> dict[str, Any]:
+    return {
+        "stage": "augment",
+        "dataset": dataset_uri,
+        "output": output_uri,
+        "config": asdict(config),
+        "input_rows": stats.rows,
+        "mirrored": stats.added,
+        "output_rows": stats.rows + stats.added,
+        "already_mirrored": stats.already_mirrored,
+        "skipped": stats.skipped,
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A short summary and every skipped image with the reason."""
+    lines = [
+        "# lorapipe augment",
+        "",
+        f"- dataset: `{report['dataset']}` -> `{report['output']}`",
+        f"- {report['input_rows']} images in, {report['mirrored']} mirrored copies added, "
+        f"{report['output_rows']} images out",
+        f"- not mirrored because they are (or have) a mirrored copy: {report['already_mirrored']}",
+        f"- skipped because mirroring would be wrong: {len(report['skipped'])}",
+    ]
+    if report["skipped"]:
+        lines += ["", "| image | why not mirrored |", "| --- | --- |"]
+        for skipped in report["skipped"]:
+            name = skipped["source"] or skipped["id"]
+            lines.append(f"| {name} | {skipped['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _tag_list(text: str) -> tuple[str, ...]:
+    return tuple(split_caption(text))
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="input dataset (local or s3://)")
+    parser.add_argument("--out", required=True, help="output dataset (local or s3://)")
+    parser.add_argument(
+        "--skip-tags",
+        type=_tag_list,
+        default=DEFAULT_SKIP_TAGS,
+        help="comma-separated tags or glob patterns that prevent mirroring; replaces the "
+        "default list (text, logo, watermark, signature, asymmetry tags...)",
+    )
+    parser.add_argument(
+        "--extra-skip-tags",
+        type=_tag_list,
+        default=(),
+        help='comma-separated patterns added to the default list, e.g. "holding sword, sign"',
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    config = AugmentConfig(skip_tags=args.skip_tags, extra_skip_tags=args.extra_skip_tags)
+    report = run(args.dataset, args.out, config)
+    print(
+        f"{report['input_rows']} images in, {report['mirrored']} mirrored copies added, "
+        f"{len(report['skipped'])} skipped (see report.md)"
+    )
+    return 0
