@@ -1,0 +1,366 @@
+"""``lorapipe select``: the checkpoint rule, and the LoRA files, plot and report it writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lora_fixtures import add_random_lora, record, training_report, write_training_output
+from PIL import Image
+from safetensors import safe_open
+
+from lorapipe import lora_format, store
+from lorapipe.cli import main as cli
+from lorapipe.errors import ConfigError, InputError
+from lorapipe.stages.select import CheckpointLosses, SelectConfig, choose_checkpoint, run
+
+
+def _losses(*rows: tuple[int, float | None, float]) -> list[CheckpointLosses]:
+    return [
+        CheckpointLosses(step=step, val_loss=val, train_loss_ema=ema) for step, val, ema in rows
+    ]
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+def test_an_earlier_checkpoint_within_epsilon_of_the_minimum_wins() -> None:
+    checkpoints = _losses(
+        (100, 0.200, 0.30), (200, 0.1505, 0.25), (300, 0.150, 0.20), (400, 0.160, 0.15)
+    )
+
+    selection = choose_checkpoint(checkpoints, epsilon=0.01)
+
+    assert (selection.step, selection.metric) == (200, "val_loss")
+    assert (selection.minimum, selection.minimum_step) == (0.150, 300)
+    assert "within 1%" in selection.rule and "checkpoint-200" in selection.reason
+    assert "0.33% higher" in selection.reason
+    assert selection.warnings == ()
+
+
+def test_the_minimum_wins_when_no_earlier_checkpoint_comes_close() -> None:
+    checkpoints = _losses((100, 0.200, 0.3), (200, 0.170, 0.2), (300, 0.150, 0.1))
+
+    selection = choose_checkpoint(checkpoints, epsilon=0.01)
+
+    assert selection.step == 300 and "has the lowest mean validation loss" in selection.reason
+
+
+def test_ties_go_to_the_earlier_step_even_with_epsilon_zero() -> None:
+    checkpoints = _losses((300, 0.150, 0.1), (100, 0.150, 0.3), (200, 0.150, 0.2))
+
+    assert choose_checkpoint(checkpoints, epsilon=0.0).step == 100
+
+
+def test_a_larger_epsilon_prefers_earlier_checkpoints() -> None:
+    checkpoints = _losses((100, 0.160, 0.3), (200, 0.152, 0.2), (300, 0.150, 0.1))
+
+    assert [choose_checkpoint(checkpoints, epsilon=e).step for e in (0.0, 0.02, 0.1)] == [
+        300,
+        200,
+        100,
+    ]
+
+
+def test_without_validation_loss_the_ema_training_loss_decides_with_a_warning() -> None:
+    checkpoints = _losses((100, None, 0.30), (200, None, 0.2005), (300, None, 0.20))
+
+    selection = choose_checkpoint(checkpoints)
+
+    assert (selection.step, selection.metric) == (200, "train_loss_ema")
+    assert "EMA training loss" in selection.rule
+    assert any("noisy" in warning for warning in selection.warnings)
+
+
+def test_checkpoints_without_a_finite_loss_are_skipped_and_named() -> None:
+    checkpoints = _losses((100, float("nan"), 0.3), (200, None, 0.2), (300, 0.150, 0.1))
+
+    selection = choose_checkpoint(checkpoints)
+
+    assert selection.step == 300
+    assert any(
+        "steps 100, 200 have no finite mean validation loss" in w for w in selection.warnings
+    )
+
+
+def test_asking_for_validation_loss_that_was_never_recorded_is_an_error() -> None:
+    with pytest.raises(
+        InputError, match="no complete checkpoint recorded a finite mean validation loss"
+    ):
+        choose_checkpoint(_losses((100, None, 0.3)), metric="val_loss")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (SelectConfig(epsilon=-0.1), "epsilon -0.1 must be a number >= 0"),
+        (SelectConfig(metric="loss"), "metric 'loss' is unknown"),
+        (SelectConfig(output_name="../x"), "output_name '../x' is not a usable LoRA name"),
+        (SelectConfig(output_name="style.safetensors"), "without the .safetensors suffix"),
+        (SelectConfig(output_name="pytorch_lora_weights"), "would overwrite the diffusers file"),
+    ],
+)
+def test_bad_config_is_one_line(config: SelectConfig, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+# --------------------------------------------------------------------------- run on a training output
+
+
+@pytest.fixture(scope="module")
+def trained_pipeline(tiny_model_dir: Path):
+    """The tiny pipeline with a LoRA on the UNet's attention and two text-encoder layers."""
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        tiny_model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    add_random_lora(pipeline, rank=4, alpha=8.0, text_encoder_targets=("q_proj", "out_proj"))
+    return pipeline
+
+
+RECORDS = [
+    record(100, val_loss=0.200, train_loss_ema=0.30, epoch=1),
+    record(200, val_loss=0.1512, train_loss_ema=0.25, epoch=2),
+    record(300, val_loss=0.150, train_loss_ema=0.20, epoch=3),
+]
+
+
+@pytest.fixture
+def training_output(tmp_path: Path, trained_pipeline, tiny_model_dir: Path):
+    root = tmp_path / "train-out"
+    saved = write_training_output(
+        root,
+        trained_pipeline,
+        RECORDS,
+        incomplete_steps=[400],
+        report=training_report(tiny_model_dir),
+    )
+    return root, saved
+
+
+def test_select_writes_both_lora_files_of_the_chosen_checkpoint(
+    training_output, tmp_path: Path
+) -> None:
+    root, saved = training_output
+    out = tmp_path / "selected"
+
+    report = run(str(root), str(out), SelectConfig(pipeline_run_id="run-42"))
+
+    assert report["chosen"]["step"] == 200
+    diffusers_state, _, found = lora_format.load_lora_state_dict(
+        str(out / "pytorch_lora_weights.safetensors")
+    )
+    assert found == "diffusers"
+    chosen = {
+        key.removeprefix("text_encoder.").removeprefix("unet."): value
+        for key, value in saved[200].items()
+    }
+    for key, tensor in diffusers_state.items():
+        module_key = key.removeprefix("unet.").removeprefix("text_encoder.text_model.")
+        assert torch.equal(tensor, chosen[module_key]), key
+    assert len(diffusers_state) == len(chosen)
+
+    kohya_state, kohya_header, found = lora_format.load_lora_state_dict(
+        str(out / "film_style.safetensors")
+    )
+    assert found == "kohya"
+    assert {kohya_state[k].item() for k in kohya_state if k.endswith(".alpha")} == {8.0}
+    assert kohya_header["ss_output_name"] == "film_style"
+    assert (kohya_header["ss_steps"], kohya_header["ss_epoch"]) == ("200", "2")
+    assert (kohya_header["ss_network_dim"], kohya_header["ss_network_alpha"]) == ("4", "8.0")
+    assert kohya_header["ss_text_encoder_lr"] == kohya_header["ss_learning_rate"] == "0.0001"
+    assert (
+        kohya_header["ss_resolution"] == "(64, 64)" and kohya_header["ss_num_train_images"] == "12"
+    )
+    assert json.loads(kohya_header["ss_tag_frequency"]) == {
+        "film_street": {"film grain": 12, "street": 9, "night": 4}
+    }
+    assert kohya_header["ss_training_started_at"] == "1735787045.0"
+    assert kohya_header["lorapipe.pipeline_run_id"] == "run-42"
+    assert kohya_header["lorapipe.checkpoint_step"] == "200"
+    assert kohya_header["lorapipe.val_loss"] == "0.1512"
+    assert "within 1%" in kohya_header["lorapipe.selection_rule"]
+    assert len(kohya_header["sshs_model_hash"]) == 64
+
+
+def test_select_explains_the_choice_in_json_markdown_plot_and_metrics(
+    training_output, tmp_path: Path
+) -> None:
+    root, _ = training_output
+    out = tmp_path / "selected"
+
+    run(str(root), str(out), SelectConfig(output_name="film"))
+
+    selection = json.loads((out / "selection.json").read_text())
+    assert selection["chosen"]["step"] == 200 and selection["metric"] == "val_loss"
+    assert "earliest complete checkpoint" in selection["rule"]
+    assert "checkpoint-200" in selection["reason"]
+    assert [c["step"] for c in selection["checkpoints"]] == [100, 200, 300]
+    assert [c["within_epsilon"] for c in selection["checkpoints"]] == [False, True, True]
+    assert selection["checkpoints"][0]["val_loss_by_timestep"] == pytest.approx(
+        {"100": 0.3, "500": 0.2, "900": 0.1}
+    )
+    assert selection["incomplete_checkpoints"] == [
+        {"step": 400, "uri": str(root / "checkpoint-400"), "reason": "no _COMPLETE marker"}
+    ]
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    v1 = {metric["name"]: metric["numberValue"] for metric in metrics["metrics"]}
+    assert (
+        v1["selected-step"] == 200
+        and v1["selected-val-loss"] == 0.1512
+        and v1["min-val-loss"] == 0.150
+    )
+    assert all(metric["format"] == "RAW" for metric in metrics["metrics"])
+    assert (
+        metrics["values"]["selected_step"] == 200
+        and metrics["values"]["incomplete_checkpoints"] == 1
+    )
+
+    markdown = (out / "report.md").read_text()
+    assert "![loss curve](loss_curve.png)" in markdown and "`<lora:film:0.7>`" in markdown
+    assert "| 200 | 2 | 0.25 | 0.1512 | yes | **chosen** |" in markdown
+    assert "checkpoint-400" in markdown
+
+    plot = Image.open(out / "loss_curve.png")
+    assert plot.size == (1000, 560)
+    pixels = np.asarray(plot.convert("RGB")).reshape(-1, 3)
+    assert ((pixels == (200, 0, 0)).all(axis=1)).sum() > 50  # the chosen-point marker
+    assert ((pixels == (230, 110, 20)).all(axis=1)).sum() > 50  # the validation curve
+
+    assert (out / "film.safetensors").is_file() and (out / "report.json").is_file()
+
+
+def test_select_kohya_file_generates_what_the_trained_pipeline_generated(
+    training_output, trained_pipeline, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionPipeline
+    from lora_fixtures import randomize_lora
+
+    root, _ = training_output
+    out = tmp_path / "selected"
+    run(str(root), str(out))
+
+    def generate(pipeline) -> np.ndarray:
+        return pipeline(
+            "photo of a cat",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(1),
+            cross_attention_kwargs={"scale": 0.7},
+        ).images[0]
+
+    randomize_lora(trained_pipeline, seed=200)  # the chosen checkpoint's weights
+    expected = generate(trained_pipeline)
+    loaded = StableDiffusionPipeline.from_pretrained(
+        tiny_model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(out, weight_name="film_style.safetensors")
+
+    assert np.abs(generate(loaded) - expected).max() < 1e-4
+
+
+def test_without_validation_loss_select_uses_training_loss_and_warns(
+    tmp_path: Path, trained_pipeline, tiny_model_dir: Path
+) -> None:
+    root = tmp_path / "train-out"
+    records = [
+        record(100, val_loss=None, train_loss_ema=0.3),
+        record(200, val_loss=None, train_loss_ema=0.2),
+    ]
+    write_training_output(
+        root, trained_pipeline, records, report=training_report(tiny_model_dir, output_name=None)
+    )
+
+    report = run(str(root), str(tmp_path / "out"))
+
+    assert report["metric"] == "train_loss_ema" and report["chosen"]["step"] == 200
+    assert any("noisy" in warning for warning in report["warnings"])
+    assert (tmp_path / "out" / "lora.safetensors").is_file()  # the default name
+    assert "noisy" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_training_output_with_no_complete_checkpoint_is_one_line(
+    tmp_path: Path, trained_pipeline
+) -> None:
+    root = tmp_path / "train-out"
+    write_training_output(root, trained_pipeline, [], incomplete_steps=[100, 200])
+
+    with pytest.raises(
+        InputError,
+        match=r"has no complete checkpoint \(a checkpoint-<step>/ directory with _COMPLETE\)",
+    ):
+        run(str(root), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_selects_and_errors_in_one_line(training_output, tmp_path: Path, capsys) -> None:
+    root, _ = training_output
+
+    assert (
+        cli(
+            [
+                "select",
+                str(root),
+                "--out",
+                str(tmp_path / "a"),
+                "--epsilon",
+                "0",
+                "--output-name",
+                "film",
+            ]
+        )
+        == 0
+    )
+    assert "checkpoint-300" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a" / "selection.json").read_text())["chosen"]["step"] == 300
+
+    assert cli(["select", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lorapipe select: error:") and "\n" not in error
+
+
+def test_select_reads_and_writes_s3(training_output, s3_bucket: str) -> None:
+    root, _ = training_output
+    store.put_dir(str(root), f"{s3_bucket}/runs/7/train")
+
+    report = run(
+        f"{s3_bucket}/runs/7/train", f"{s3_bucket}/runs/7/select", SelectConfig(output_name="film")
+    )
+
+    assert report["chosen"]["checkpoint"] == f"{s3_bucket}/runs/7/train/checkpoint-200"
+    assert [c["step"] for c in report["incomplete_checkpoints"]] == [400]
+    written = store.list_uris(f"{s3_bucket}/runs/7/select")
+    for name in (
+        "film.safetensors",
+        "pytorch_lora_weights.safetensors",
+        "selection.json",
+        "loss_curve.png",
+        "metrics.json",
+        "report.md",
+        "report.json",
+    ):
+        assert f"{s3_bucket}/runs/7/select/{name}" in written
+    _, header, found = lora_format.load_lora_state_dict(
+        f"{s3_bucket}/runs/7/select/film.safetensors"
+    )
+    assert found == "kohya" and header["ss_output_name"] == "film"
+
+
+def test_the_diffusers_file_carries_alpha_for_diffusers(training_output, tmp_path: Path) -> None:
+    root, _ = training_output
+    run(str(root), str(tmp_path / "out"))
+
+    with safe_open(tmp_path / "out" / "pytorch_lora_weights.safetensors", "pt") as handle:
+        adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
+    assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)
+    assert (adapter["text_encoder.r"], adapter["text_encoder.lora_alpha"]) == (4, 8.0)
