@@ -1,0 +1,601 @@
+"""``lorapipe train``: a LoRA for a Stable Diffusion 1.x model, on one process or many.
+
+``run`` is the whole training, top to bottom: the models with LoRA adapters, the data (split,
+latents cached), the optimizer, then the loop (micro-batches -> UNet -> loss -> optimizer step ->
+log -> now and then a checkpoint with its validation loss), then the report. The machinery is in
+``lorapipe.training``: ``data`` (examples, order, random draws), ``encoders`` (latent and caption
+caches), ``batches`` (samples to tensors), ``objective``, ``lora``, ``validation``,
+``checkpoints`` (save, mirror, prune, resume) and ``progress`` (bar, loss_log.csv, TensorBoard).
+The config and its checks are in ``lorapipe.train_config``.
+
+Processes: ``lorapipe train --num-processes N`` starts N processes with accelerate (one per GPU;
+on a machine without one, N CPU processes over gloo). Under ``torchrun`` or a Kubeflow
+TrainJob, which set ``WORLD_SIZE``/``RANK``/``MASTER_ADDR``, the same command joins their
+process group. Each optimizer step trains on a global batch of batch_size x processes x
+gradient_accumulation_steps samples; only the main process writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorapipe import store
+from lorapipe.errors import ConfigError, TrainingError
+from lorapipe.train_config import FIELD_NAMES, TrainConfig, check_values, load_config
+
+log = logging.getLogger(__name__)
+
+TRAINING_REPORT_NAME = "training_report.json"
+
+
+def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]:
+    """Train a LoRA on ``train_data`` (a lorapipe dataset or a folder with metadata.csv) into
+    ``output_dir`` (local or s3://) and return the training report.
+
+    In a multi-process launch every process calls this; see the module docstring.
+    """
+    import torch
+    from accelerate.utils import set_seed
+
+    from lorapipe.training.checkpoints import Checkpointer
+    from lorapipe.training.lora import lora_config_record
+    from lorapipe.training.objective import per_sample_mse
+    from lorapipe.training.progress import RunningLoss, TrainingLog
+    from lorapipe.training.validation import eval_mode
+
+    config = dataclasses.replace(config, train_data_dir=train_data, output_dir=output_dir)
+    check_values(config)
+    started_at = _now()
+    accelerator = _accelerator(config)
+    paths = OutputPaths.for_config(config)
+    set_seed(config.seed)  # the same LoRA initialisation in every process
+    models = load_models(config, accelerator)
+    config = dataclasses.replace(config, resolution=models.resolution)
+    data = load_data(config, models, paths, accelerator)
+    optimizer, lr_scheduler = make_optimizer(config, models, data.total_steps)
+    unet, text_encoder, optimizer = prepare_models(accelerator, models, optimizer)
+    trained = [unet, text_encoder] if models.targets.text_encoder else [unet]
+    trainable_parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
+    batches, validate = batch_makers(config, models, data, text_encoder, accelerator)
+    running_loss = RunningLoss()
+    checkpointer = Checkpointer(
+        output=paths.local,
+        mirrors=paths.mirrors,
+        keep_last_n=config.keep_last_n,
+        accelerator=accelerator,
+        unet=models.unet,
+        text_encoder=models.text_encoder if models.targets.text_encoder else None,
+        lora_record=lora_config_record(config, models.targets),
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        running_loss=running_loss,
+        plan=data.plan.signature,
+    )
+    start_step = checkpointer.resume(config.resume)
+
+    with TrainingLog(
+        paths, start_step, data.total_steps, enabled=accelerator.is_main_process
+    ) as progress:
+        for step in range(start_step, data.total_steps):
+            micro_batches = data.plan.micro_batches(step, accelerator.process_index)
+            step_loss = torch.zeros((), device=accelerator.device)
+            for index, samples in enumerate(micro_batches):
+                with _sync_gradients(accelerator, trained, last=index == len(micro_batches) - 1):
+                    batch = batches(samples)
+                    with accelerator.autocast():
+                        prediction = unet(
+                            batch.noisy_latents, batch.timesteps, batch.hidden_states
+                        ).sample
+                    loss = (per_sample_mse(prediction, batch.target) * batch.loss_weights).mean()
+                    accelerator.backward(loss / len(micro_batches))
+                step_loss += loss.detach() / len(micro_batches)
+            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+            _stop_if_diverged(mean_loss, step + 1, checkpointer.last)
+            accelerator.clip_grad_norm_(trainable_parameters, config.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            done, epoch = step + 1, data.plan.epoch_of(step) + 1
+            running_loss.update(mean_loss)
+            progress.step(
+                done, epoch, mean_loss, lr_scheduler.get_last_lr()[0], data.plan.global_batch
+            )
+            if done == data.total_steps or (config.save_steps and done % config.save_steps == 0):
+                with eval_mode(*[accelerator.unwrap_model(model) for model in trained]):
+                    validation = validate(models.unet, accelerator)
+                progress.validation(done, validation)
+                checkpointer.save(done, epoch, validation)
+
+    report = training_report(config, models, data, started_at, throughput=progress.throughput)
+    if accelerator.is_main_process:
+        write_report(report, paths)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return report
+
+
+def _accelerator(config: TrainConfig) -> Any:
+    """accelerate's view of the processes (from accelerate launch or torchrun's environment);
+    CPU processes talk over gloo. Only the main process logs and shows progress bars."""
+    import torch
+    from accelerate import Accelerator
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision
+    )
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    if not accelerator.is_main_process:
+        logging.getLogger("lorapipe").setLevel(logging.WARNING)
+    return accelerator
+
+
+def _sync_gradients(accelerator: Any, models: list, *, last: bool) -> ExitStack:
+    """Gradients are all-reduced between processes only on the last micro-step of a step."""
+    stack = ExitStack()
+    if not last:
+        for model in models:
+            stack.enter_context(accelerator.no_sync(model))
+    return stack
+
+
+def _stop_if_diverged(loss: float, step: int, last_checkpoint: str | None) -> None:
+    """A NaN or infinite loss ends training before the optimizer applies it."""
+    if math.isfinite(loss):
+        return
+    then = (
+        f"resume from the last good checkpoint, {last_checkpoint}"
+        if last_checkpoint
+        else "start again"
+    )
+    raise TrainingError(
+        f"step {step}: the training loss is {loss}; training stopped. Lower learning_rate (or use "
+        f"mixed_precision bf16 rather than fp16) and {then}"
+    )
+
+
+# --------------------------------------------------------------------------- where a run writes
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPaths:
+    """Where a run writes. An s3:// output_dir is trained into a local work directory and
+    mirrored; ``checkpoint_mirror`` is one more mirror. Mirrors get everything, checkpoints as
+    they are written."""
+
+    local: Path  # checkpoints, loss_log.csv, training_report.json
+    logs: Path  # TensorBoard event files
+    cache: Path  # latents and dataset images, shared by runs
+    mirrors: list[str]
+
+    @classmethod
+    def for_config(cls, config: TrainConfig) -> OutputPaths:
+        from lorapipe.models import model_cache_root
+
+        cache = (
+            Path(config.cache_dir).expanduser() if config.cache_dir else model_cache_root().parent
+        )
+        mirrors = [config.checkpoint_mirror] if config.checkpoint_mirror else []
+        if store.is_s3(config.output_dir):
+            work_id = hashlib.sha256(config.output_dir.encode()).hexdigest()[:16]
+            local = cache / "train" / work_id
+            mirrors.insert(0, config.output_dir)
+        else:
+            local = Path(config.output_dir.removeprefix("file://")).expanduser()
+        if config.log_dir and store.is_s3(config.log_dir):
+            raise ConfigError(
+                f"log_dir '{config.log_dir}' is on S3; leave it empty to keep the logs in "
+                "output_dir (mirrored there), or give a local path"
+            )
+        logs = Path(config.log_dir).expanduser() if config.log_dir else local / "logs"
+        return cls(local=local, logs=logs, cache=cache, mirrors=list(dict.fromkeys(mirrors)))
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+@dataclasses.dataclass
+class Models:
+    """The base model's parts (frozen) with LoRA adapters added."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPM with the base model's schedule and prediction type
+    model_dir: Path
+    targets: Any  # train_config.TargetModules: what got adapters
+    resolution: int
+    latent_shape: tuple[int, int, int]  # of one image's latents at ``resolution``
+    latent_scale: float
+    weight_dtype: Any  # of the frozen weights: float16/bfloat16 under mixed precision
+
+
+def load_models(config: TrainConfig, accelerator: Any) -> Models:
+    """The base model (local or s3://) on the accelerator's device, frozen, with adapters."""
+    import torch
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+
+    from lorapipe.models import load_base_model, resolve_model_dir
+    from lorapipe.training.lora import add_adapters
+
+    if not config.base_model:
+        raise ConfigError("base_model is not set; give a diffusers-format model directory")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        config.mixed_precision, torch.float32
+    )
+    model_dir = resolve_model_dir(config.base_model)
+    pipeline = load_base_model(str(model_dir), torch_dtype=weight_dtype)
+    unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    vae.requires_grad_(False)
+    targets = add_adapters(config, unet, text_encoder)
+    for model in (unet, vae, text_encoder):
+        model.to(accelerator.device)
+    cast_training_params([unet, text_encoder], dtype=torch.float32)  # LoRA weights train in fp32
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if targets.text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    resolution = config.resolution or unet.config.sample_size * vae_scale
+    return Models(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=pipeline.tokenizer,
+        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        model_dir=model_dir,
+        targets=targets,
+        resolution=resolution,
+        latent_shape=(unet.config.in_channels, resolution // vae_scale, resolution // vae_scale),
+        latent_scale=vae.config.scaling_factor,
+        weight_dtype=weight_dtype,
+    )
+
+
+@dataclasses.dataclass
+class TrainingData:
+    train_examples: list
+    val_examples: list
+    latents: Any  # encoders.LatentCache or encoders.EncodeEveryStep
+    plan: Any  # data.SamplePlan
+    total_steps: int
+
+
+def load_data(
+    config: TrainConfig, models: Models, paths: OutputPaths, accelerator: Any
+) -> TrainingData:
+    """The examples, split into training and held-out, their latents cached, and the plan of
+    which process trains on which samples at each step."""
+    from lorapipe.training.data import SamplePlan, load_examples, split_validation
+
+    with accelerator.main_process_first():
+        examples = load_examples(config, paths.cache / "images")
+    train_examples, val_examples = split_validation(examples, config.validation_split)
+    latents = latent_source(config, models, train_examples, val_examples, paths.cache, accelerator)
+    plan = SamplePlan(
+        num_examples=len(train_examples),
+        batch_size=config.batch_size,
+        num_processes=accelerator.num_processes,
+        accumulation_steps=config.gradient_accumulation_steps,
+        seed=config.seed,
+    )
+    total_steps = config.max_train_steps or config.epochs * plan.steps_per_epoch
+    log.info(
+        "%d training images, %d held out; global batch %d = batch_size %d x %d processes x %d "
+        "accumulation steps; %d steps, %d per epoch",
+        len(train_examples), len(val_examples), plan.global_batch, config.batch_size,
+        accelerator.num_processes, config.gradient_accumulation_steps, total_steps,
+        plan.steps_per_epoch,
+    )  # fmt: skip
+    return TrainingData(train_examples, val_examples, latents, plan, total_steps)
+
+
+def latent_source(
+    config: TrainConfig,
+    models: Models,
+    train_examples: list,
+    val_examples: list,
+    cache_root: Path,
+    accelerator: Any,
+) -> Any:
+    """A filled ``LatentCache`` (each image, and each training image's mirror if flip_aug may use
+    it, encoded once; the processes share the work), or the per-step encoder when caching is off
+    or crops are random."""
+    from lorapipe.training.encoders import EncodeEveryStep, LatentCache, vae_identity
+
+    if not config.cache_latents or config.crop == "random":
+        if config.cache_latents:
+            log.info("latent cache off: random crops differ every time (crop: center caches them)")
+        return EncodeEveryStep(models.vae, models.resolution)
+    cache = LatentCache(
+        directory=cache_root / "latents",
+        vae=models.vae,
+        vae_id=vae_identity(models.model_dir / "vae", models.weight_dtype),
+        resolution=models.resolution,
+    )
+    wanted = [(e, False) for e in train_examples + val_examples]
+    wanted += [(e, True) for e in train_examples if config.flip_aug and e.mirrorable]
+    cache.fill(wanted, accelerator.process_index, accelerator.num_processes)
+    accelerator.wait_for_everyone()
+    cache.fill(wanted, 0, 1)  # what processes on another machine cached there
+    log.info("latent cache %s: %d latents ready", cache.directory, len(wanted))
+    return cache
+
+
+def batch_makers(
+    config: TrainConfig, models: Models, data: TrainingData, text_encoder: Any, accelerator: Any
+) -> tuple[Any, Any]:
+    """(``TrainingBatches``, ``Validator``) sharing one caption encoder. Captions are encoded once
+    each when the text encoder is frozen and captions are fixed (no shuffle; dropout only adds
+    the empty caption)."""
+    from lorapipe.training.batches import TrainingBatches
+    from lorapipe.training.encoders import CaptionEncoder
+    from lorapipe.training.validation import Validator
+
+    cache = (
+        config.cache_text_encoder_outputs
+        and not models.targets.text_encoder
+        and not config.shuffle_caption
+    )
+    log.info("text-encoder outputs %s", "cached per caption" if cache else "computed every step")
+    encode_captions = CaptionEncoder(models.tokenizer, text_encoder, cache=cache)
+    batches = TrainingBatches(
+        config=config,
+        examples=data.train_examples,
+        latent_parameters=data.latents.latent_parameters,
+        encode_captions=encode_captions,
+        noise_scheduler=models.noise_scheduler,
+        latent_shape=models.latent_shape,
+        latent_scale=models.latent_scale,
+        accelerator=accelerator,
+    )
+    validator = Validator(
+        examples=data.val_examples,
+        timesteps=config.validation_timesteps,
+        latent_parameters=data.latents.latent_parameters,
+        encode_captions=encode_captions,
+        noise_scheduler=models.noise_scheduler,
+        latent_scale=models.latent_scale,
+    )
+    return batches, validator
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(config: TrainConfig, models: Models, total_steps: int) -> tuple[Any, Any]:
+    """(optimizer, learning-rate scheduler) over the LoRA parameters: AdamW, AdamW8bit
+    (bitsandbytes) or SGD with momentum 0.9; the text encoder's at ``text_encoder_lr``."""
+    import torch
+    from diffusers.optimization import get_scheduler
+
+    groups = [{"params": _trainable(models.unet), "lr": config.learning_rate}]
+    if models.targets.text_encoder:
+        text_encoder_lr = config.text_encoder_lr or config.learning_rate
+        groups.append({"params": _trainable(models.text_encoder), "lr": text_encoder_lr})
+    if config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=config.weight_decay)
+    else:
+        optimizer = _adamw_8bit(groups, config.weight_decay)
+    schedule = config.scheduler
+    if schedule == "constant" and config.lr_warmup_steps:
+        schedule = "constant_with_warmup"  # diffusers' "constant" ignores warmup steps
+    lr_scheduler = get_scheduler(
+        schedule,
+        optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=config.lr_num_cycles,
+    )
+    return optimizer, lr_scheduler
+
+
+def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> Any:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ConfigError(
+            "optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes; CUDA only); "
+            "or use optimizer: adamw"
+        ) from None
+    return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
+
+
+def _trainable(model: Any) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def prepare_models(accelerator: Any, models: Models, optimizer: Any) -> tuple[Any, Any, Any]:
+    """(unet, text_encoder, optimizer) as this process runs them: the trained models wrapped for
+    gradient all-reduce when there are several processes."""
+    if models.targets.text_encoder:
+        return accelerator.prepare(models.unet, models.text_encoder, optimizer)
+    unet, optimizer = accelerator.prepare(models.unet, optimizer)
+    return unet, models.text_encoder, optimizer
+
+
+def validate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> Any:
+    """Compute the validation loss of a checkpoint again (``ValidationLoss``, or None without
+    held-out images): the number in its record.json, to the last bit, for the same config."""
+    from lorapipe.training.checkpoints import load_training_state
+    from lorapipe.training.lora import lora_parameters
+    from lorapipe.training.validation import eval_mode
+
+    accelerator = _accelerator(config)
+    paths = OutputPaths.for_config(config)
+    models = load_models(config, accelerator)
+    config = dataclasses.replace(config, resolution=models.resolution)
+    data = load_data(config, models, paths, accelerator)
+    trainable, _, _ = load_training_state(Path(checkpoint))
+    text_encoder = models.text_encoder if models.targets.text_encoder else None
+    for name, parameter in lora_parameters(models.unet, text_encoder).items():
+        parameter.data.copy_(trainable[name])
+    _, validate = batch_makers(config, models, data, models.text_encoder, accelerator)
+    with eval_mode(models.unet, models.text_encoder):
+        return validate(models.unet, accelerator)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def training_report(
+    config: TrainConfig,
+    models: Models,
+    data: TrainingData,
+    started_at: str,
+    *,
+    throughput: float | None,
+) -> dict[str, Any]:
+    """``training_report.json``: the resolved config and what the run trained on."""
+    from lorapipe.captions import split_caption
+    from lorapipe.training.lora import lora_config_record
+
+    tags = collections.Counter(
+        tag for e in data.train_examples for tag in (e.tags or split_caption(e.caption))
+    )
+    return {
+        "config": config.to_dict(),
+        "base_model": config.base_model,
+        "base_model_hash": _unet_weights_hash(models.model_dir),
+        "num_train_images": len(data.train_examples),
+        "num_val_images": len(data.val_examples),
+        "resolution": models.resolution,
+        "tag_frequency": dict(tags.most_common()),
+        "started_at": started_at,
+        "finished_at": _now(),
+        "global_batch_size": data.plan.global_batch,
+        "num_processes": data.plan.num_processes,
+        "steps": data.total_steps,
+        "epochs": math.ceil(data.total_steps / data.plan.steps_per_epoch),
+        "lora": lora_config_record(config, models.targets),
+        "samples_per_second": throughput,
+    }
+
+
+def write_report(report: dict[str, Any], paths: OutputPaths) -> None:
+    """Write the report locally, then send the report, loss log and logs to every mirror."""
+    from lorapipe.training.progress import LOSS_LOG_NAME
+
+    path = paths.local / TRAINING_REPORT_NAME
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(path)
+    for mirror_uri in paths.mirrors:
+        store.upload_file(paths.local / LOSS_LOG_NAME, store.join(mirror_uri, LOSS_LOG_NAME))
+        if paths.logs.is_dir():
+            store.put_dir(paths.logs, store.join(mirror_uri, "logs"))
+        store.upload_file(path, store.join(mirror_uri, TRAINING_REPORT_NAME))
+    log.info(
+        "wrote %s%s", path, f" (mirrored to {', '.join(paths.mirrors)})" if paths.mirrors else ""
+    )
+
+
+def _unet_weights_hash(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    weights = sorted((model_dir / "unet").glob("*.safetensors")) or sorted(
+        (model_dir / "unet").glob("*.bin")
+    )
+    for path in weights:
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="YAML file of config keys (the seed's my_film_config.yaml works as is)"
+    )
+    defaults = TrainConfig().to_dict()
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        options: dict[str, Any] = {"default": argparse.SUPPRESS}
+        options["help"] = f"default: {defaults[field.name]!r}"
+        if field.type == "bool":
+            options["action"] = argparse.BooleanOptionalAction
+        elif field.type.startswith("list"):
+            options.update(nargs="+", metavar="VALUE")
+        else:
+            options["metavar"] = field.name.upper()
+        parser.add_argument(flag, **options)
+    parser.epilog = (
+        "Every config key is also a flag, which overrides the file. See README, Training."
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
+    for name, value in overrides.items():
+        if isinstance(value, list):  # --target-modules to_q,to_v works as well as to_q to_v
+            overrides[name] = [part for item in value for part in item.split(",") if part]
+    config = load_config(args.config, overrides)
+    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(config)
+    run(config.train_data_dir, config.output_dir, config)
+    if os.environ.get("RANK", "0") == "0":
+        print(config.output_dir)
+    return 0
+
+
+def launch(config: TrainConfig) -> int:
+    """Run this command again in ``num_processes`` processes with accelerate: one per GPU, or
+    CPU processes over gloo on a machine without one. (``accelerate launch --cpu`` would start
+    only one; ``--multi_gpu`` with a CPU Accelerator in the script starts them all.)"""
+    import torch
+
+    from lorapipe.models import resolve_model_dir
+
+    resolve_model_dir(config.base_model or "")  # a wrong model fails here, in one line
+    if torch.cuda.is_available() and config.num_processes > torch.cuda.device_count():
+        raise ConfigError(
+            f"num_processes {config.num_processes} is more than the {torch.cuda.device_count()} GPUs here"
+        )
+    with tempfile.TemporaryDirectory(prefix="lorapipe-train-") as tmp:
+        resolved = Path(tmp) / "config.yaml"
+        resolved.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", str(config.num_processes), "--num_machines", "1",
+            "--mixed_precision", config.mixed_precision, "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()),
+            "-m", "lorapipe.cli", "train", "--config", str(resolved),
+        ]  # fmt: skip
+        log.info("launching %d processes: %s", config.num_processes, " ".join(command))
+        return subprocess.call(command)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -1,0 +1,1 @@
+"""The machinery behind ``lorapipe.stages.train``: data, caches, validation, checkpoints, logs."""

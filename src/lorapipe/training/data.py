@@ -1,0 +1,367 @@
+"""Training data: which images, which are held out, in which order, with which random draws.
+
+Two inputs give the same list of ``Example``\\ s:
+
+- a lorapipe dataset (a directory with ``_dataset.json``, local or s3://), what the pipeline
+  passes. Its images are copied once into a content-addressed folder of the cache, so training
+  reads files and never holds the dataset in memory;
+- a folder of images with lora-scripts' ``metadata.csv`` (``filename,text``), what the seed
+  article uses.
+
+Every random choice for one sample (mirror it, where a random crop sits, caption shuffle and
+dropout, timestep, latent and diffusion noise) comes from a generator seeded by (seed, epoch,
+position in that epoch's order). A sample therefore gets the same draws whichever process
+handles it and however often training is interrupted: 2 processes at batch b train exactly what
+1 process at batch 2b trains, and a resumed run continues as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from lorapipe import store
+from lorapipe.captions import split_caption, swap_left_right
+from lorapipe.dataset import INFO_NAME, ImageRecord, read_records
+from lorapipe.errors import ConfigError, InputError
+from lorapipe.stages.augment import DEFAULT_SKIP_TAGS, flip_blocker
+from lorapipe.train_config import TrainConfig
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image to train or validate on."""
+
+    id: str
+    image_path: Path
+    sha256: str  # of the image content: part of the latent cache key
+    caption: str
+    tags: tuple[str, ...]
+    group: str  # the original's id: an image and its mirrored copy are held out together
+    mirrorable: bool  # flip_aug may mirror it (not a mirror, has none, no text/asymmetry tags)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def is_dataset(uri: str) -> bool:
+    """Whether ``uri`` is a lorapipe dataset rather than a folder of images."""
+    return store.exists(store.join(uri, INFO_NAME))
+
+
+def load_examples(config: TrainConfig, image_cache: Path) -> list[Example]:
+    """The examples of ``config.train_data_dir``: a lorapipe dataset or a folder + metadata.csv."""
+    if not config.train_data_dir:
+        raise ConfigError("train_data_dir is not set; give a folder with metadata.csv or a dataset")
+    if is_dataset(config.train_data_dir):
+        examples = _examples_from_dataset(config.train_data_dir, image_cache)
+    elif store.is_s3(config.train_data_dir):
+        raise InputError(
+            f"'{config.train_data_dir}' is not a lorapipe dataset (no {INFO_NAME}); run "
+            "`lorapipe ingest` on it first"
+        )
+    else:
+        folder = Path(config.train_data_dir.removeprefix("file://")).expanduser()
+        metadata = Path(config.metadata_path).expanduser() if config.metadata_path else None
+        examples = _examples_from_folder(folder, metadata or folder / "metadata.csv")
+    if not examples:
+        raise InputError(f"'{config.train_data_dir}' has no images to train on")
+    return examples
+
+
+def _examples_from_dataset(uri: str, image_cache: Path) -> list[Example]:
+    """Stream the dataset, copying each image once into ``image_cache`` (named by its hash)."""
+    image_cache.mkdir(parents=True, exist_ok=True)
+    examples = []
+    for record in read_records(uri):
+        path = image_cache / f"{record.sha256}.{record.format or 'png'}"
+        if not path.exists():
+            temporary = path.with_name(f".{path.name}.{record.id}.tmp")
+            temporary.write_bytes(record.image)
+            temporary.replace(path)
+        examples.append(
+            Example(
+                id=record.id,
+                image_path=path,
+                sha256=record.sha256,
+                caption=record.caption,
+                tags=tuple(record.tags),
+                group=record.parent_id if record.flipped and record.parent_id else record.id,
+                mirrorable=not record.flipped and flip_blocker(record, DEFAULT_SKIP_TAGS) is None,
+            )
+        )
+    mirrored = {e.group for e in examples if e.group != e.id}
+    return [dataclasses.replace(e, mirrorable=False) if e.id in mirrored else e for e in examples]
+
+
+def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
+    if not folder.is_dir():
+        raise InputError(f"train_data_dir '{folder}' is not a folder or a lorapipe dataset")
+    if not metadata.is_file():
+        raise InputError(
+            f"'{metadata}' does not exist; a folder of images needs a metadata.csv "
+            "(filename,text), or give a lorapipe dataset as train_data_dir"
+        )
+    root = folder.resolve()
+    examples = []
+    seen: set[str] = set()
+    for line, filename, caption in _metadata_rows(metadata):
+        path = (folder / filename).resolve()
+        if not path.is_relative_to(root) or path.is_symlink():
+            raise InputError(
+                f"{metadata} line {line}: '{filename}' leaves {folder}; use a name inside it"
+            )
+        if not path.is_file():
+            raise InputError(f"{metadata} line {line}: '{filename}' does not exist in {folder}")
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(
+                f"{metadata} line {line}: '{filename}' is not an image "
+                f"({', '.join(IMAGE_SUFFIXES)})"
+            )
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        if sha256 in seen:
+            continue
+        seen.add(sha256)
+        plain = ImageRecord(
+            id="", image=b"", format="", width=0, height=0, sha256="", caption=caption
+        )
+        examples.append(
+            Example(
+                id=sha256[:16],
+                image_path=path,
+                sha256=sha256,
+                caption=caption,
+                tags=(),
+                group=sha256[:16],
+                mirrorable=flip_blocker(plain, DEFAULT_SKIP_TAGS) is None,
+            )
+        )
+    return examples
+
+
+def _metadata_rows(metadata: Path) -> list[tuple[int, str, str]]:
+    """(line, filename, caption) of a lora-scripts metadata.csv with a filename,text header."""
+    with metadata.open(encoding="utf-8-sig", newline="") as file:
+        reader = csv.reader(file)
+        header = [name.strip().lower() for name in next(reader, [])]
+        columns = {name: index for index, name in enumerate(header)}
+        filename_column = columns.get("filename", columns.get("file_name"))
+        text_column = columns.get("text", columns.get("caption"))
+        if filename_column is None or text_column is None:
+            raise InputError(
+                f"{metadata} line 1: the header must name the columns 'filename' and 'text' "
+                f"(found {', '.join(header) or 'nothing'})"
+            )
+        rows = []
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= filename_column:
+                raise InputError(f"{metadata} line {reader.line_num}: no filename")
+            text = row[text_column].strip() if len(row) > text_column else ""
+            rows.append((reader.line_num, row[filename_column].strip(), text))
+    return rows
+
+
+def split_validation(
+    examples: list[Example], validation_split: float
+) -> tuple[list[Example], list[Example]]:
+    """(training, held-out) examples. The held-out groups are the first by a hash of their id,
+    so the same images are held out in every run on the same data, whatever the seed."""
+    groups = sorted({e.group for e in examples}, key=lambda g: hashlib.sha256(g.encode()).digest())
+    if validation_split <= 0:
+        count = 0
+    elif validation_split < 1:
+        count = max(1, math.floor(validation_split * len(groups)))
+    else:
+        count = int(validation_split)
+    if count >= len(groups):
+        raise ConfigError(
+            f"validation_split {validation_split:g} holds out {count} of {len(groups)} images, "
+            "leaving none to train on; lower it (0 disables validation)"
+        )
+    held_out = set(groups[:count])
+    return (
+        [e for e in examples if e.group not in held_out],
+        [e for e in examples if e.group in held_out],
+    )
+
+
+# --------------------------------------------------------------------------- order
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One use of an example: the ``position``-th sample of ``epoch``'s order."""
+
+    example_index: int
+    epoch: int
+    position: int
+
+
+@dataclass(frozen=True)
+class SamplePlan:
+    """Which samples each process trains on at each optimizer step.
+
+    Every epoch is a seeded permutation of the examples, padded at the end with its own start so
+    that it fills whole global batches. Global batch ``k`` of an epoch is positions
+    ``[k * G, (k + 1) * G)``; micro-step ``m`` gives process ``r`` the ``batch_size`` positions
+    starting at ``(m * num_processes + r) * batch_size`` within it.
+    """
+
+    num_examples: int
+    batch_size: int
+    num_processes: int
+    accumulation_steps: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.num_processes * self.accumulation_steps
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.num_examples / self.global_batch)
+
+    @property
+    def signature(self) -> dict[str, int]:
+        """What a resumed run must share with the run it resumes to see the same samples in the
+        same order (the number of processes may change; the global batch may not)."""
+        return {
+            "num_examples": self.num_examples,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+        }
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - plans are few and immutable
+    def order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(_seed_of("order", self.seed, epoch))
+        permutation = torch.randperm(self.num_examples, generator=generator).tolist()
+        length = self.steps_per_epoch * self.global_batch
+        return [permutation[position % self.num_examples] for position in range(length)]
+
+    def micro_batches(self, step: int, rank: int) -> list[list[Sample]]:
+        """The samples of process ``rank`` for each micro-step of optimizer step ``step``."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        batches = []
+        for micro_step in range(self.accumulation_steps):
+            first = (
+                index * self.global_batch
+                + (micro_step * self.num_processes + rank) * self.batch_size
+            )
+            positions = range(first, first + self.batch_size)
+            batches.append([Sample(order[p], epoch, p) for p in positions])
+        return batches
+
+
+def _seed_of(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+# --------------------------------------------------------------------------- random draws
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Every random choice for one sample."""
+
+    flip: bool
+    crop_position: tuple[float, float]  # where a random crop sits: fractions of the free space
+    caption_seed: int
+    timestep: int
+    latent_noise: torch.Tensor  # samples the VAE's latent distribution
+    noise: torch.Tensor  # the diffusion noise, noise offset included
+
+
+def draw(
+    config: TrainConfig, sample: Sample, example: Example, latent_shape: tuple[int, ...]
+) -> Draws:
+    """The draws of ``sample``: a pure function of the seed, the epoch and the position."""
+    generator = torch.Generator().manual_seed(
+        _seed_of("sample", config.seed, sample.epoch, sample.position)
+    )
+    flip = (
+        bool(torch.rand((), generator=generator) < 0.5) and config.flip_aug and example.mirrorable
+    )
+    crop_x, crop_y = torch.rand(2, generator=generator).tolist()
+    caption_seed = int(torch.randint(0, 2**62, (), generator=generator))
+    timestep = int(torch.randint(config.min_timestep, config.max_timestep, (), generator=generator))
+    latent_noise = torch.randn(latent_shape, generator=generator)
+    noise = torch.randn(latent_shape, generator=generator)
+    if config.noise_offset:
+        offset = torch.randn((latent_shape[0], 1, 1), generator=generator)
+        noise = noise + config.noise_offset * offset
+    return Draws(flip, (crop_x, crop_y), caption_seed, timestep, latent_noise, noise)
+
+
+def validation_noise(example: Example, latent_shape: tuple[int, ...]) -> torch.Tensor:
+    """The fixed noise of a held-out image: seeded by its id alone."""
+    generator = torch.Generator().manual_seed(_seed_of("validation", example.id))
+    return torch.randn(latent_shape, generator=generator)
+
+
+# --------------------------------------------------------------------------- captions and pixels
+
+
+def training_caption(
+    caption: str,
+    *,
+    flip: bool,
+    shuffle: bool,
+    keep_tokens: int,
+    dropout_rate: float,
+    seed: int,
+) -> str:
+    """The caption a sample trains with: left/right swapped for a mirrored image, parts after
+    the first ``keep_tokens`` shuffled, or empty with probability ``dropout_rate``."""
+    rng = random.Random(seed)
+    if dropout_rate and rng.random() < dropout_rate:
+        return ""
+    if flip:
+        caption = swap_left_right(caption)
+    if shuffle:
+        parts = split_caption(caption)
+        kept, rest = parts[:keep_tokens], parts[keep_tokens:]
+        rng.shuffle(rest)
+        caption = ", ".join(kept + rest)
+    return caption
+
+
+def load_pixels(
+    path: Path, resolution: int, *, flip: bool, crop_position: tuple[float, float] | None
+) -> torch.Tensor:
+    """The image as a (3, resolution, resolution) tensor in [-1, 1]: shorter side scaled to
+    ``resolution``, then cropped at the centre (``crop_position`` None) or at that position."""
+    with Image.open(path) as opened:
+        image = ImageOps.exif_transpose(opened).convert("RGB")
+    scale = resolution / min(image.size)
+    size = (
+        max(resolution, round(image.width * scale)),
+        max(resolution, round(image.height * scale)),
+    )
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    fraction_x, fraction_y = crop_position or (0.5, 0.5)
+    left = round((image.width - resolution) * fraction_x)
+    top = round((image.height - resolution) * fraction_y)
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip:
+        image = ImageOps.mirror(image)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()

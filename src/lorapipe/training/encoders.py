@@ -1,0 +1,168 @@
+"""What the UNet trains on: latents of the images and embeddings of the captions, cached.
+
+Latents. The VAE turns an image into a distribution (a mean and a log-variance per latent
+pixel), and training samples it. ``LatentCache`` stores those parameters, one safetensors file
+per (image content, VAE identity, resolution, crop, mirrored), so each image and its mirror
+are VAE-encoded once and reused across epochs and runs; each step then samples them with the
+sample's own latent noise. Without the cache (``cache_latents: false``, or random crops, whose
+pixels differ every time) ``EncodeEveryStep`` runs the VAE on every batch, as diffusers'
+train_text_to_image_lora.py does. Both give the same latents for the same draws.
+
+Text. ``CaptionEncoder`` runs the text encoder on a batch of captions; when the encoder is frozen
+and captions never change, each distinct caption is encoded once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from lorapipe.training.data import Example, load_pixels
+
+log = logging.getLogger(__name__)
+
+LATENT_KEY = "latent_parameters"
+ENCODE_BATCH = 8
+
+
+def vae_identity(vae_dir: Path, dtype: torch.dtype) -> str:
+    """A hash of the VAE's config and weight files and the dtype it encodes in."""
+    digest = hashlib.sha256(str(dtype).encode())
+    for path in sorted(p for p in vae_dir.rglob("*") if p.is_file()):
+        digest.update(path.name.encode())
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def sample_latents(
+    parameters: torch.Tensor, latent_noise: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Latents drawn from the VAE's distribution (mean, log-variance) with the given noise,
+    times the VAE's scaling factor."""
+    mean, log_variance = parameters.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+    return (mean + std * latent_noise) * scale
+
+
+def latent_mean(parameters: torch.Tensor, scale: float) -> torch.Tensor:
+    """The distribution's mean, times the scaling factor: what validation measures on."""
+    return parameters.float().chunk(2, dim=1)[0] * scale
+
+
+def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent distribution parameters for a batch of pixel tensors."""
+    with torch.no_grad():
+        pixels = pixels.to(device=vae.device, dtype=vae.dtype)
+        return vae.encode(pixels).latent_dist.parameters.float()
+
+
+class LatentCache:
+    """Latent distribution parameters on disk, one file per (image, VAE, resolution, mirrored).
+
+    Only centre crops are cached: a random crop is different every time it is drawn.
+    """
+
+    def __init__(self, directory: Path, vae: Any, vae_id: str, resolution: int) -> None:
+        self.directory = directory
+        self.vae = vae
+        self.vae_id = vae_id
+        self.resolution = resolution
+
+    def path(self, example: Example, flip: bool) -> Path:
+        key = f"{example.sha256}|{self.vae_id}|{self.resolution}|center|flip={flip}"
+        name = hashlib.sha256(key.encode()).hexdigest()
+        return self.directory / name[:2] / f"{name}.safetensors"
+
+    def fill(self, wanted: Sequence[tuple[Example, bool]], rank: int, num_processes: int) -> int:
+        """Encode the wanted (example, flip) pairs not yet on disk, this process's share of
+        them (every ``num_processes``-th, from ``rank``); returns how many it encoded."""
+        missing = [item for item in wanted[rank::num_processes] if not self.path(*item).exists()]
+        if not missing:
+            return 0
+        progress = tqdm(total=len(missing), desc="caching latents", unit="image", disable=rank != 0)
+        for start in range(0, len(missing), ENCODE_BATCH):
+            chunk = missing[start : start + ENCODE_BATCH]
+            pixels = torch.stack(
+                [
+                    load_pixels(e.image_path, self.resolution, flip=f, crop_position=None)
+                    for e, f in chunk
+                ]
+            )
+            for (example, flip), parameters in zip(
+                chunk, encode_pixels(self.vae, pixels), strict=True
+            ):
+                self._write(self.path(example, flip), parameters)
+            progress.update(len(chunk))
+        progress.close()
+        return len(missing)
+
+    def _write(self, path: Path, parameters: torch.Tensor) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({LATENT_KEY: parameters.contiguous().cpu()}, temporary)
+        temporary.replace(path)
+
+    def latent_parameters(
+        self, items: Sequence[tuple[Example, bool, tuple[float, float] | None]]
+    ) -> torch.Tensor:
+        return torch.stack(
+            [load_file(self.path(example, flip))[LATENT_KEY] for example, flip, _ in items]
+        )
+
+
+class EncodeEveryStep:
+    """The uncached path: load, crop and VAE-encode the images of every batch."""
+
+    def __init__(self, vae: Any, resolution: int) -> None:
+        self.vae = vae
+        self.resolution = resolution
+
+    def latent_parameters(
+        self, items: Sequence[tuple[Example, bool, tuple[float, float] | None]]
+    ) -> torch.Tensor:
+        pixels = torch.stack(
+            [
+                load_pixels(example.image_path, self.resolution, flip=flip, crop_position=crop)
+                for example, flip, crop in items
+            ]
+        )
+        return encode_pixels(self.vae, pixels)
+
+
+class CaptionEncoder:
+    """Captions to text-encoder hidden states, remembered per caption when ``cache`` is on."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, *, cache: bool) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
+
+    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+        if self.cache is None:
+            return self._encode(captions)
+        missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
+        if missing:
+            with torch.no_grad():
+                self.cache.update(zip(missing, self._encode(missing), strict=True))
+        return torch.stack([self.cache[c] for c in captions])
+
+    def _encode(self, captions: Sequence[str]) -> torch.Tensor:
+        input_ids = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        device = next(self.text_encoder.parameters()).device
+        return self.text_encoder(input_ids.to(device), return_dict=False)[0]

@@ -1,0 +1,446 @@
+"""``lorapipe train`` on the tiny model: it learns, writes the checkpoint layout `select` reads,
+gives the same LoRA on 2 processes as on 1, resumes a killed run exactly, has a deterministic
+validation loss, and answers bad configs with one line."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+from lorapipe import cli, store
+from lorapipe.dataset import DatasetWriter, ImageRecord
+from lorapipe.stages import select
+from lorapipe.stages.train import run, validate_checkpoint
+from lorapipe.train_config import TrainConfig
+
+COLORS = ("red", "green", "blue", "yellow")
+SHAPES = ("circle", "square")
+# Wide targets and a high learning rate: the tiny random UNet learns visibly in a few steps.
+WIDE_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "proj_in",
+    "proj_out",
+    "ff.net.0.proj",
+    "conv1",
+    "conv2",
+]
+# Two processes at batch b vs one at 2b, same samples, noise and timesteps: the losses agree to
+# float32 rounding; Adam's normalised steps amplify last-bit differences in the weights a little.
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 2e-4
+
+
+def shape_image(index: int) -> tuple[Image.Image, str]:
+    color, shape = COLORS[index % 4], SHAPES[(index // 4) % 2]
+    image = Image.new("RGB", (80, 72), "white")
+    draw = ImageDraw.Draw(image)
+    box = (12 + index % 3, 8, 64, 60)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
+    return image, f"a {color} {shape}, white background"
+
+
+def write_folder(folder: Path, count: int) -> Path:
+    """A lora-scripts style folder: images plus metadata.csv (filename,text)."""
+    folder.mkdir(parents=True)
+    with (folder / "metadata.csv").open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filename", "text"])
+        for index in range(count):
+            image, caption = shape_image(index)
+            image.save(folder / f"img_{index:03d}.png")
+            writer.writerow([f"img_{index:03d}.png", caption])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("data") / "shapes", 8)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def config(tiny_model_dir: Path, cache_dir: Path) -> TrainConfig:
+    return TrainConfig(
+        base_model=str(tiny_model_dir),
+        cache_dir=str(cache_dir),
+        batch_size=2,
+        learning_rate=3e-3,
+        validation_split=2,
+        save_steps=2,
+        max_train_steps=4,
+    )
+
+
+def losses(output: Path) -> list[float]:
+    with (output / "loss_log.csv").open() as file:
+        return [float(row["loss"]) for row in csv.DictReader(file)]
+
+
+def lora(output: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(output / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors")
+
+
+def assert_same_lora(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=WEIGHT_ATOL, rtol=0, msg=key)
+
+
+def lorapipe_train(*args: str, cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lorapipe.cli", "train", *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def flags(config: TrainConfig, **changes: object) -> list[str]:
+    """``config`` as command-line flags."""
+    args = []
+    for key, value in dataclasses.asdict(dataclasses.replace(config, **changes)).items():
+        if value in ("", None):
+            continue
+        if isinstance(value, bool):
+            args.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            args += [f"--{key.replace('_', '-')}", *map(str, value)]
+        else:
+            args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def test_a_lora_overfits_four_images(images: Path, config: TrainConfig, tmp_path: Path) -> None:
+    folder = write_folder(tmp_path / "four", 4)
+    config = dataclasses.replace(
+        config,
+        target_modules=WIDE_TARGETS,
+        batch_size=4,
+        max_train_steps=40,
+        validation_split=0,
+        save_steps=0,
+    )
+    run(str(folder), str(tmp_path / "out"), config)
+    curve = losses(tmp_path / "out")
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5  # means: single steps are noisy
+    assert last < 0.6 * first, curve
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_checkpoints_have_the_layout_select_reads(
+    images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    output = tmp_path / "out"
+    report = run(
+        str(images), str(output), dataclasses.replace(config, target_modules=["q_proj", "v_proj"])
+    )
+
+    complete, incomplete = select.find_checkpoints(str(output))
+    assert sorted(complete) == [2, 4] and not incomplete
+    record = json.loads((output / "checkpoint-4" / "record.json").read_text())
+    assert record["step"] == 4 and record["epoch"] == 2 and record["samples_seen"] == 8
+    assert set(record["val_loss_by_timestep"]) == {"100", "300", "500", "700", "900"}
+    assert select.read_losses(complete[4], 4).val_loss == pytest.approx(record["val_loss"])
+    modules = select.load_checkpoint_lora(complete[4])
+    assert {name.rsplit(".", 1)[-1] for name in modules} == {"to_q", "to_v"}  # the seed's names
+    assert all(m.rank == 16 and m.alpha == 16.0 for m in modules.values())
+    assert all(key.startswith("unet.") and ".lora_" in key for key in lora(output, 4))
+
+    assert json.loads((output / "training_report.json").read_text()) == report
+    assert report["num_train_images"] == 6 and report["num_val_images"] == 2
+    assert report["global_batch_size"] == 2 and report["steps"] == 4
+    assert report["tag_frequency"]["white background"] == 6
+    assert [row["step"] for row in csv.DictReader((output / "loss_log.csv").open())] == [
+        "1",
+        "2",
+        "3",
+        "4",
+    ]
+    assert list((output / "logs").glob("events.out.tfevents.*"))
+
+
+def test_validation_loss_of_a_checkpoint_is_the_same_when_computed_again(
+    images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(config, max_train_steps=2, train_data_dir=str(images))
+    run(str(images), str(tmp_path / "out"), config)
+    record = json.loads((tmp_path / "out" / "checkpoint-2" / "record.json").read_text())
+    first = validate_checkpoint(tmp_path / "out" / "checkpoint-2", config)
+    second = validate_checkpoint(tmp_path / "out" / "checkpoint-2", config)
+    assert first == second
+    assert first.mean == record["val_loss"]
+    assert first.by_timestep == record["val_loss_by_timestep"]
+
+
+def test_a_lorapipe_dataset_holds_out_an_image_with_its_mirror(
+    config: TrainConfig, tmp_path: Path
+) -> None:
+    dataset = str(tmp_path / "dataset")
+    with DatasetWriter(dataset) as writer:
+        for index in range(4):
+            image, caption = shape_image(index)
+            for flipped in (False, True):
+                pixels = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else image
+                record_id = f"{index:016x}" + ("-flip" if flipped else "")
+                png = tmp_path / "x.png"
+                pixels.save(png)
+                writer.write(
+                    ImageRecord(
+                        id=record_id, image=png.read_bytes(), format="png", width=80, height=72,
+                        sha256=f"{index}-{flipped}".ljust(64, "0"), caption=caption,
+                        tags=["white background"], flipped=flipped,
+                        parent_id=f"{index:016x}" if flipped else None,
+                    )
+                )  # fmt: skip
+    report = run(
+        dataset,
+        str(tmp_path / "out"),
+        dataclasses.replace(config, validation_split=1, max_train_steps=1),
+    )
+    assert (report["num_train_images"], report["num_val_images"]) == (6, 2)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {
+            "train_text_encoder": True,
+            "target_modules": ["q_proj", "v_proj"],
+            "text_encoder_lr": 5e-4,
+            "gradient_checkpointing": True,
+            "gradient_accumulation_steps": 2,
+        },
+        {
+            "flip_aug": True,
+            "shuffle_caption": True,
+            "keep_tokens": 1,
+            "caption_dropout_rate": 0.2,
+            "crop": "random",
+            "snr_gamma": 5.0,
+            "noise_offset": 0.05,
+            "scheduler": "cosine",
+            "lr_warmup_steps": 2,
+            "optimizer": "sgd",
+        },
+    ],
+    ids=["text-encoder", "augmentations"],
+)
+def test_training_options_run_end_to_end(
+    options: dict[str, object], images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    report = run(str(images), str(tmp_path / "out"), dataclasses.replace(config, **options))
+    assert len(losses(tmp_path / "out")) == 4
+    weights = lora(tmp_path / "out", 4)
+    assert any(key.startswith("text_encoder.") for key in weights) == bool(
+        options.get("train_text_encoder")
+    )
+    assert report["config"] == {**report["config"], **options}
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def test_two_processes_train_what_one_process_trains_at_double_batch(
+    images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    two = lorapipe_train(
+        *flags(
+            config,
+            batch_size=1,
+            num_processes=2,
+            train_data_dir=str(images),
+            output_dir=str(tmp_path / "two"),
+        )
+    )
+    stdout, stderr = two.communicate(timeout=300)
+    assert two.returncode == 0, stderr[-3000:]
+    one_report = run(str(images), str(tmp_path / "one"), dataclasses.replace(config, batch_size=2))
+
+    two_report = json.loads((tmp_path / "two" / "training_report.json").read_text())
+    assert (two_report["num_processes"], two_report["global_batch_size"]) == (2, 2)
+    assert one_report["global_batch_size"] == 2
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=LOSS_RTOL)
+    assert_same_lora(lora(tmp_path / "two", 4), lora(tmp_path / "one", 4))
+    two_record = json.loads((tmp_path / "two" / "checkpoint-4" / "record.json").read_text())
+    one_record = json.loads((tmp_path / "one" / "checkpoint-4" / "record.json").read_text())
+    assert two_record["val_loss"] == pytest.approx(one_record["val_loss"], rel=LOSS_RTOL)
+
+
+def test_a_killed_run_resumes_to_the_lora_of_an_uninterrupted_run(
+    images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        config, max_train_steps=40, save_steps=4, train_data_dir=str(images)
+    )
+    output = tmp_path / "resumed"
+    first = lorapipe_train(*flags(config, output_dir=str(output)))
+    deadline = time.monotonic() + 300
+    while not (output / "checkpoint-4" / "_COMPLETE").exists():
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    assert not (output / "checkpoint-40").exists(), "the run finished before it was killed"
+
+    run(str(images), str(output), dataclasses.replace(config, resume="latest"))
+    run(str(images), str(tmp_path / "straight"), config)
+    assert_same_lora(lora(output, 40), lora(tmp_path / "straight", 40))
+    assert losses(output) == pytest.approx(losses(tmp_path / "straight"), rel=LOSS_RTOL)
+
+
+def test_resume_from_the_s3_mirror_after_the_local_disk_is_lost(
+    images: Path, config: TrainConfig, tmp_path: Path, s3_bucket: str
+) -> None:
+    output = f"{s3_bucket}/runs/1"
+    run(str(images), output, dataclasses.replace(config, max_train_steps=2))
+    assert store.exists(f"{output}/checkpoint-2/_COMPLETE")
+    assert store.exists(f"{output}/training_report.json") and store.exists(f"{output}/loss_log.csv")
+    shutil.rmtree(Path(config.cache_dir) / "train")  # where an s3:// output is trained locally
+
+    run(str(images), output, dataclasses.replace(config, resume="latest"))
+    run(str(images), str(tmp_path / "straight"), config)
+    complete, _ = select.find_checkpoints(output)
+    assert sorted(complete) == [2, 4]
+    with store.local_file(f"{output}/checkpoint-4/pytorch_lora_weights.safetensors") as path:
+        assert_same_lora(load_file(path), lora(tmp_path / "straight", 4))
+
+
+def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    images: Path, config: TrainConfig, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = flags(
+        config,
+        learning_rate=1e30,
+        optimizer="sgd",
+        max_train_steps=20,
+        save_steps=1,
+        train_data_dir=str(images),
+        output_dir=str(tmp_path / "out"),
+    )
+    assert cli.main(["train", *args]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("lorapipe train: error: step ")
+    assert "the training loss is nan" in error or "the training loss is inf" in error
+    complete, _ = select.find_checkpoints(str(tmp_path / "out"))
+    assert complete and error.endswith(
+        f"resume from the last good checkpoint, {complete[max(complete)]}"
+    )
+
+
+# --------------------------------------------------------------------------- the seed's config and config errors
+
+
+SEED_YAML = """\
+train_data_dir: "{data}"
+metadata_path: "{data}/metadata.csv"
+base_model: "{model}"
+lora_rank: 16
+lora_alpha: 32
+target_modules: ["q_proj", "v_proj"]
+batch_size: 4
+epochs: 20
+learning_rate: 1e-4
+optimizer: "AdamW"
+scheduler: "cosine"
+output_dir: "./output/film_style_lora"
+save_steps: 100
+log_dir: "./output/film_style_lora/logs"
+"""
+
+
+def test_the_seed_yaml_runs_as_written(images: Path, tiny_model_dir: Path, tmp_path: Path) -> None:
+    config_file = tmp_path / "configs" / "my_film_config.yaml"
+    config_file.parent.mkdir()
+    config_file.write_text(SEED_YAML.format(data=images, model=tiny_model_dir))
+    process = lorapipe_train("--config", str(config_file), cwd=tmp_path)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+
+    output = tmp_path / "output" / "film_style_lora"
+    assert "LoRA on 16 UNet layers: to_q (8), to_v (8)" in stderr
+    assert sorted(select.find_checkpoints(str(output))[0]) == [40]  # 7 images / 4 = 2 steps x 20
+    assert json.loads((output / "checkpoint-40" / "lora_config.json").read_text()) == {
+        "rank": 16,
+        "alpha": 32.0,
+        "unet_target_modules": ["to_q", "to_v"],
+        "text_encoder_target_modules": [],
+    }
+    assert list((output / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        (
+            "learning_rat: 1e-4\n",
+            "line 2: unknown key 'learning_rat'; did you mean 'learning_rate'?",
+        ),
+        ("batch_size: four\n", "line 2: key 'batch_size' must be a whole number, got 'four'"),
+        (
+            "target_modules: [to_q, attn_x]\n",
+            "target_modules: 'attn_x' matches no layer of the UNet; available: ",
+        ),
+    ],
+)
+def test_config_errors_are_one_line(
+    yaml_text: str,
+    expected: str,
+    images: Path,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(f"base_model: {tiny_model_dir}\n{yaml_text}")
+    assert cli.main(["train", "--config", str(config_file), "--train-data-dir", str(images)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and error.startswith("lorapipe train: error: ")
+    assert expected in error
+
+
+@pytest.mark.parametrize(
+    ("base_model", "expected"),
+    [
+        ("missing-model", "base model 'missing-model' does not exist"),
+        (
+            "v1-5-pruned.safetensors",
+            "is a single-file checkpoint; lorapipe needs a diffusers-format",
+        ),
+    ],
+)
+def test_an_unusable_base_model_is_one_line(
+    base_model: str, expected: str, images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "v1-5-pruned.safetensors").write_bytes(b"\0" * 16)
+    args = ["train", "--base-model", str(tmp_path / base_model), "--train-data-dir", str(images)]
+    assert cli.main(args) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert expected.replace("'missing-model'", f"'{tmp_path / 'missing-model'}'") in error

@@ -1,0 +1,227 @@
+"""Training data: examples from a folder + metadata.csv, the held-out split, the order each
+process trains in, and the per-sample random draws that make runs reproducible."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lorapipe.dataset import DatasetWriter, ImageRecord
+from lorapipe.errors import ConfigError, InputError
+from lorapipe.train_config import TrainConfig
+from lorapipe.training.data import (
+    Example,
+    Sample,
+    SamplePlan,
+    draw,
+    load_examples,
+    load_pixels,
+    split_validation,
+    training_caption,
+    validation_noise,
+)
+
+
+def example(name: str, group: str | None = None, mirrorable: bool = True) -> Example:
+    return Example(
+        id=name, image_path=Path(f"{name}.png"), sha256=name * 4, caption="a cat, left paw",
+        tags=(), group=group or name, mirrorable=mirrorable,
+    )  # fmt: skip
+
+
+def write_folder(folder: Path, csv_text: str, names: list[str]) -> TrainConfig:
+    folder.mkdir()
+    for index, name in enumerate(names):
+        Image.new("RGB", (40 + index, 30), (index * 40, 0, 0)).save(folder / name)
+    (folder / "metadata.csv").write_text(csv_text)
+    return TrainConfig(train_data_dir=str(folder))
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def test_a_folder_with_metadata_csv_gives_one_example_per_row(tmp_path: Path) -> None:
+    config = write_folder(
+        tmp_path / "data",
+        '\ufefffilename,text\na.png,"street photo, 1970s"\nb.png,"woman, rainy street"\n\n',
+        ["a.png", "b.png"],
+    )
+    examples = load_examples(config, tmp_path / "cache")
+    assert [e.caption for e in examples] == ["street photo, 1970s", "woman, rainy street"]
+    assert all(len(e.id) == 16 and e.group == e.id and e.mirrorable for e in examples)
+
+
+def test_a_caption_mentioning_text_is_never_mirrored(tmp_path: Path) -> None:
+    config = write_folder(tmp_path / "data", 'filename,text\na.png,"a sign with text"\n', ["a.png"])
+    assert not load_examples(config, tmp_path / "cache")[0].mirrorable
+
+
+@pytest.mark.parametrize(
+    ("csv_text", "expected"),
+    [
+        ("filename,text\n../a.png,x\n", "metadata.csv line 2: '../a.png' leaves"),
+        ("filename,text\nmissing.png,x\n", "metadata.csv line 2: 'missing.png' does not exist"),
+        ("file,caption text\na.png,x\n", "metadata.csv line 1: the header must name the columns"),
+    ],
+)
+def test_bad_metadata_rows_name_the_line(tmp_path: Path, csv_text: str, expected: str) -> None:
+    config = write_folder(tmp_path / "data", csv_text, ["a.png"])
+    with pytest.raises(InputError, match=expected.replace(".", r"\.")):
+        load_examples(config, tmp_path / "cache")
+
+
+def test_a_folder_without_metadata_csv_says_what_it_needs(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match="needs a metadata.csv"):
+        load_examples(TrainConfig(train_data_dir=str(tmp_path / "data")), tmp_path / "cache")
+
+
+def test_a_dataset_gives_examples_whose_images_are_copied_to_the_cache(tmp_path: Path) -> None:
+    def record(record_id: str, tags: list[str], parent: str | None = None) -> ImageRecord:
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (len(record_id) * 20, 0, 0)).save(buffer, format="PNG")
+        return ImageRecord(
+            id=record_id, image=buffer.getvalue(), format="png", width=32, height=32,
+            sha256=record_id.ljust(64, "0"), caption=", ".join(tags), tags=tags,
+            flipped=parent is not None, parent_id=parent,
+        )  # fmt: skip
+
+    with DatasetWriter(str(tmp_path / "dataset")) as writer:
+        writer.write(record("a", ["cat"]))
+        writer.write(record("a-flip", ["cat"], parent="a"))
+        writer.write(record("b", ["cat", "signature"]))
+        writer.write(record("c", ["dog"]))
+    examples = load_examples(
+        TrainConfig(train_data_dir=str(tmp_path / "dataset")), tmp_path / "cache"
+    )
+    assert {e.id: (e.group, e.mirrorable) for e in examples} == {
+        "a": ("a", False),  # augment already mirrored it
+        "a-flip": ("a", False),
+        "b": ("b", False),  # a signature comes out backwards
+        "c": ("c", True),
+    }
+    assert all(
+        e.image_path.parent == tmp_path / "cache" and e.image_path.is_file() for e in examples
+    )
+
+
+# --------------------------------------------------------------------------- held out
+
+
+def test_an_image_and_its_mirror_are_held_out_together() -> None:
+    examples = [example(f"img{i}") for i in range(5)] + [
+        example(f"img{i}-flip", f"img{i}") for i in range(5)
+    ]
+    train, held_out = split_validation(examples, 2)
+    assert len(held_out) == 4 and {e.group for e in held_out}.isdisjoint({e.group for e in train})
+
+
+def test_the_held_out_images_do_not_depend_on_order() -> None:
+    examples = [example(f"img{i}") for i in range(20)]
+    held_out = {e.id for e in split_validation(examples, 0.1)[1]}
+    assert held_out == {e.id for e in split_validation(examples[::-1], 0.1)[1]}
+    assert len(split_validation(examples, 0.1)[1]) == 2
+    assert split_validation(examples, 0) == (examples, [])
+
+
+def test_holding_out_everything_is_refused() -> None:
+    with pytest.raises(ConfigError, match="leaving none to train on"):
+        split_validation([example("a"), example("b")], 2)
+
+
+# --------------------------------------------------------------------------- order
+
+
+def test_two_processes_share_out_the_global_batch_of_one() -> None:
+    one = SamplePlan(num_examples=7, batch_size=4, num_processes=1, accumulation_steps=1, seed=3)
+    two = dataclasses.replace(one, batch_size=2, num_processes=2)
+    for step in range(6):
+        (together,) = one.micro_batches(step, 0)
+        (first,) = two.micro_batches(step, 0)
+        (second,) = two.micro_batches(step, 1)
+        assert first + second == together
+
+
+def test_an_epoch_visits_every_example_padded_to_whole_batches() -> None:
+    plan = SamplePlan(num_examples=7, batch_size=2, num_processes=1, accumulation_steps=2, seed=0)
+    assert plan.steps_per_epoch == 2
+    epoch = [s for step in range(2) for batch in plan.micro_batches(step, 0) for s in batch]
+    assert {s.example_index for s in epoch} == set(range(7)) and len(epoch) == 8
+    assert [s.position for s in epoch] == list(range(8))
+    assert plan.order(0) != plan.order(1)
+    assert plan.micro_batches(2, 0)[0][0].epoch == 1
+
+
+# --------------------------------------------------------------------------- draws
+
+
+def test_a_samples_draws_depend_only_on_seed_epoch_and_position() -> None:
+    config = TrainConfig(flip_aug=True, noise_offset=0.1, min_timestep=100, max_timestep=200)
+    a = draw(config, Sample(0, epoch=1, position=5), example("x"), (4, 8, 8))
+    b = draw(config, Sample(3, epoch=1, position=5), example("x"), (4, 8, 8))
+    c = draw(config, Sample(0, epoch=2, position=5), example("x"), (4, 8, 8))
+    assert torch.equal(a.noise, b.noise) and a.timestep == b.timestep and a.flip == b.flip
+    assert not torch.equal(a.noise, c.noise)
+    assert 100 <= a.timestep < 200
+
+
+def test_flip_aug_never_mirrors_an_image_that_must_not_be() -> None:
+    config = TrainConfig(flip_aug=True)
+    flips = [draw(config, Sample(0, 0, p), example("x"), (4, 2, 2)).flip for p in range(40)]
+    assert 5 < sum(flips) < 35
+    blocked = example("y", mirrorable=False)
+    assert not any(draw(config, Sample(0, 0, p), blocked, (4, 2, 2)).flip for p in range(40))
+
+
+def test_validation_noise_is_fixed_per_image() -> None:
+    assert torch.equal(
+        validation_noise(example("a"), (4, 8, 8)), validation_noise(example("a"), (4, 8, 8))
+    )
+    assert not torch.equal(
+        validation_noise(example("a"), (4, 8, 8)), validation_noise(example("b"), (4, 8, 8))
+    )
+
+
+# --------------------------------------------------------------------------- captions and pixels
+
+
+def test_a_mirrored_sample_swaps_left_and_right_in_its_caption() -> None:
+    options = {"shuffle": False, "keep_tokens": 0, "dropout_rate": 0.0, "seed": 0}
+    assert training_caption("cat, left paw", flip=True, **options) == "cat, right paw"
+
+
+def test_shuffling_keeps_the_first_keep_tokens_in_place() -> None:
+    caption = "sks style, a, b, c, d, e"
+    shuffled = {
+        training_caption(caption, flip=False, shuffle=True, keep_tokens=1, dropout_rate=0.0, seed=s)
+        for s in range(20)
+    }
+    assert len(shuffled) > 1 and all(c.startswith("sks style, ") for c in shuffled)
+    assert all(sorted(c.split(", ")) == sorted(caption.split(", ")) for c in shuffled)
+
+
+def test_caption_dropout_empties_about_that_share_of_captions() -> None:
+    captions = [
+        training_caption(
+            "a, b", flip=False, shuffle=False, keep_tokens=0, dropout_rate=0.25, seed=s
+        )
+        for s in range(400)
+    ]
+    assert 60 < captions.count("") < 140
+
+
+def test_pixels_are_scaled_cropped_and_in_minus_one_to_one(tmp_path: Path) -> None:
+    image = Image.new("RGB", (200, 100), "black")
+    image.paste((255, 255, 255), (0, 0, 50, 100))  # a white left quarter
+    image.save(tmp_path / "wide.png")
+    centre = load_pixels(tmp_path / "wide.png", 64, flip=False, crop_position=None)
+    left = load_pixels(tmp_path / "wide.png", 64, flip=False, crop_position=(0.0, 0.5))
+    mirrored = load_pixels(tmp_path / "wide.png", 64, flip=True, crop_position=(0.0, 0.5))
+    assert centre.shape == (3, 64, 64) and centre.min() >= -1 and centre.max() <= 1
+    assert centre.mean() < -0.9  # the centre crop misses the white quarter
+    assert left[:, :, :8].mean() > 0.9 and mirrored[:, :, -8:].mean() > 0.9

@@ -1,0 +1,118 @@
+"""Latent and caption caches: each image (and mirror) VAE-encoded once, the same latents as
+encoding every step, keyed so that another VAE or resolution never reuses them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from lorapipe.models import load_base_model
+from lorapipe.training.data import Example
+from lorapipe.training.encoders import (
+    CaptionEncoder,
+    EncodeEveryStep,
+    LatentCache,
+    sample_latents,
+    vae_identity,
+)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_dir: Path):  # a diffusers StableDiffusionPipeline
+    return load_base_model(str(tiny_model_dir))
+
+
+@pytest.fixture
+def examples(tmp_path: Path) -> list[Example]:
+    made = []
+    for index, color in enumerate(("red", "blue", "green")):
+        path = tmp_path / f"{color}.png"
+        Image.new("RGB", (72, 64), color).save(path)
+        made.append(Example(color, path, f"{index}" * 64, color, (), color, True))
+    return made
+
+
+def test_each_image_and_mirror_is_encoded_once(
+    pipeline, examples: list[Example], tmp_path: Path
+) -> None:
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    wanted = [(e, False) for e in examples] + [(examples[0], True)]
+    assert cache.fill(wanted, rank=0, num_processes=1) == 4
+    assert cache.fill(wanted, rank=0, num_processes=1) == 0
+    assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 4
+    parameters = cache.latent_parameters([(examples[0], False, None), (examples[0], True, None)])
+    assert parameters.shape == (2, 8, 8, 8)  # mean and log-variance of 4 channels, 8x8
+
+
+def test_processes_split_the_encoding(pipeline, examples: list[Example], tmp_path: Path) -> None:
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    wanted = [(e, False) for e in examples]
+    assert cache.fill(wanted, rank=0, num_processes=2) == 2
+    assert cache.fill(wanted, rank=1, num_processes=2) == 1
+
+
+def test_another_vae_or_resolution_gets_its_own_entries(
+    pipeline, examples: list[Example], tmp_path: Path
+) -> None:
+    paths = {
+        LatentCache(tmp_path, pipeline.vae, vae, resolution).path(examples[0], False)
+        for vae, resolution in (("vae-a", 64), ("vae-b", 64), ("vae-a", 128))
+    }
+    assert len(paths) == 3
+
+
+def test_cached_latents_equal_latents_encoded_every_step(
+    pipeline, examples: list[Example], tmp_path: Path
+) -> None:
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    cache.fill([(e, f) for e in examples for f in (False, True)], rank=0, num_processes=1)
+    items = [(examples[1], True, None), (examples[2], False, None)]
+    torch.testing.assert_close(
+        cache.latent_parameters(items),
+        EncodeEveryStep(pipeline.vae, 64).latent_parameters(items),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_sampling_with_zero_noise_gives_the_scaled_mean() -> None:
+    parameters = torch.cat([torch.full((1, 4, 2, 2), 2.0), torch.zeros((1, 4, 2, 2))], dim=1)
+    assert torch.equal(
+        sample_latents(parameters, torch.zeros(1, 4, 2, 2), 0.5), torch.ones(1, 4, 2, 2)
+    )
+    assert torch.equal(
+        sample_latents(parameters, torch.ones(1, 4, 2, 2), 0.5), torch.full((1, 4, 2, 2), 1.5)
+    )
+
+
+def test_the_vae_identity_follows_its_weights_and_dtype(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    vae_dir = shutil.copytree(tiny_model_dir / "vae", tmp_path / "vae")
+    before = vae_identity(vae_dir, torch.float32)
+    assert vae_identity(vae_dir, torch.float16) != before
+    weights = next(vae_dir.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\1")
+    assert vae_identity(vae_dir, torch.float32) != before
+
+
+def test_cached_captions_are_encoded_once_and_match_uncached(pipeline) -> None:
+    calls = []
+
+    def counting_encoder(input_ids: torch.Tensor, **kwargs: object) -> tuple[torch.Tensor]:
+        calls.append(len(input_ids))
+        return pipeline.text_encoder(input_ids, **kwargs)
+
+    counting_encoder.parameters = pipeline.text_encoder.parameters  # type: ignore[attr-defined]
+    cached = CaptionEncoder(pipeline.tokenizer, counting_encoder, cache=True)
+    first = cached(["a red circle", "a cat", "a red circle"])
+    second = cached(["a cat", ""])
+    assert calls == [2, 1]
+    plain = CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder, cache=False)
+    with torch.no_grad():
+        torch.testing.assert_close(first, plain(["a red circle", "a cat", "a red circle"]))
+        torch.testing.assert_close(second, plain(["a cat", ""]))
