@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?=
 
-.PHONY: setup run test test-slow test-faults lint tiny-model clean
+.PHONY: setup run test test-slow test-faults lint bench tiny-model clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,9 @@ test-faults: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
 
 tiny-model: $(STAMP)
 	$(BIN)/lorapipe tiny-model models/tiny-sd

@@ -17,7 +17,15 @@ from lorapipe.errors import LorapipeError
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "tiny-model": ("lorapipe.models", "write the tiny offline SD pipeline used by tests and the demo"),
+    "tiny-model": (
+        "lorapipe.models",
+        "write the tiny offline SD pipeline used by tests and the demo",
+    ),
+    "select": ("lorapipe.stages.select", "pick a checkpoint by loss; write diffusers+kohya LoRAs"),
+    "tag": ("lorapipe.stages.tag", "DeepDanbooru tags and captions; exports metadata.csv"),
+    "augment": ("lorapipe.stages.augment", "add mirrored copies, swapping left/right in captions"),
+    "train": ("lorapipe.stages.train", "train a LoRA on 1..N processes, with validation loss"),
+    "generate": ("lorapipe.stages.generate", "image grid with layered negatives, metrics, report"),
 }
 
 
