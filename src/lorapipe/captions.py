@@ -74,7 +74,13 @@ def find_mention(text: str, patterns: Iterable[str]) -> tuple[str, str] | None:
 
 
 def _phrase_regex(pattern: str) -> re.Pattern[str]:
-    body = ".*?".join(re.escape(piece) for piece in pattern.split("*"))
+    pieces = [re.escape(piece) for piece in pattern.split("*")]
+    body = ".*?".join(pieces)
+    if len(pieces) > 1 and not pieces[0]:
+        # A leading * stands for the word the mention starts with ("english text" for
+        # "* text"), not for all the text before it, which the leftmost match would give
+        # ("a sign with english text"). The same texts match either way.
+        body = r"\S*" + ".*?".join(pieces[1:])
     return re.compile(rf"(?<![^\W_]){body}(?![^\W_])")
 
 

@@ -173,11 +173,14 @@ def flip_blocker(record: ImageRecord, patterns: Sequence[str]) -> str | None:
 def mirror_record(record: ImageRecord) -> ImageRecord:
     """The mirrored copy of a record: pixels, id, hash, caption and tags."""
     mirrored = ImageOps.mirror(decode_image(record))
-    encoded = _encode(mirrored, record.format)
+    # PNG, JPEG and WebP are written back as they were; anything else becomes PNG
+    image_format = record.format if record.format in PILLOW_FORMATS else "png"
+    encoded = _encode(mirrored, image_format)
     return dataclasses.replace(
         record,
         id=record.id + FLIP_SUFFIX,
         image=encoded,
+        format=image_format,
         sha256=_pixel_sha256(Image.open(io.BytesIO(encoded))),
         caption=swap_left_right(record.caption),
         tags=[swap_left_right(tag) for tag in record.tags],
@@ -188,7 +191,7 @@ def mirror_record(record: ImageRecord) -> ImageRecord:
 
 def _encode(image: Image.Image, image_format: str) -> bytes:
     buffer = io.BytesIO()
-    pillow_format = PILLOW_FORMATS.get(image_format, "PNG")
+    pillow_format = PILLOW_FORMATS[image_format]
     options = {} if pillow_format == "PNG" else {"quality": LOSSY_QUALITY}
     image.save(buffer, format=pillow_format, **options)
     return buffer.getvalue()

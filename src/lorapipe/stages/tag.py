@@ -20,6 +20,7 @@ become the LoRA's ``ss_tag_frequency``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -45,10 +46,11 @@ from lorapipe.captions import (
     TagRules,
     build_caption,
     merge_tags,
+    normalize_tag,
     split_caption,
 )
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
-from lorapipe.errors import ConfigError, DatasetError, ModelError
+from lorapipe.errors import ConfigError, DatasetError, ModelError, ObjectNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +163,8 @@ def _tag_record(
     caption = build_caption(
         merge_tags(hand_tags, auto_tags, config.merge),
         trigger_word=config.trigger_word,
-        keep_tags=config.keep_tags,
+        # spelled like the tags they must match: "1 girl" leads a caption that has "1girl"
+        keep_tags=rules.clean(config.keep_tags),
     )
     return dataclasses.replace(
         record, tags=auto_tags, tag_scores=[score for _, score in auto], caption=caption
@@ -194,14 +197,21 @@ class DeepDanbooruTagger:
     width: int
     height: int
     threshold: float = 0.5
-    # tag -> "general" / "character", from tags-general.txt / tags-character.txt when present
+    # normalized tag -> "general" / "character", from tags-general.txt / tags-character.txt
     categories: dict[str, str] = field(default_factory=dict)
     model_file: str = ""
 
     @classmethod
     def load(cls, project_uri: str, *, threshold: float = 0.5) -> DeepDanbooruTagger:
         """Load a project folder (local or s3://), checking its files before TensorFlow starts."""
-        with store.local_dir(project_uri) as project_dir:
+        with contextlib.ExitStack() as stack:
+            try:
+                project_dir = stack.enter_context(store.local_dir(project_uri))
+            except ObjectNotFoundError:
+                raise ModelError(
+                    f"DeepDanbooru project '{project_uri}' not found; give the folder (local or "
+                    "s3://) that holds project.json, model-*.h5 and tags.txt"
+                ) from None
             project = _read_project_json(project_dir, project_uri)
             model_path = _model_path(project_dir, project, project_uri)
             if not (project_dir / "tags.txt").is_file():
@@ -218,8 +228,9 @@ class DeepDanbooruTagger:
                     f"({_first_line(error)}); give a DeepDanbooru model saved by Keras"
                 ) from error
             tags = dd.project.load_tags_from_project(str(project_dir))
+            # spelled as in captions, where the report looks them up ("long_hair" -> "long hair")
             categories = {
-                tag: category
+                normalize_tag(tag): category
                 for category, name in TAG_CATEGORY_FILES.items()
                 if (project_dir / name).is_file()
                 for tag in dd.data.load_tags(str(project_dir / name))
