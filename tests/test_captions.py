@@ -50,10 +50,19 @@ def test_a_caption_splits_on_commas_and_drops_empty_parts() -> None:
 def test_the_default_rules_drop_ratings_and_post_metadata_but_keep_visible_tags() -> None:
     rules = TagRules.default()
 
-    tags = (
-        "rating:safe highres absurdres commentary_request english_commentary translated "
-        "bad_pixiv_id has_bad_revision 1girl lowres text"
-    ).split()
+    tags = [
+        "rating:safe",
+        "highres",
+        "absurdres",
+        "commentary_request",
+        "english_commentary",
+        "translated",
+        "bad_pixiv_id",
+        "has_bad_revision",
+        "1girl",
+        "lowres",
+        "text",
+    ]
 
     assert rules.clean(tags) == ["1girl", "lowres", "text"]
 

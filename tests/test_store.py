@@ -227,3 +227,15 @@ def test_503_bursts_are_retried_until_the_request_succeeds(
     store.write_text(uri, "made it")
     assert flaky_endpoint.requests_seen == 4, "three 503s, then the real PUT"
     assert store.read_text(uri) == "made it"
+
+
+def test_files_written_locally_get_the_usual_permissions(tmp_path: Path) -> None:
+    store.write_text(str(tmp_path / "report.md"), "# report\n")
+    mode = (tmp_path / "report.md").stat().st_mode & 0o777
+    assert mode == 0o666 & ~_current_umask()
+
+
+def _current_umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "lorapipe.models",
         "write the tiny offline SD pipeline used by tests and the demo",
     ),
+    "ingest": (
+        "lorapipe.stages.ingest",
+        "decode, clean and dedupe images (+ metadata.csv) into a dataset",
+    ),
     "select": ("lorapipe.stages.select", "pick a checkpoint by loss; write diffusers+kohya LoRAs"),
     "tag": ("lorapipe.stages.tag", "DeepDanbooru tags and captions; exports metadata.csv"),
     "augment": ("lorapipe.stages.augment", "add mirrored copies, swapping left/right in captions"),
