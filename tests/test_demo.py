@@ -1,31 +1,39 @@
-"""`make run`: the stages one after the other on the sample data and the tiny model."""
+"""The sample inputs of `make run`: raw images as a user hands them over, bad files included."""
 
 from __future__ import annotations
 
+import csv
+import itertools
 from pathlib import Path
 
-import pytest
+from PIL import Image
 
-from lorapipe.dataset import count_rows, decode_image, read_records
-from lorapipe.demo import main, write_sample_dataset
-
-
-def test_sample_dataset_is_captioned_512px_images(tmp_path: Path) -> None:
-    assert write_sample_dataset(str(tmp_path / "samples")) == 9
-    records = list(read_records(str(tmp_path / "samples")))
-    assert len({record.sha256 for record in records}) == 9
-    for record in records:
-        assert decode_image(record).size == (512, 512)
-        assert record.caption.startswith("filmstyle, a ")
-    assert count_rows(str(tmp_path / "samples")) == 9
+from lorapipe.demo import TRIGGER, sample_image, sample_scenes, write_sample_folder
+from lorapipe.stages.ingest import perceptual_hash
 
 
-@pytest.mark.slow
-def test_demo_runs_every_stage_and_prints_the_report(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_sample_folder_holds_captioned_512px_images_and_three_files_to_drop(
+    tmp_path: Path,
 ) -> None:
-    assert main(["--out", str(tmp_path / "demo")]) == 0
-    report = Path(capsys.readouterr().out.strip().removeprefix("report: "))
-    assert report.is_file() and report.name == "report.html"
-    assert (tmp_path / "demo" / "lora" / "filmstyle.safetensors").is_file()
-    assert (tmp_path / "demo" / "lora" / "selection.json").is_file()
+    folder = write_sample_folder(tmp_path / "raw")
+    with (folder / "metadata.csv").open(encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 9
+    for row in rows:
+        assert row["text"].startswith(f"{TRIGGER}, a ")
+        with Image.open(folder / row["filename"]) as image:
+            assert image.size == (512, 512)
+    planted = {"copy_of_first.png", "truncated.jpg", "too_small.png"}
+    assert {path.name for path in folder.iterdir()} == {
+        "metadata.csv",
+        *planted,
+        *(row["filename"] for row in rows),
+    }
+
+
+def test_no_two_sample_scenes_are_near_duplicates() -> None:
+    hashes = [
+        perceptual_hash(sample_image(*scene, seed=i)) for i, scene in enumerate(sample_scenes())
+    ]
+    distances = [bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2)]
+    assert min(distances) > 12  # ingest's default near-duplicate threshold is 6 bits

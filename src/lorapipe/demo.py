@@ -1,40 +1,69 @@
-"""``make run``: the pipeline's stages, one after the other, on sample data and the tiny model.
+"""Sample inputs for ``make run``: the tiny offline SD model and a folder of raw images.
 
-It builds what it needs on first use (the tiny offline SD model and a small procedural sample
-dataset of 512 px images with captions), then runs flip-augment -> train -> select ->
-generate through the same ``run()`` functions the CLI and the Kubeflow components call, and
-prints where the report is.
+The folder is what a user hands the pipeline: nine captioned 512 px PNGs in a film style, a
+lora-scripts ``metadata.csv``, and three files that ingest must drop (an exact duplicate, a
+truncated JPEG and an image below 512 px), so the run shows cleaning as well as training.
+``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
+import csv
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from lorapipe.dataset import DatasetWriter, ImageRecord
-
 SAMPLE_SIZE = 512
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200)}
 POSITIONS = {"on the left": 0.3, "in the middle": 0.5, "on the right": 0.7}
+TRIGGER = "filmstyle"
+
+# The seed article's keys, sized for the tiny model on a CPU: 64 px, 30 steps, a checkpoint
+# (with validation loss) every 10.
+DEMO_TRAINING_CONFIG = f"""\
+output_name: {TRIGGER}
+lora_rank: 4
+lora_alpha: 4
+target_modules: [q_proj, v_proj]
+batch_size: 2
+max_train_steps: 30
+learning_rate: 1e-3
+optimizer: AdamW
+scheduler: constant
+save_steps: 10
+resolution: 64
+validation_split: 0.25
+"""
+# The review grid: LoRA scales x CFG scales x seeds, with the article's landscape preset.
+DEMO_REVIEW = {
+    "prompts": [f"{TRIGGER}, a red circle in the middle, <lora:{TRIGGER}:0.7>"],
+    "negative_presets": ["landscape"],
+    "lora_scales": [0.0, 0.7, 1.0],
+    "cfg_scales": [5.0, 7.0],
+    "seeds": [1, 2],
+    "steps": 8,
+}
 
 
 def sample_image(shape: str, colour: str, position: str, seed: int) -> Image.Image:
-    """A film-style sample: one coloured shape on a warm grainy background."""
+    """A film-style sample: one coloured shape on a warm grainy background with a soft
+    vertical light falloff; size, height and light vary with ``seed`` so no two samples are
+    near duplicates."""
     rng = np.random.default_rng(seed)
+    rows = np.linspace(0.0, 1.0, SAMPLE_SIZE, dtype=np.float32)[:, None, None]
+    light = rows if seed % 2 else 1.0 - rows
     background = np.empty((SAMPLE_SIZE, SAMPLE_SIZE, 3), dtype=np.float32)
     background[:] = (226, 205, 170)
+    background *= 0.75 + 0.25 * light
     background += rng.normal(0, 14, size=background.shape)
     image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(image)
-    centre_x, centre_y, radius = SAMPLE_SIZE * POSITIONS[position], SAMPLE_SIZE * 0.5, 90
+    radius = int(rng.integers(70, 130))
+    centre_x = SAMPLE_SIZE * POSITIONS[position]
+    centre_y = SAMPLE_SIZE * float(rng.uniform(0.35, 0.65))
     box = (centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius)
     fill = COLOURS[colour]
     if shape == "circle":
@@ -46,100 +75,48 @@ def sample_image(shape: str, colour: str, position: str, seed: int) -> Image.Ima
     return image.filter(ImageFilter.GaussianBlur(1.2))
 
 
-def write_sample_dataset(uri: str) -> int:
-    """Nine captioned sample images as a lorapipe dataset; returns the row count."""
-    with DatasetWriter(uri) as writer:
-        for index, (shape, colour, position) in enumerate(
-            (s, c, p) for s in SHAPES for c in COLOURS for p in POSITIONS
-        ):
-            if index % 3 != SHAPES.index(shape):
-                continue
-            image = sample_image(shape, colour, position, seed=index)
-            encoded = io.BytesIO()
-            image.save(encoded, format="PNG")
-            pixels_sha = hashlib.sha256(image.tobytes()).hexdigest()
-            writer.write(
-                ImageRecord(
-                    id=pixels_sha[:16],
-                    image=encoded.getvalue(),
-                    format="png",
-                    width=SAMPLE_SIZE,
-                    height=SAMPLE_SIZE,
-                    sha256=pixels_sha,
-                    caption=f"filmstyle, a {colour} {shape} {position}, film grain",
-                    tags=["filmstyle", f"{colour} {shape}", "film grain"],
-                    source=f"sample_{index:02d}.png",
-                )
-            )
-        return writer.close()
+def sample_scenes() -> list[tuple[str, str, str]]:
+    """Nine (shape, colour, position) scenes: every shape in every colour, each shape once in
+    every position."""
+    positions = list(POSITIONS)
+    return [
+        (shape, colour, positions[(shape_index + colour_index) % len(positions)])
+        for shape_index, shape in enumerate(SHAPES)
+        for colour_index, colour in enumerate(COLOURS)
+    ]
 
 
-def run_demo(out: Path) -> Path:
-    """Run the stages on the sample data under ``out``; return the report's path."""
+def write_sample_folder(folder: str | Path) -> Path:
+    """The raw sample images, their ``metadata.csv`` and the files ingest must drop."""
+    folder = Path(folder)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    rows = []
+    for index, (shape, colour, position) in enumerate(sample_scenes()):
+        name = f"{TRIGGER}_{index:02d}.png"
+        sample_image(shape, colour, position, seed=index).save(folder / name)
+        rows.append((name, f"{TRIGGER}, a {colour} {shape} {position}, film grain"))
+    shutil.copyfile(folder / rows[0][0], folder / "copy_of_first.png")
+    truncated = folder / "truncated.jpg"
+    sample_image("circle", "blue", "on the left", seed=99).save(truncated, format="JPEG")
+    truncated.write_bytes(truncated.read_bytes()[:4000])
+    sample_image("square", "red", "in the middle", seed=98).resize((256, 256)).save(
+        folder / "too_small.png"
+    )
+    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filename", "text"])
+        writer.writerows(rows)
+    return folder
+
+
+def prepare_inputs(out: str | Path) -> tuple[Path, Path]:
+    """(raw image folder, tiny model) under ``out``; the model is built once and reused."""
     from lorapipe.models import build_sd
-    from lorapipe.stages import augment, generate, select, train
-    from lorapipe.train_config import TrainConfig
 
+    out = Path(out)
     model = out / "tiny-sd"
     if not (model / "model_index.json").is_file():
         build_sd(model, seed=0, preset="tiny")
-    raw = out / "dataset-raw"
-    write_sample_dataset(str(raw))
-
-    augmented = out / "dataset-augmented"
-    augment.run(str(raw), str(augmented))
-
-    training = out / "training"
-    train.run(
-        str(augmented),
-        str(training),
-        TrainConfig(
-            base_model=str(model),
-            output_dir=str(training),
-            resolution=64,
-            lora_rank=4,
-            lora_alpha=4,
-            batch_size=2,
-            max_train_steps=30,
-            save_steps=10,
-            learning_rate=1e-3,
-            validation_split=0.25,
-            output_name="filmstyle",
-        ),
-    )
-
-    chosen = out / "lora"
-    select.run(str(training), str(chosen), select.SelectConfig(output_name="filmstyle"))
-
-    grid = out / "generate"
-    generate.run(
-        str(model),
-        str(grid),
-        generate.GenerateConfig(
-            prompts=["filmstyle, a red circle in the middle, <lora:filmstyle:0.7>"],
-            loras={"filmstyle": str(chosen / "filmstyle.safetensors")},
-            negative_presets=["landscape"],
-            lora_scales=[0.0, 0.7, 1.0],
-            cfg_scales=[5.0, 7.0],
-            seeds=[1, 2],
-            steps=8,
-        ),
-    )
-    return grid / "report.html"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="where every stage writes (replaced)")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    for stale in ("dataset-raw", "dataset-augmented", "training", "lora", "generate"):
-        if (out / stale).exists():
-            shutil.rmtree(out / stale)
-    report = run_demo(out)
-    print(f"report: {report.resolve()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return write_sample_folder(out / "raw-images"), model

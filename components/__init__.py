@@ -1,0 +1,15 @@
+"""Kubeflow Pipelines components, one per lorapipe stage.
+
+Each is a lightweight Python component whose body maps its artifacts to local paths and calls
+``lorapipe.pipeline_steps``; the same source runs as a subprocess under ``kfp.local`` and in
+the stage's image (``images/``) on a cluster.
+"""
+
+from components.augment import augment
+from components.generate import generate
+from components.ingest import ingest
+from components.select import select
+from components.tag import tag
+from components.train import train
+
+__all__ = ["augment", "generate", "ingest", "select", "tag", "train"]

@@ -1,0 +1,19 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+from components.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def augment(
+    dataset: Input[Dataset],
+    augmented: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """Mirrored copies with left/right swapped in their captions, unless tags forbid it."""
+    from lorapipe import pipeline_steps
+
+    values = pipeline_steps.augment(dataset.path, augmented.path, report.path)
+    for name, value in values.items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,23 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Markdown, Metrics, Output
+
+from components.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def ingest(
+    input_uri: str,
+    metadata_uri: str,
+    min_size: int,
+    dataset: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """Decode, clean and dedupe the raw images (folder, archive or s3:// prefix)."""
+    from lorapipe import pipeline_steps
+
+    values = pipeline_steps.ingest(
+        input_uri, dataset.path, report.path, metadata_uri=metadata_uri, min_size=min_size
+    )
+    for name, value in values.items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,31 @@
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+
+from components.images import TAGGER_IMAGE
+
+
+@dsl.component(base_image=TAGGER_IMAGE, install_kfp_package=False)
+def tag(
+    dataset: Input[Dataset],
+    tagger_uri: str,
+    threshold: float,
+    trigger_word: str,
+    caption_merge: str,
+    tagged: Output[Dataset],
+    report: Output[Markdown],
+    metrics: Output[Metrics],
+):
+    """DeepDanbooru tags and captions; the dataset also gets a lora-scripts metadata.csv."""
+    from lorapipe import pipeline_steps
+
+    values = pipeline_steps.tag(
+        dataset.path,
+        tagged.path,
+        report.path,
+        tagger_uri=tagger_uri,
+        threshold=threshold,
+        trigger_word=trigger_word,
+        merge=caption_merge,
+    )
+    for name, value in values.items():
+        metrics.log_metric(name, value)

@@ -1,0 +1,204 @@
+"""The DAG: ingest -> [tag] -> augment -> train -> select -> generate.
+
+Tagging runs only when a DeepDanbooru project is given (``dsl.If``). KFP cannot yet hand one
+of two conditional artifacts to a later task when running locally (``dsl.OneOf`` of
+artifacts), so the stages after tagging form one sub-pipeline, ``augment_train_review``,
+that each branch calls with its dataset; exactly one branch runs.
+
+Cluster wiring lives here and nowhere else: images come from ``components.images``; S3
+credentials from the ``lorapipe-s3`` Secret and the endpoint from the ``lorapipe-s3``
+ConfigMap (``k8s/``), both as environment variables, never as parameters; train gets the GPUs,
+a memory-backed /dev/shm for its data-loader workers and retries that resume from mirrored
+checkpoints; the deterministic data stages are cached.
+"""
+
+from pathlib import Path
+
+from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Input
+
+from components import augment, generate, ingest, select, tag, train
+
+PIPELINE_NAME = "lorapipe-lora-training"
+PIPELINE_YAML = Path(__file__).with_name("lora_training.yaml")
+S3_SECRET = "lorapipe-s3"
+S3_SECRET_KEYS = {
+    "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
+}
+S3_CONFIG_MAP = "lorapipe-s3"
+S3_CONFIG_KEYS = {
+    "LORAPIPE_S3_ENDPOINT": "LORAPIPE_S3_ENDPOINT",
+    "AWS_DEFAULT_REGION": "AWS_DEFAULT_REGION",
+}
+
+# The seed article's keys as one line of YAML (KFP writes parameter defaults into a comment
+# header, which a multi-line default would break). The pipeline itself sets train_data_dir,
+# metadata_path, base_model, output_dir and log_dir.
+DEFAULT_TRAINING_CONFIG = (
+    "{output_name: my_lora, lora_rank: 16, lora_alpha: 16, "
+    "target_modules: [to_q, to_k, to_v, to_out.0], batch_size: 4, epochs: 10, "
+    "learning_rate: 1e-4, optimizer: AdamW, scheduler: cosine, lr_warmup_steps: 50, "
+    "save_steps: 100, resolution: 512, mixed_precision: bf16, validation_split: 0.1}"
+)
+DEFAULT_PROMPTS = ["a photo of a street at dusk, film grain"]
+
+
+def _with_s3_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Credentials and endpoint as env vars; optional, so IAM roles (IRSA) work too."""
+    kubernetes.use_secret_as_env(task, S3_SECRET, S3_SECRET_KEYS, optional=True)
+    kubernetes.use_config_map_as_env(task, S3_CONFIG_MAP, S3_CONFIG_KEYS, optional=True)
+    return task
+
+
+def _data_stage(task: dsl.PipelineTask, *, cpu: str, memory: str) -> dsl.PipelineTask:
+    """Deterministic: cached on identical inputs, retried on storage hiccups."""
+    task.set_caching_options(True)
+    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+    task.set_cpu_request(cpu).set_cpu_limit(cpu)
+    task.set_memory_request(memory).set_memory_limit(memory)
+    return _with_s3_access(task)
+
+
+@dsl.pipeline(name="augment-train-review")
+def augment_train_review(
+    dataset: Input[Dataset],
+    base_model_uri: str,
+    training_config: str,
+    num_gpus: int,
+    checkpoint_mirror_uri: str,
+    selection_epsilon: float,
+    publish_uri: str,
+    prompts: list,
+    negative_presets: list,
+    lora_scales: list,
+    cfg_scales: list,
+    seeds: list,
+    steps: int,
+    generate_job: str,
+):
+    """flip-augment -> train -> select -> generate."""
+    augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
+    augmented.set_display_name("flip-augment")
+
+    trained = train(
+        dataset=augmented.outputs["augmented"],
+        base_model_uri=base_model_uri,
+        config_yaml=training_config,
+        num_gpus=num_gpus,
+        checkpoint_mirror_uri=checkpoint_mirror_uri,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    trained.set_display_name("train LoRA")
+    trained.set_caching_options(False)
+    trained.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+    trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(num_gpus)
+    trained.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("64Gi")
+    kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    _with_s3_access(trained)
+
+    selected = select(
+        training=trained.outputs["training"],
+        epsilon=selection_epsilon,
+        publish_uri=publish_uri,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    )
+    selected.set_display_name("select checkpoint")
+    selected.set_caching_options(False)
+    selected.set_retry(num_retries=2, backoff_duration="30s")
+    selected.set_cpu_request("1").set_memory_request("4Gi").set_memory_limit("8Gi")
+    _with_s3_access(selected)
+
+    review = generate(
+        base_model_uri=base_model_uri,
+        lora=selected.outputs["lora"],
+        prompts=prompts,
+        negative_presets=negative_presets,
+        lora_scales=lora_scales,
+        cfg_scales=cfg_scales,
+        seeds=seeds,
+        steps=steps,
+        job_yaml=generate_job,
+    )
+    review.set_display_name("generate review grid")
+    review.set_caching_options(False)
+    review.set_retry(num_retries=1, backoff_duration="60s")
+    review.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(1)
+    review.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
+    _with_s3_access(review)
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="Clean, tag and flip-augment images; train a LoRA on N GPUs; keep the "
+    "checkpoint with the lowest validation loss; review it in a CFG x LoRA-scale grid.",
+)
+def lora_training(
+    data_uri: str,
+    base_model_uri: str,
+    tagger_uri: str = "",
+    metadata_uri: str = "",
+    min_image_size: int = 512,
+    tag_threshold: float = 0.5,
+    trigger_word: str = "",
+    caption_merge: str = "keep",
+    training_config: str = DEFAULT_TRAINING_CONFIG,
+    num_gpus: int = 1,
+    checkpoint_mirror_uri: str = "",
+    selection_epsilon: float = 0.01,
+    publish_uri: str = "",
+    prompts: list = DEFAULT_PROMPTS,
+    negative_presets: list = ["landscape"],  # noqa: B006 - KFP reads defaults from the signature
+    lora_scales: list = [0.6, 0.8, 1.0],  # noqa: B006
+    cfg_scales: list = [7.0, 9.0],  # noqa: B006
+    seeds: list = [1, 2],  # noqa: B006
+    steps: int = 25,
+    generate_job: str = "",
+):
+    """See README.md, "Pipeline parameters", for every parameter."""
+    ingested = _data_stage(
+        ingest(input_uri=data_uri, metadata_uri=metadata_uri, min_size=min_image_size),
+        cpu="4",
+        memory="8Gi",
+    )
+    ingested.set_display_name("ingest / clean")
+    after_data = dict(
+        base_model_uri=base_model_uri,
+        training_config=training_config,
+        num_gpus=num_gpus,
+        checkpoint_mirror_uri=checkpoint_mirror_uri,
+        selection_epsilon=selection_epsilon,
+        publish_uri=publish_uri,
+        prompts=prompts,
+        negative_presets=negative_presets,
+        lora_scales=lora_scales,
+        cfg_scales=cfg_scales,
+        seeds=seeds,
+        steps=steps,
+        generate_job=generate_job,
+    )
+    with dsl.If(tagger_uri != "", name="tagger given"):
+        tagged = _data_stage(
+            tag(
+                dataset=ingested.outputs["dataset"],
+                tagger_uri=tagger_uri,
+                threshold=tag_threshold,
+                trigger_word=trigger_word,
+                caption_merge=caption_merge,
+            ),
+            cpu="4",
+            memory="16Gi",
+        )
+        tagged.set_display_name("auto-tag (DeepDanbooru)")
+        augment_train_review(dataset=tagged.outputs["tagged"], **after_data)
+    with dsl.Else(name="no tagger"):
+        augment_train_review(dataset=ingested.outputs["dataset"], **after_data)
+
+
+def compile_pipeline(path: Path | None = None) -> Path:
+    """Compile ``lora_training`` to ``path`` (default: the committed pipelines/lora_training.yaml)."""
+    from kfp import compiler
+
+    path = path or PIPELINE_YAML
+    compiler.Compiler().compile(lora_training, str(path))
+    return path

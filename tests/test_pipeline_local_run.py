@@ -1,0 +1,45 @@
+"""`make run`: the whole DAG through kfp.local on the sample images and the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lorapipe import store
+from pipelines import local_run
+
+
+def _task_dir(out: Path, task: str) -> Path:
+    (run_dir,) = (out / "pipeline-root").glob("lorapipe-lora-training-*")
+    (directory,) = run_dir.glob(f"{task}*")
+    return directory
+
+
+def test_make_run_cleans_trains_selects_publishes_and_reports(tmp_path: Path) -> None:
+    report = local_run.run_local(tmp_path, {})
+
+    assert report == tmp_path / "report.html"
+    assert "<html" in report.read_text().lower()
+    ingest_report = (_task_dir(tmp_path, "ingest") / "report").read_text()
+    for planted in ("copy_of_first.png", "truncated.jpg", "too_small.png"):
+        assert planted in ingest_report
+    assert not list((tmp_path / "pipeline-root").glob("*/tag*")), "no tagger: tag is skipped"
+    latest = json.loads((tmp_path / "published" / "latest.json").read_text())
+    published = Path(latest["uri"])
+    assert (published / "filmstyle.safetensors").is_file()
+    assert (published / "pytorch_lora_weights.safetensors").is_file()
+    selection = json.loads((published / "selection.json").read_text())
+    assert selection["chosen"]["step"] in (10, 20, 30)
+
+
+def test_with_a_bucket_inputs_checkpoints_and_the_lora_live_in_s3(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    prefix = f"{s3_bucket}/lorapipe-demo"
+    local_run.run_local(tmp_path, {}, s3_prefix=prefix)
+
+    latest = json.loads(store.read_text(f"{prefix}/loras/latest.json"))
+    assert latest["uri"].startswith(f"{prefix}/loras/")
+    assert store.exists(store.join(latest["uri"], "filmstyle.safetensors"))
+    checkpoints = store.list_uris(f"{prefix}/checkpoints/{latest['run_id']}/")
+    assert any(uri.endswith("checkpoint-30/_COMPLETE") for uri in checkpoints), checkpoints

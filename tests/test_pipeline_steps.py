@@ -1,0 +1,117 @@
+"""What the Kubeflow components do, tested without KFP (the whole DAG runs in
+test_pipeline_local_run.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lorapipe import pipeline_steps, store
+from lorapipe.errors import ConfigError, InputError
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a street at dusk", "a street at dusk, <lora:filmstyle:1>"),
+        ("a street, <lora:filmstyle:0.7>", "a street, <lora:filmstyle:0.7>"),
+        ("a street, <lora:other:0.5>", "a street, <lora:other:0.5>, <lora:filmstyle:1>"),
+    ],
+)
+def test_review_prompts_always_use_the_lora_just_trained(prompt: str, expected: str) -> None:
+    assert pipeline_steps.with_lora_tag(prompt, "filmstyle") == expected
+
+
+def _selected_lora(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
+    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
+    (folder / "report.json").write_text(json.dumps({"files": files}))
+    return folder
+
+
+def test_the_grid_loads_the_kohya_file_select_wrote(tmp_path: Path) -> None:
+    lora = _selected_lora(tmp_path / "lora")
+    assert pipeline_steps.chosen_lora(str(lora)) == (
+        "filmstyle",
+        str(lora / "filmstyle.safetensors"),
+    )
+
+
+def test_a_folder_that_select_did_not_write_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no report.json; give the output of lorapipe select"):
+        pipeline_steps.chosen_lora(str(tmp_path))
+
+
+def test_publishing_writes_a_run_scoped_copy_then_moves_latest(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    lora = _selected_lora(tmp_path / "lora")
+    first = pipeline_steps.publish(str(lora), f"{s3_bucket}/loras", "run/1 (retry)")
+    second = pipeline_steps.publish(str(lora), f"{s3_bucket}/loras", "run-2")
+
+    assert first == f"{s3_bucket}/loras/run-1-retry"
+    assert store.read_bytes(f"{first}/filmstyle.safetensors") == b"kohya"
+    assert store.is_complete(first) and store.is_complete(second)
+    latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
+    assert latest == {"run_id": "run-2", "uri": second}
+
+
+def test_an_empty_required_parameter_names_itself(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pipeline parameter input_uri is empty"):
+        pipeline_steps.ingest("", str(tmp_path / "out"), str(tmp_path / "report.md"))
+
+
+def test_only_numbers_reach_the_kfp_metrics() -> None:
+    values = {"steps": 30, "loss": 0.25, "finished": True, "name": "x", "missing": None}
+    assert pipeline_steps.metrics_for_kfp(values) == {"steps": 30.0, "loss": 0.25}
+
+
+def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lorapipe.stages import train as stage
+
+    seen = {}
+
+    def record_run(train_data: str, output_dir: str, config: object) -> dict:
+        seen.update(train_data=train_data, output_dir=output_dir, config=config)
+        report = {
+            "steps": 3,
+            "num_train_images": 4,
+            "num_val_images": 1,
+            "samples_per_second": 1.5,
+            "num_processes": 1,
+        }
+        Path(output_dir).mkdir(parents=True)
+        (Path(output_dir) / stage.TRAINING_REPORT_NAME).write_text(json.dumps(report))
+        return report
+
+    monkeypatch.setattr(stage, "run", record_run)
+    metrics = pipeline_steps.train(
+        str(tmp_path / "dataset"),
+        str(tmp_path / "training"),
+        base_model_uri=str(tiny_model_dir),
+        config_yaml="{output_dir: /elsewhere, lora_rank: 8, learning_rate: 5e-4}",
+        num_gpus=4,
+        checkpoint_mirror_uri="s3://bucket/checkpoints",
+        run_id="run 7",
+    )
+    config = seen["config"]
+    assert config.output_dir == str(tmp_path / "training")
+    assert config.train_data_dir == str(tmp_path / "dataset")
+    assert config.base_model == str(tiny_model_dir)
+    assert (config.lora_rank, config.learning_rate) == (8, 5e-4)
+    assert config.checkpoint_mirror == "s3://bucket/checkpoints/run-7"
+    assert config.resume == "latest"
+    assert config.num_processes == 1  # no GPU here: one CPU process whatever num_gpus says
+    assert metrics == {
+        "steps": 3.0,
+        "train_images": 4.0,
+        "validation_images": 1.0,
+        "samples_per_second": 1.5,
+        "processes": 1.0,
+    }

@@ -1,0 +1,303 @@
+"""The Kubeflow pipeline: its compiled YAML, its wiring, and submitting it to a KFP server.
+
+No KFP server runs here, so submit and schedule talk to a small HTTP server on 127.0.0.1
+that answers the KFP v2 REST paths the kfp client calls and records every request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from pipelines import __main__ as pipelines_cli
+from pipelines import lora_training
+
+STAGE_COMPONENTS = {"ingest", "tag", "augment", "train", "select", "generate"}
+
+
+def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pipeline spec, Kubernetes platform spec) of a compiled pipeline YAML."""
+    pipeline_spec, platform_spec = yaml.safe_load_all(path.read_text())
+    return pipeline_spec, platform_spec["platforms"]["kubernetes"]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return lora_training.compile_pipeline(tmp_path_factory.mktemp("compiled") / "pipeline.yaml")
+
+
+def test_the_committed_yaml_is_what_the_code_compiles_to(compiled: Path) -> None:
+    committed = lora_training.PIPELINE_YAML.read_text()
+    assert committed == compiled.read_text(), "pipelines/lora_training.yaml is stale: make compile"
+
+
+def test_the_dag_runs_the_six_stages_in_order(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    components = spec["components"]
+    executors = {name.removeprefix("exec-") for name in spec["deploymentSpec"]["executors"]}
+    assert {name.rstrip("-0123456789") for name in executors} == STAGE_COMPONENTS
+
+    root_tasks = spec["root"]["dag"]["tasks"]
+    assert set(root_tasks) == {"ingest", "condition-branches-1"}
+    tail = components["comp-augment-train-review"]["dag"]["tasks"]
+    assert _producer(tail["train"], "dataset") == ("augment", "augmented")
+    assert _producer(tail["select"], "training") == ("train", "training")
+    assert _producer(tail["generate"], "lora") == ("select", "lora")
+
+
+def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    components = spec["components"]
+    branches = components["comp-condition-branches-1"]["dag"]["tasks"]
+    with_tagger, without_tagger = (branches[name] for name in sorted(branches))
+    assert "pipelinechannel--tagger_uri" in with_tagger["triggerPolicy"]["condition"]
+    assert "!=" in with_tagger["triggerPolicy"]["condition"]
+    assert without_tagger["triggerPolicy"]["condition"] == (
+        f"!({with_tagger['triggerPolicy']['condition']})"
+    )
+
+    tagged = components["comp-condition-2"]["dag"]["tasks"]
+    assert _producer(tagged["tag"], "dataset") == ("parent", "pipelinechannel--ingest-dataset")
+    assert _producer(tagged["augment-train-review"], "dataset") == ("tag", "tagged")
+    untagged = components["comp-condition-3"]["dag"]["tasks"]
+    assert _producer(untagged["augment-train-review-2"], "dataset") == (
+        "parent",
+        "pipelinechannel--ingest-dataset",
+    )
+
+
+def test_train_gets_gpus_shm_retries_and_a_run_scoped_checkpoint_mirror(compiled: Path) -> None:
+    spec, kubernetes = load_compiled(compiled)
+    train = spec["components"]["comp-augment-train-review"]["dag"]["tasks"]["train"]
+    assert train["retryPolicy"]["maxRetryCount"] == 3
+    assert train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == (
+        "{{$.pipeline_job_uuid}}"
+    )
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert "num_gpus" in resources["accelerator"]["resourceCount"]
+    (shm,) = kubernetes["deploymentSpec"]["executors"]["exec-train"]["emptyDirMounts"]
+    assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+
+
+def test_data_stages_are_cached_and_the_rest_are_not(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    tasks = {**spec["root"]["dag"]["tasks"]}
+    for component in spec["components"].values():
+        tasks.update(component.get("dag", {}).get("tasks", {}))
+    for name in ("ingest", "tag", "augment"):
+        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
+    for name in ("train", "select", "generate"):
+        assert tasks[name]["cachingOptions"] == {}, name
+
+
+def test_every_stage_reads_s3_credentials_from_the_secret_never_from_parameters(
+    compiled: Path,
+) -> None:
+    spec, kubernetes = load_compiled(compiled)
+    executors = kubernetes["deploymentSpec"]["executors"]
+    assert set(executors) == set(spec["deploymentSpec"]["executors"])
+    for name, executor in executors.items():
+        (secret,) = executor["secretAsEnv"]
+        assert secret["secretName"] == lora_training.S3_SECRET, name
+        assert {item["envVar"] for item in secret["keyToEnv"]} == set(
+            lora_training.S3_SECRET_KEYS.values()
+        )
+    text = compiled.read_text()
+    assert not re.search(r"(?i)secret_?access_?key\s*[:=]\s*['\"]?\w{8,}", text)
+    assert "AWS_SECRET_ACCESS_KEY" not in spec["root"]["inputDefinitions"]["parameters"]
+
+
+def test_components_run_in_the_stage_images(compiled: Path) -> None:
+    from components import images
+
+    spec, _ = load_compiled(compiled)
+    executors = spec["deploymentSpec"]["executors"]
+    expected = {
+        "ingest": images.BASE_IMAGE,
+        "tag": images.TAGGER_IMAGE,
+        "augment": images.BASE_IMAGE,
+        "train": images.TORCH_IMAGE,
+        "select": images.BASE_IMAGE,
+        "generate": images.TORCH_IMAGE,
+    }
+    for stage, image in expected.items():
+        assert executors[f"exec-{stage}"]["container"]["image"] == image
+
+
+def test_params_parse_json_values_and_refuse_unknown_names(tmp_path: Path) -> None:
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text("data_uri: s3://bucket/raw\nseeds: [1, 2, 3]\n")
+    arguments = pipelines_cli.parse_params(["num_gpus=4", "trigger_word=sks"], str(params_file))
+    assert arguments == {
+        "data_uri": "s3://bucket/raw",
+        "seeds": [1, 2, 3],
+        "num_gpus": 4,
+        "trigger_word": "sks",
+    }
+    with pytest.raises(Exception, match="pipeline parameter 'num_gpu' is unknown.*num_gpus"):
+        pipelines_cli.parse_params(["num_gpu=4"], None)
+
+
+# --------------------------------------------------------------------------- a fake KFP server
+
+
+class FakeKfpServer(ThreadingHTTPServer):
+    """Answers the KFP v2beta1 calls of kfp.Client and records them as (method, path, body)."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _KfpHandler)
+        self.requests: list[tuple[str, str, bytes]] = []
+        self.pipelines: dict[str, str] = {}  # display name -> id
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    def bodies(self, method: str, path_prefix: str) -> list[bytes]:
+        return [b for m, p, b in self.requests if m == method and p.startswith(path_prefix)]
+
+
+class _KfpHandler(BaseHTTPRequestHandler):
+    server: FakeKfpServer
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.requests.append((self.command, self.path, body))
+        path, _, query = self.path.partition("?")
+        answer: dict[str, Any] = {}
+        if path == "/apis/v2beta1/healthz":
+            answer = {"multi_user": False}
+        elif path == "/apis/v2beta1/pipelines" and self.command == "GET":
+            names = re.findall(r"stringValue%22%3A\+%22([^%]+)%22", query)
+            found = [
+                {"pipeline_id": self.server.pipelines[name], "display_name": name}
+                for name in names
+                if name in self.server.pipelines
+            ]
+            answer = {"pipelines": found, "total_size": len(found)}
+        elif path == "/apis/v2beta1/pipelines/upload":
+            name = re.search(r"name=([^&]+)", query).group(1)
+            self.server.pipelines[name] = pipeline_id = f"pipeline-{len(self.server.pipelines)}"
+            answer = {"pipeline_id": pipeline_id, "display_name": name}
+        elif re.fullmatch(r"/apis/v2beta1/pipelines/[^/]+/versions", path):
+            answer = {"pipeline_versions": [{"pipeline_version_id": "version-first"}]}
+        elif path == "/apis/v2beta1/pipelines/upload_version":
+            version_id = f"version-{len(self.server.requests)}"
+            answer = {"pipeline_id": "pipeline-0", "pipeline_version_id": version_id}
+        elif path == "/apis/v2beta1/experiments" and self.command == "POST":
+            answer = {
+                "experiment_id": "experiment-1",
+                "display_name": json.loads(body)["display_name"],
+            }
+        elif path == "/apis/v2beta1/runs":
+            answer = {"run_id": "run-1"}
+        elif path == "/apis/v2beta1/recurringruns":
+            answer = {"recurring_run_id": "recurring-1"}
+        encoded = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(encoded)))
+        self.end_headers()
+        self.wfile.write(encoded)
+
+    do_GET = do_POST = _answer
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def kfp_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeKfpServer]:
+    server = FakeKfpServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("KFP_HOST", server.url)
+    monkeypatch.setenv("HOME", str(tmp_path))  # kfp reads ~/.config/kfp/context.json
+    monkeypatch.setattr(lora_training, "PIPELINE_YAML", tmp_path / "lora_training.yaml")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _uploaded_spec(body: bytes) -> dict[str, Any]:
+    document = body.split(b"\r\n\r\n", 1)[1].rsplit(b"\r\n--", 1)[0]
+    return next(yaml.safe_load_all(document))
+
+
+def test_submit_uploads_the_compiled_pipeline_and_starts_a_run_with_the_parameters(
+    kfp_server: FakeKfpServer, compiled: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["submit", "--param", "data_uri=s3://data/raw", "--param", "num_gpus=4"]
+    assert pipelines_cli.main(argv) == 0
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == f"run: {kfp_server.url}/#/runs/details/run-1"
+
+    (upload,) = kfp_server.bodies("POST", "/apis/v2beta1/pipelines/upload?")
+    assert _uploaded_spec(upload) == load_compiled(compiled)[0]
+    (run,) = map(json.loads, kfp_server.bodies("POST", "/apis/v2beta1/runs"))
+    assert run["runtime_config"]["parameters"] == {"data_uri": "s3://data/raw", "num_gpus": 4}
+    assert run["pipeline_version_reference"] == {
+        "pipeline_id": "pipeline-0",
+        "pipeline_version_id": "version-first",
+    }
+    assert run["experiment_id"] == "experiment-1"
+
+
+def test_a_second_submit_uploads_a_new_version_of_the_same_pipeline(
+    kfp_server: FakeKfpServer,
+) -> None:
+    assert pipelines_cli.main(["submit", "--param", "data_uri=s3://data/raw"]) == 0
+    assert pipelines_cli.main(["submit", "--param", "data_uri=s3://data/raw"]) == 0
+    assert len(kfp_server.bodies("POST", "/apis/v2beta1/pipelines/upload?")) == 1
+    assert len(kfp_server.bodies("POST", "/apis/v2beta1/pipelines/upload_version")) == 1
+    runs = [json.loads(body) for body in kfp_server.bodies("POST", "/apis/v2beta1/runs")]
+    versions = [run["pipeline_version_reference"]["pipeline_version_id"] for run in runs]
+    assert versions[0] == "version-first" and versions[1].startswith("version-")
+    assert versions[0] != versions[1]
+
+
+def test_schedule_creates_a_weekly_recurring_run_without_catch_up_one_at_a_time(
+    kfp_server: FakeKfpServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["schedule", "--cron", "0 0 3 * * 1", "--param", "data_uri=s3://data/raw"]
+    assert pipelines_cli.main(argv) == 0
+    assert "recurring-1" in capsys.readouterr().out
+    (recurring,) = map(json.loads, kfp_server.bodies("POST", "/apis/v2beta1/recurringruns"))
+    assert recurring["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * 1"}}
+    assert recurring["max_concurrency"] == "1" or recurring["max_concurrency"] == 1
+    assert recurring["no_catchup"] is True
+    assert recurring["runtime_config"]["parameters"] == {"data_uri": "s3://data/raw"}
+
+
+def test_a_five_field_cron_is_refused_before_anything_is_sent(
+    kfp_server: FakeKfpServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert pipelines_cli.main(["schedule", "--cron", "0 3 * * 1"]) != 0
+    assert "wants six, seconds first" in capsys.readouterr().err
+    assert kfp_server.requests == []
+
+
+def test_submit_without_kfp_host_says_how_to_set_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("KFP_HOST", raising=False)
+    assert pipelines_cli.main(["submit"]) != 0
+    assert "export KFP_HOST=" in capsys.readouterr().err
+
+
+def _producer(task: dict[str, Any], artifact: str) -> tuple[str, str]:
+    source = task["inputs"]["artifacts"][artifact]
+    if "taskOutputArtifact" in source:
+        output = source["taskOutputArtifact"]
+        return output["producerTask"], output["outputArtifactKey"]
+    return ("parent", source["componentInputArtifact"])
