@@ -66,3 +66,36 @@ def test_console_script_runs_as_a_module() -> None:
     )
     assert result.returncode == 0
     assert result.stdout.startswith("lorapipe ")
+
+
+def test_ingest_tag_augment_run_one_after_the_other_on_an_s3_prefix(
+    tmp_path: Path, s3_bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The data stages as a user chains them: raw photos on S3 -> clean -> tag -> flip."""
+    pytest.importorskip("deepdanbooru")
+    from test_tag import build_project
+
+    from lorapipe import store
+    from lorapipe.dataset import read_records
+    from lorapipe.demo import write_sample_folder
+
+    raw = f"{s3_bucket}/raw"
+    store.put_dir(write_sample_folder(tmp_path / "raw"), raw)
+    project = build_project(tmp_path / "tagger", ["looking_left", "rating:safe", "film_grain"])
+
+    assert main(["ingest", raw, "--out", f"{s3_bucket}/ingested", "--workers", "1"]) == 0
+    assert main(["tag", f"{s3_bucket}/ingested", "--out", f"{s3_bucket}/tagged",
+                 "--project", str(project), "--threshold", "0.01", "--merge", "append"]) == 0  # fmt: skip
+    assert main(["augment", f"{s3_bucket}/tagged", "--out", f"{s3_bucket}/augmented"]) == 0
+
+    records = list(read_records(f"{s3_bucket}/augmented"))
+    originals = [record for record in records if not record.flipped]
+    mirrored = {record.parent_id: record for record in records if record.flipped}
+    assert len(originals) == 9 and set(mirrored) == {record.id for record in originals}
+    for original in originals:
+        assert original.caption.startswith("filmstyle, a ")
+        assert "looking left" in original.caption and "rating" not in original.caption
+        assert "looking right" in mirrored[original.id].caption
+    assert store.exists(f"{s3_bucket}/ingested/report.md")
+    assert store.exists(f"{s3_bucket}/tagged/metadata.csv")
+    assert "images in" in capsys.readouterr().out

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from lorapipe import store
 from pipelines import local_run
 
@@ -43,3 +45,20 @@ def test_with_a_bucket_inputs_checkpoints_and_the_lora_live_in_s3(
     assert store.exists(store.join(latest["uri"], "filmstyle.safetensors"))
     checkpoints = store.list_uris(f"{prefix}/checkpoints/{latest['run_id']}/")
     assert any(uri.endswith("checkpoint-30/_COMPLETE") for uri in checkpoints), checkpoints
+
+
+def test_with_a_tagger_the_tag_branch_runs_instead(tmp_path: Path) -> None:
+    """The other branch of dsl.If: the DeepDanbooru stage tags the cleaned images."""
+    pytest.importorskip("deepdanbooru")
+    from test_tag import build_project
+
+    project = build_project(tmp_path / "tagger", ["looking_left", "film_grain"])
+    local_run.run_local(
+        tmp_path,
+        {"tagger_uri": str(project), "tag_threshold": 0.01, "caption_merge": "append"},
+    )
+
+    tag_report = (_task_dir(tmp_path, "tag") / "report").read_text()
+    assert "looking left" in tag_report
+    assert not list((tmp_path / "pipeline-root").glob("*/augment-2")), "one branch only"
+    assert (tmp_path / "report.html").is_file()
