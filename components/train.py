@@ -12,10 +12,13 @@ def train(
     num_gpus: int,
     checkpoint_mirror_uri: str,
     run_id: str,
+    num_nodes: int,
+    trainer_image: str,
     training: Output[Model],
     metrics: Output[Metrics],
 ):
-    """LoRA training, one process per GPU; resumes from the mirrored checkpoints on retry."""
+    """LoRA training, one process per GPU; resumes from the mirrored checkpoints on retry.
+    With num_nodes > 1 it runs as a Kubeflow Trainer TrainJob and waits for it."""
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.train(
@@ -26,6 +29,8 @@ def train(
         num_gpus=num_gpus,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
         run_id=run_id,
+        num_nodes=num_nodes,
+        trainer_image=trainer_image,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

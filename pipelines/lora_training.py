@@ -13,11 +13,13 @@ checkpoints; the deterministic data stages are cached.
 """
 
 from pathlib import Path
+from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input
 
 from components import augment, generate, ingest, select, tag, train
+from components.images import TORCH_IMAGE
 
 PIPELINE_NAME = "lorapipe-lora-training"
 PIPELINE_YAML = Path(__file__).with_name("lora_training.yaml")
@@ -60,13 +62,25 @@ def _data_stage(task: dsl.PipelineTask, *, cpu: str, memory: str) -> dsl.Pipelin
     return _with_s3_access(task)
 
 
-@dsl.pipeline(name="augment-train-review")
-def augment_train_review(
-    dataset: Input[Dataset],
+def _train_task(arguments: dict, *, gpus: Any) -> dsl.PipelineTask:
+    """The train step: it trains on its own ``gpus`` (the num_gpus parameter), or, with None,
+    only coordinates a TrainJob whose nodes hold them."""
+    trained = train(**arguments)
+    trained.set_display_name("train LoRA")
+    trained.set_caching_options(False)
+    trained.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
+    if gpus is not None:
+        trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
+        trained.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("64Gi")
+    else:
+        trained.set_cpu_request("1").set_memory_request("2Gi").set_memory_limit("8Gi")
+    return _with_s3_access(trained)
+
+
+def _select_and_review(
+    trained: dsl.PipelineTask,
+    *,
     base_model_uri: str,
-    training_config: str,
-    num_gpus: int,
-    checkpoint_mirror_uri: str,
     selection_epsilon: float,
     publish_uri: str,
     prompts: list,
@@ -76,27 +90,7 @@ def augment_train_review(
     seeds: list,
     steps: int,
     generate_job: str,
-):
-    """flip-augment -> train -> select -> generate."""
-    augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
-    augmented.set_display_name("flip-augment")
-
-    trained = train(
-        dataset=augmented.outputs["augmented"],
-        base_model_uri=base_model_uri,
-        config_yaml=training_config,
-        num_gpus=num_gpus,
-        checkpoint_mirror_uri=checkpoint_mirror_uri,
-        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-    )
-    trained.set_display_name("train LoRA")
-    trained.set_caching_options(False)
-    trained.set_retry(num_retries=3, backoff_duration="60s", backoff_factor=2)
-    trained.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(num_gpus)
-    trained.set_cpu_request("8").set_memory_request("32Gi").set_memory_limit("64Gi")
-    kubernetes.empty_dir_mount(trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
-    _with_s3_access(trained)
-
+) -> None:
     selected = select(
         training=trained.outputs["training"],
         epsilon=selection_epsilon,
@@ -128,6 +122,63 @@ def augment_train_review(
     _with_s3_access(review)
 
 
+@dsl.pipeline(name="augment-train-review")
+def augment_train_review(
+    dataset: Input[Dataset],
+    base_model_uri: str,
+    training_config: str,
+    num_gpus: int,
+    num_nodes: int,
+    checkpoint_mirror_uri: str,
+    selection_epsilon: float,
+    publish_uri: str,
+    prompts: list,
+    negative_presets: list,
+    lora_scales: list,
+    cfg_scales: list,
+    seeds: list,
+    steps: int,
+    generate_job: str,
+):
+    """flip-augment -> train -> select -> generate; train runs in its own pod, or with
+    num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself)."""
+    augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
+    augmented.set_display_name("flip-augment")
+
+    training = dict(
+        dataset=augmented.outputs["augmented"],
+        base_model_uri=base_model_uri,
+        config_yaml=training_config,
+        num_gpus=num_gpus,
+        checkpoint_mirror_uri=checkpoint_mirror_uri,
+        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        num_nodes=num_nodes,
+        trainer_image=TORCH_IMAGE,
+    )
+    review = dict(
+        base_model_uri=base_model_uri,
+        selection_epsilon=selection_epsilon,
+        publish_uri=publish_uri,
+        prompts=prompts,
+        negative_presets=negative_presets,
+        lora_scales=lora_scales,
+        cfg_scales=cfg_scales,
+        seeds=seeds,
+        steps=steps,
+        generate_job=generate_job,
+    )
+    with dsl.If(num_nodes == 1, name="one pod"):
+        trained = _train_task(training, gpus=num_gpus)
+        kubernetes.empty_dir_mount(
+            trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
+        )
+        _select_and_review(trained, **review)
+    with dsl.Else(name="multi-node TrainJob"):
+        trained = _train_task(training, gpus=None)
+        trained.set_display_name("train LoRA (TrainJob)")
+        _select_and_review(trained, **review)
+
+
 @dsl.pipeline(
     name=PIPELINE_NAME,
     description="Clean, tag and flip-augment images; train a LoRA on N GPUs; keep the "
@@ -144,6 +195,7 @@ def lora_training(
     caption_merge: str = "keep",
     training_config: str = DEFAULT_TRAINING_CONFIG,
     num_gpus: int = 1,
+    num_nodes: int = 1,
     checkpoint_mirror_uri: str = "",
     selection_epsilon: float = 0.01,
     publish_uri: str = "",
@@ -166,6 +218,7 @@ def lora_training(
         base_model_uri=base_model_uri,
         training_config=training_config,
         num_gpus=num_gpus,
+        num_nodes=num_nodes,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
         selection_epsilon=selection_epsilon,
         publish_uri=publish_uri,

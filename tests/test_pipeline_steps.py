@@ -115,3 +115,65 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
         "samples_per_second": 1.5,
         "processes": 1.0,
     }
+
+
+def test_multi_node_training_shares_data_config_and_output_through_s3(
+    tmp_path: Path, tiny_model_dir: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """num_nodes > 1: the step uploads the dataset and the resolved config, runs a TrainJob
+    (here a stand-in that trains nothing but writes what the nodes would), and brings its
+    output back as the step's artifact."""
+    import yaml
+
+    from lorapipe import trainjob
+    from lorapipe.demo import write_sample_folder
+    from lorapipe.stages import ingest
+
+    dataset = tmp_path / "dataset"
+    ingest.run(
+        str(write_sample_folder(tmp_path / "raw")), str(dataset), ingest.IngestConfig(workers=1)
+    )
+    submitted = []
+
+    def fake_trainjob(spec: trainjob.TrainJobSpec) -> dict:
+        submitted.append(spec)
+        config = yaml.safe_load(store.read_text(spec.config_uri))
+        assert store.is_complete(config["train_data_dir"])
+        report = {"steps": 5, "num_train_images": 6, "num_val_images": 1,
+                  "samples_per_second": 9.0, "num_processes": 8}  # fmt: skip
+        store.write_text(
+            store.join(config["output_dir"], "training_report.json"), json.dumps(report)
+        )
+        return {}
+
+    monkeypatch.setattr(trainjob, "run_trainjob", fake_trainjob)
+    metrics = pipeline_steps.train(
+        str(dataset),
+        str(tmp_path / "training"),
+        base_model_uri=str(tiny_model_dir),
+        config_yaml="{lora_rank: 8}",
+        num_gpus=4,
+        num_nodes=2,
+        checkpoint_mirror_uri=f"{s3_bucket}/checkpoints",
+        run_id="run-9",
+        trainer_image="registry.example.com/lorapipe-torch:1",
+    )
+
+    (spec,) = submitted
+    assert (spec.num_nodes, spec.gpus_per_node) == (2, 4)
+    assert spec.name == "lorapipe-run-9" and spec.image == "registry.example.com/lorapipe-torch:1"
+    assert spec.config_uri == f"{s3_bucket}/checkpoints/run-9/train_config.yaml"
+    config = yaml.safe_load(store.read_text(spec.config_uri))
+    assert config["train_data_dir"] == f"{s3_bucket}/checkpoints/run-9/dataset"
+    assert config["output_dir"] == f"{s3_bucket}/checkpoints/run-9/training"
+    assert (config["lora_rank"], config["resume"]) == (8, "latest")
+    assert metrics["processes"] == 8.0
+    assert (tmp_path / "training" / "training_report.json").is_file()
+
+
+def test_multi_node_training_needs_an_s3_mirror(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="num_nodes 2 needs checkpoint_mirror_uri on S3"):
+        pipeline_steps.train(
+            str(tmp_path), str(tmp_path / "out"), base_model_uri="m", config_yaml="",
+            num_nodes=2, checkpoint_mirror_uri="", run_id="r", trainer_image="i",
+        )  # fmt: skip

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from components import images
 from pipelines import __main__ as pipelines_cli
 from pipelines import lora_training
 
@@ -41,16 +42,21 @@ def test_the_committed_yaml_is_what_the_code_compiles_to(compiled: Path) -> None
 
 def test_the_dag_runs_the_six_stages_in_order(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
-    components = spec["components"]
     executors = {name.removeprefix("exec-") for name in spec["deploymentSpec"]["executors"]}
-    assert {name.rstrip("-0123456789") for name in executors} == STAGE_COMPONENTS
+    assert {name.split("-")[0] for name in executors} == STAGE_COMPONENTS
 
-    root_tasks = spec["root"]["dag"]["tasks"]
-    assert set(root_tasks) == {"ingest", "condition-branches-1"}
-    tail = components["comp-augment-train-review"]["dag"]["tasks"]
-    assert _producer(tail["train"], "dataset") == ("augment", "augmented")
-    assert _producer(tail["select"], "training") == ("train", "training")
-    assert _producer(tail["generate"], "lora") == ("select", "lora")
+    assert set(spec["root"]["dag"]["tasks"]) == {"ingest", "condition-branches-1"}
+    tasks = tasks_by_display_name(spec)
+    for augment in tasks["flip-augment"]:
+        assert augment["componentRef"]["name"].startswith("comp-augment")
+    for train in tasks["train LoRA"] + tasks["train LoRA (TrainJob)"]:
+        assert _producer(train, "dataset") == ("parent", "pipelinechannel--augment-augmented")
+    for select in tasks["select checkpoint"]:
+        producer, output = _producer(select, "training")
+        assert producer.startswith("train") and output == "training"
+    for generate in tasks["generate review grid"]:
+        producer, output = _producer(generate, "lora")
+        assert producer.startswith("select") and output == "lora"
 
 
 def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
@@ -76,16 +82,39 @@ def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
 
 def test_train_gets_gpus_shm_retries_and_a_run_scoped_checkpoint_mirror(compiled: Path) -> None:
     spec, kubernetes = load_compiled(compiled)
-    train = spec["components"]["comp-augment-train-review"]["dag"]["tasks"]["train"]
-    assert train["retryPolicy"]["maxRetryCount"] == 3
-    assert train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == (
-        "{{$.pipeline_job_uuid}}"
-    )
-    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
-    assert "num_gpus" in resources["accelerator"]["resourceCount"]
-    (shm,) = kubernetes["deploymentSpec"]["executors"]["exec-train"]["emptyDirMounts"]
-    assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+    tasks = tasks_by_display_name(spec)
+    for train in tasks["train LoRA"]:
+        assert train["retryPolicy"]["maxRetryCount"] == 3
+        run_id = train["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"]
+        assert run_id == "{{$.pipeline_job_uuid}}"
+        executor = _executor(spec, train)
+        resources = spec["deploymentSpec"]["executors"][executor]["container"]["resources"]
+        assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert "num_gpus" in resources["accelerator"]["resourceCount"]
+        (shm,) = kubernetes["deploymentSpec"]["executors"][executor]["emptyDirMounts"]
+        assert shm["mountPath"] == "/dev/shm" and shm["medium"] == "Memory"
+
+
+def test_with_several_nodes_the_train_step_only_coordinates_and_holds_no_gpu(
+    compiled: Path,
+) -> None:
+    spec, _ = load_compiled(compiled)
+    tasks = tasks_by_display_name(spec)
+    branches = [
+        task
+        for component in spec["components"].values()
+        for task in component.get("dag", {}).get("tasks", {}).values()
+        if "num_nodes" in task.get("triggerPolicy", {}).get("condition", "")
+    ]
+    conditions = {task["taskInfo"]["name"]: task["triggerPolicy"]["condition"] for task in branches}
+    assert conditions["one pod"].endswith("== 1")
+    assert conditions["multi-node TrainJob"] == f"!({conditions['one pod']})"
+    for train in tasks["train LoRA (TrainJob)"]:
+        container = spec["deploymentSpec"]["executors"][_executor(spec, train)]["container"]
+        assert "accelerator" not in container.get("resources", {})
+        assert train["inputs"]["parameters"]["trainer_image"]["runtimeValue"]["constant"] == (
+            images.TORCH_IMAGE
+        )
 
 
 def test_data_stages_are_cached_and_the_rest_are_not(compiled: Path) -> None:
@@ -93,10 +122,10 @@ def test_data_stages_are_cached_and_the_rest_are_not(compiled: Path) -> None:
     tasks = {**spec["root"]["dag"]["tasks"]}
     for component in spec["components"].values():
         tasks.update(component.get("dag", {}).get("tasks", {}))
-    for name in ("ingest", "tag", "augment"):
-        assert tasks[name]["cachingOptions"] == {"enableCache": True}, name
-    for name in ("train", "select", "generate"):
-        assert tasks[name]["cachingOptions"] == {}, name
+    for name, task in tasks.items():
+        cached = name.split("-")[0] in ("ingest", "tag", "augment")
+        if name.split("-")[0] in STAGE_COMPONENTS:
+            assert task["cachingOptions"] == ({"enableCache": True} if cached else {}), name
 
 
 def test_every_stage_reads_s3_credentials_from_the_secret_never_from_parameters(
@@ -117,8 +146,6 @@ def test_every_stage_reads_s3_credentials_from_the_secret_never_from_parameters(
 
 
 def test_components_run_in_the_stage_images(compiled: Path) -> None:
-    from components import images
-
     spec, _ = load_compiled(compiled)
     executors = spec["deploymentSpec"]["executors"]
     expected = {
@@ -129,8 +156,9 @@ def test_components_run_in_the_stage_images(compiled: Path) -> None:
         "select": images.BASE_IMAGE,
         "generate": images.TORCH_IMAGE,
     }
-    for stage, image in expected.items():
-        assert executors[f"exec-{stage}"]["container"]["image"] == image
+    for name, executor in executors.items():
+        stage = name.removeprefix("exec-").split("-")[0]
+        assert executor["container"]["image"] == expected[stage], name
 
 
 def test_params_parse_json_values_and_refuse_unknown_names(tmp_path: Path) -> None:
@@ -301,3 +329,17 @@ def _producer(task: dict[str, Any], artifact: str) -> tuple[str, str]:
         output = source["taskOutputArtifact"]
         return output["producerTask"], output["outputArtifactKey"]
     return ("parent", source["componentInputArtifact"])
+
+
+def tasks_by_display_name(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Every task of every (sub-)DAG, grouped by the name the KFP UI shows."""
+    tasks: dict[str, list[dict[str, Any]]] = {}
+    dags = [spec["root"]] + list(spec["components"].values())
+    for dag in dags:
+        for task in dag.get("dag", {}).get("tasks", {}).values():
+            tasks.setdefault(task["taskInfo"]["name"], []).append(task)
+    return tasks
+
+
+def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
+    return spec["components"][task["componentRef"]["name"]]["executorLabel"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
@@ -88,17 +89,31 @@ def train(
     num_gpus: int = 1,
     checkpoint_mirror_uri: str = "",
     run_id: str = "",
+    num_nodes: int = 1,
+    trainer_image: str = "",
 ) -> Metrics:
     """Train with the user's YAML config; the pipeline decides data, model and output.
 
     Checkpoints are mirrored to ``checkpoint_mirror_uri/<run_id>/`` and training resumes from
     the newest complete one there, so a retried pod (preempted node, OOM-killed) continues
-    instead of starting over, and two runs never share checkpoints.
+    instead of starting over, and two runs never share checkpoints. With ``num_nodes`` > 1
+    the training runs as a Kubeflow Trainer TrainJob (see ``train_on_nodes``).
     """
+    if num_nodes > 1:
+        return train_on_nodes(
+            dataset_path,
+            training_path,
+            base_model_uri=base_model_uri,
+            config_yaml=config_yaml,
+            gpus_per_node=num_gpus,
+            num_nodes=num_nodes,
+            checkpoint_mirror_uri=checkpoint_mirror_uri,
+            run_id=run_id,
+            trainer_image=trainer_image,
+        )
     import torch
 
     from lorapipe.stages import train as stage
-    from lorapipe.train_config import load_config
 
     num_processes = min(max(num_gpus, 1), torch.cuda.device_count()) or 1
     overrides = {
@@ -113,10 +128,7 @@ def train(
         "resume": "latest",
         "num_processes": num_processes,
     }
-    with tempfile.TemporaryDirectory(prefix="lorapipe-config-") as tmp:
-        config_file = Path(tmp) / "training_config.yaml"
-        config_file.write_text(config_yaml or "{}\n", encoding="utf-8")
-        config = load_config(str(config_file), overrides)
+    config = _training_config(config_yaml, overrides)
     if num_processes > 1:
         if stage.launch(config) != 0:
             raise TrainingError(
@@ -125,7 +137,87 @@ def train(
             )
     else:
         stage.run(dataset_path, training_path, config)
-    report = json.loads((Path(training_path) / stage.TRAINING_REPORT_NAME).read_text())
+    return _training_metrics(training_path)
+
+
+def train_on_nodes(
+    dataset_path: str,
+    training_path: str,
+    *,
+    base_model_uri: str,
+    config_yaml: str,
+    gpus_per_node: int,
+    num_nodes: int,
+    checkpoint_mirror_uri: str,
+    run_id: str,
+    trainer_image: str,
+) -> Metrics:
+    """Multi-node training: the nodes share only S3, so the dataset and the resolved config go
+    to ``checkpoint_mirror_uri/<run_id>/``, a TrainJob trains into ``.../training``, and its
+    output comes back as this step's artifact for select."""
+    from lorapipe import trainjob
+
+    if not store.is_s3(checkpoint_mirror_uri):
+        raise ConfigError(
+            f"num_nodes {num_nodes} needs checkpoint_mirror_uri on S3 (got "
+            f"'{checkpoint_mirror_uri}'): the nodes share data and checkpoints only through it"
+        )
+    if not trainer_image:
+        raise ConfigError("num_nodes > 1 needs trainer_image, the torch image the nodes run")
+    work = store.join(checkpoint_mirror_uri, _safe_run_id(run_id))
+    dataset_uri = store.join(work, "dataset")
+    if not store.is_complete(dataset_uri):
+        store.put_dir(dataset_path, dataset_uri)
+    output_uri = store.join(work, "training")
+    overrides = {
+        "train_data_dir": dataset_uri,
+        "metadata_path": "",
+        "base_model": _required("base_model_uri", base_model_uri),
+        "output_dir": output_uri,
+        "log_dir": "",
+        "checkpoint_mirror": "",
+        "resume": "latest",
+        "num_processes": 1,  # torchrun starts the processes on every node
+    }
+    config = _training_config(config_yaml, overrides)
+    config_uri = store.join(work, "train_config.yaml")
+    store.write_text(config_uri, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    trainjob.run_trainjob(
+        trainjob.TrainJobSpec(
+            name=trainjob.trainjob_name(run_id),
+            namespace=pod_namespace(),
+            image=trainer_image,
+            config_uri=config_uri,
+            num_nodes=num_nodes,
+            gpus_per_node=gpus_per_node,
+        )
+    )
+    store.get_dir(output_uri, training_path)
+    return _training_metrics(training_path)
+
+
+def pod_namespace() -> str:
+    """The namespace this step's pod runs in (where the TrainJob goes), else ``kubeflow``."""
+    service_account = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if service_account.is_file():
+        return service_account.read_text().strip()
+    return os.environ.get("POD_NAMESPACE", "kubeflow")
+
+
+def _training_config(config_yaml: str, overrides: dict[str, Any]) -> Any:
+    """The user's YAML (checked like ``lorapipe train --config``) under the pipeline's keys."""
+    from lorapipe.train_config import load_config
+
+    with tempfile.TemporaryDirectory(prefix="lorapipe-config-") as tmp:
+        config_file = Path(tmp) / "training_config.yaml"
+        config_file.write_text(config_yaml or "{}\n", encoding="utf-8")
+        return load_config(str(config_file), overrides)
+
+
+def _training_metrics(training_path: str) -> Metrics:
+    from lorapipe.stages.train import TRAINING_REPORT_NAME
+
+    report = json.loads((Path(training_path) / TRAINING_REPORT_NAME).read_text())
     return metrics_for_kfp(
         {
             "steps": report["steps"],
