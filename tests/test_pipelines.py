@@ -59,6 +59,19 @@ def test_the_dag_runs_the_six_stages_in_order(compiled: Path) -> None:
         assert producer.startswith("select") and output == "lora"
 
 
+def test_kfp_loads_the_committed_yaml_back_as_the_pipeline_with_its_parameters() -> None:
+    from kfp import components
+
+    loaded = components.load_component_from_file(str(lora_training.PIPELINE_YAML))
+    assert loaded.name == lora_training.PIPELINE_NAME
+    assert set(loaded.component_spec.inputs) == set(
+        lora_training.lora_training.component_spec.inputs
+    )
+    assert set(loaded.pipeline_spec.root.dag.tasks) == {"ingest", "condition-branches-1"}
+    executors = loaded.pipeline_spec.deployment_spec["executors"]
+    assert {name.removeprefix("exec-").split("-")[0] for name in executors} == STAGE_COMPONENTS
+
+
 def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
     components = spec["components"]
