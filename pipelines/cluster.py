@@ -7,26 +7,52 @@ parameters.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
-from lorapipe.errors import ConfigError
+from lorapipe.errors import ClusterError, ConfigError
 from pipelines.lora_training import PIPELINE_NAME, compile_pipeline
 
 
-def _client(host: str | None) -> Any:
-    """A KFP client for ``host`` (or $KFP_HOST); $KFP_TOKEN, when set, is sent as the bearer
-    token (otherwise kfp's own credential discovery applies)."""
-    import kfp
-
+def _host(host: str | None) -> str:
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise ConfigError("KFP_HOST is not set; export KFP_HOST=https://<your Kubeflow>/pipeline")
+    return host
+
+
+def _client(host: str) -> Any:
+    """A KFP client for ``host``; $KFP_TOKEN, when set, is sent as the bearer token
+    (otherwise kfp's own credential discovery applies)."""
+    import kfp
+
     return kfp.Client(
         host=host,
         existing_token=os.environ.get("KFP_TOKEN") or None,
         namespace=os.environ.get("KFP_NAMESPACE") or "kubeflow",
     )
+
+
+@contextlib.contextmanager
+def kfp_errors(host: str) -> Iterator[None]:
+    """A refused or unreachable KFP server becomes one line naming the host and the HTTP
+    status (the response body and headers, which may echo the token, are left out)."""
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        yield
+    except ApiException as error:
+        hint = " (check KFP_TOKEN or your kfp credentials)" if error.status in (401, 403) else ""
+        raise ClusterError(
+            f"KFP at {host} answered HTTP {error.status} {error.reason}{hint}"
+        ) from None
+    except (HTTPError, OSError) as error:
+        raise ClusterError(
+            f"cannot reach KFP at {host} ({type(error).__name__}); check KFP_HOST and the network"
+        ) from None
 
 
 def upload_version(client: Any) -> tuple[str, str]:
@@ -51,16 +77,18 @@ def upload_version(client: Any) -> tuple[str, str]:
 
 def submit(arguments: dict[str, Any], host: str | None, experiment: str) -> str:
     """Upload a pipeline version and start one run of it; returns the run's URL."""
-    client = _client(host)
-    pipeline_id, version_id = upload_version(client)
-    experiment_id = client.create_experiment(experiment).experiment_id
-    run = client.run_pipeline(
-        experiment_id=experiment_id,
-        job_name=f"{PIPELINE_NAME} {version_id[:8]}",
-        params=arguments,
-        pipeline_id=pipeline_id,
-        version_id=version_id,
-    )
+    host = _host(host)
+    with kfp_errors(host):
+        client = _client(host)
+        pipeline_id, version_id = upload_version(client)
+        experiment_id = client.create_experiment(experiment).experiment_id
+        run = client.run_pipeline(
+            experiment_id=experiment_id,
+            job_name=f"{PIPELINE_NAME} {version_id[:8]}",
+            params=arguments,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+        )
     return f"{client._uihost.rstrip('/')}/#/runs/details/{run.run_id}"
 
 
@@ -75,17 +103,19 @@ def schedule(
             f"SCHEDULE '{cron}' has {len(cron.split())} fields; KFP wants six, seconds first, "
             "e.g. '0 0 3 * * 1' for Mondays at 03:00"
         )
-    client = _client(host)
-    pipeline_id, version_id = upload_version(client)
-    experiment_id = client.create_experiment(experiment).experiment_id
-    recurring = client.create_recurring_run(
-        experiment_id=experiment_id,
-        job_name=name,
-        cron_expression=cron,
-        max_concurrency=1,
-        no_catchup=True,
-        params=arguments,
-        pipeline_id=pipeline_id,
-        version_id=version_id,
-    )
+    host = _host(host)
+    with kfp_errors(host):
+        client = _client(host)
+        pipeline_id, version_id = upload_version(client)
+        experiment_id = client.create_experiment(experiment).experiment_id
+        recurring = client.create_recurring_run(
+            experiment_id=experiment_id,
+            job_name=name,
+            cron_expression=cron,
+            max_concurrency=1,
+            no_catchup=True,
+            params=arguments,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+        )
     return recurring.recurring_run_id

@@ -356,3 +356,40 @@ def tasks_by_display_name(spec: dict[str, Any]) -> dict[str, list[dict[str, Any]
 
 def _executor(spec: dict[str, Any], task: dict[str, Any]) -> str:
     return spec["components"][task["componentRef"]["name"]]["executorLabel"]
+
+
+def test_an_unreachable_kfp_server_is_one_line_naming_the_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("KFP_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("KFP_TOKEN", "token-that-must-not-leak")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(lora_training, "PIPELINE_YAML", tmp_path / "lora_training.yaml")
+    assert pipelines_cli.main(["submit"]) != 0
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith(
+        f"python -m pipelines submit: error: cannot reach KFP at http://127.0.0.1:{port}"
+    )
+    assert "token-that-must-not-leak" not in capsys.readouterr().err
+
+
+def test_a_refusing_kfp_server_gives_the_status_and_a_credentials_hint(
+    kfp_server: FakeKfpServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuse(handler: _KfpHandler) -> None:
+        handler.send_response(401, "Unauthorized")
+        handler.send_header("Content-Length", "0")
+        handler.end_headers()
+
+    monkeypatch.setattr(_KfpHandler, "do_POST", refuse)  # uploading the pipeline is refused
+    assert pipelines_cli.main(["submit"]) != 0
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == (
+        f"python -m pipelines submit: error: KFP at {kfp_server.url} answered HTTP 401 "
+        "Unauthorized (check KFP_TOKEN or your kfp credentials)"
+    )

@@ -40,6 +40,10 @@ class ObjectNotFoundError(StorageError):
     """A key or local file does not exist."""
 
 
+class ClusterError(LorapipeError):
+    """The Kubeflow Pipelines server cannot be reached or refused a request."""
+
+
 class DatasetError(LorapipeError):
     """A lorapipe Parquet dataset is missing, empty or has the wrong schema."""
 

@@ -399,6 +399,7 @@ def load_base_model(uri: str, *, torch_dtype: torch.dtype | None = None) -> Stab
             directory,
             dtype=torch_dtype or torch.float32,
             local_files_only=True,
+            use_safetensors=True,  # never unpickle a .bin/.ckpt from a model directory
             safety_checker=None,
             requires_safety_checker=False,
         )

@@ -362,6 +362,7 @@ def webui_lora_hash(uri: str) -> str:
     tensor data (everything after the header), kohya's ``sshs_model_hash``."""
     digest = hashlib.sha256()
     with store.local_file(uri) as path, path.open("rb") as file:
+        lora_format._safetensors_header(path, uri)  # not safetensors: one line, never unpickled
         header_length = int.from_bytes(file.read(8), "little")
         file.seek(8 + header_length)
         while chunk := file.read(HASH_CHUNK):
