@@ -1,0 +1,403 @@
+"""A procedural image world with ground truth, so every pipeline stage can be measured on CPU.
+
+Scenes are a few flat shapes (shape, colour, count, position) on a plain neutral background,
+optionally in the ``filmstyle`` style (a warm sepia grade plus horizontal scanlines: the thing a
+LoRA should learn) and with known defects (blur, grain, over-exposure, a "SAMPLE" watermark:
+the things a negative prompt should remove). Every scene has a caption, ground-truth tags and,
+for the style and each defect, a pure-computation statistic.
+
+The statistics are measured on a 64 x 64 copy of the image (``ANALYSIS_SIZE``), the resolution
+the demo model generates at, so a 512 px training image and a 64 px generated one are on one
+scale. The style and the defects are drawn at sizes relative to the image for the same reason:
+they survive the resize to 64 px that training applies.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+from lorapipe.image_metrics import highlight_clipping, luma, to_rgb_array
+
+SHAPES = ("circle", "square", "triangle")
+# saturated, and no channel above 225, so a clean render never clips (overexposure_score 0)
+COLOURS = {
+    "red": (210, 45, 45),
+    "green": (40, 165, 70),
+    "blue": (45, 80, 210),
+    "yellow": (225, 195, 40),
+    "purple": (140, 60, 180),
+}
+POSITIONS = ("left", "middle", "right")
+# neutral, so a colour grade is the only thing that tints them (style_score reads that tint)
+BACKGROUNDS = {"white": (216, 215, 212), "grey": (128, 128, 128), "black": (34, 36, 42)}
+DEFECTS = ("blurry", "grainy", "overexposed", "watermark")
+STYLE = "filmstyle"
+
+ANALYSIS_SIZE = 64
+SCANLINES = 24  # scanline periods per image height: 2.7 px at 64 px, so they survive the resize
+WATERMARK_TEXT = "SAMPLE"
+# the watermark's corner: the bottom-right band; objects stay above WATERMARK_TOP
+WATERMARK_BOX = (0.52, 0.82, 0.96, 0.95)
+WATERMARK_TOP = 0.80
+OBJECT_BOTTOM = 0.74
+
+_COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+_POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+_POSITION_X = {"left": 0.22, "middle": 0.5, "right": 0.78}
+# stroke letters on a unit box (x right, y down): deterministic on every Pillow, no font files
+_LETTERS = {
+    "S": [[(1, 0), (0, 0), (0, 0.5), (1, 0.5), (1, 1), (0, 1)]],
+    "A": [[(0, 1), (0.5, 0), (1, 1)], [(0.25, 0.55), (0.75, 0.55)]],
+    "M": [[(0, 1), (0, 0), (0.5, 0.5), (1, 0), (1, 1)]],
+    "P": [[(0, 1), (0, 0), (1, 0), (1, 0.5), (0, 0.5)]],
+    "L": [[(0, 0), (0, 1), (1, 1)]],
+    "E": [[(1, 0), (0, 0), (0, 1), (1, 1)], [(0, 0.5), (0.8, 0.5)]],
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One image's ground truth: what is drawn, which defects spoil it, whether it is styled."""
+
+    shape: str
+    colour: str
+    count: int
+    position: str
+    background: str
+    defects: tuple[str, ...] = ()
+    styled: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"unknown shape {self.shape!r}; expected one of {SHAPES}")
+        if self.colour not in COLOURS:
+            raise ValueError(f"unknown colour {self.colour!r}; expected one of {tuple(COLOURS)}")
+        if self.count not in _COUNT_WORDS:
+            raise ValueError(f"count must be 1, 2 or 3, got {self.count!r}")
+        if self.position not in POSITIONS:
+            raise ValueError(f"unknown position {self.position!r}; expected one of {POSITIONS}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(
+                f"unknown background {self.background!r}; expected one of {tuple(BACKGROUNDS)}"
+            )
+        unknown = [defect for defect in self.defects if defect not in DEFECTS]
+        if unknown:
+            raise ValueError(f"unknown defects {unknown}; expected some of {DEFECTS}")
+
+
+def sample_scenes(
+    count: int, *, seed: int, styled_fraction: float = 0.0, defect_rate: float = 0.0
+) -> list[Scene]:
+    """``count`` deterministic scenes, balanced rather than i.i.d. so small sets are varied:
+    contents walk a shuffled grid of every (shape, colour, count, position, background), so no
+    content repeats before all 405 have appeared; exactly ``round(count * styled_fraction)``
+    are styled and ``round(count * defect_rate)`` carry one defect each, the defects in turn.
+    Defects go to unstyled scenes first, so a LoRA trained on the styled subset learns the
+    style, not the defects."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    for name, value in (("styled_fraction", styled_fraction), ("defect_rate", defect_rate)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    rng = np.random.default_rng(seed)
+    grid = [
+        (shape, colour, number, position, background)
+        for shape in SHAPES
+        for colour in COLOURS
+        for number in _COUNT_WORDS
+        for position in POSITIONS
+        for background in BACKGROUNDS
+    ]
+    contents: list[tuple[str, str, int, str, str]] = []
+    while len(contents) < count:
+        contents.extend(grid[index] for index in rng.permutation(len(grid)))
+    contents = contents[:count]
+
+    order = rng.permutation(count)
+    styled = set(order[: round(count * styled_fraction)].tolist())
+    # unstyled scenes first (in shuffled order), then styled ones if defects outnumber them
+    candidates = [i for i in order.tolist() if i not in styled] + [
+        i for i in order.tolist() if i in styled
+    ]
+    first_defect = int(rng.integers(len(DEFECTS)))
+    defects = {
+        index: (DEFECTS[(first_defect + turn) % len(DEFECTS)],)
+        for turn, index in enumerate(candidates[: round(count * defect_rate)])
+    }
+    return [
+        Scene(*content, defects=defects.get(index, ()), styled=index in styled)
+        for index, content in enumerate(contents)
+    ]
+
+
+def render(scene: Scene, size: int = 512, *, seed: int = 0) -> Image.Image:
+    """The scene as a ``size`` px RGB image, deterministic in (scene, size, seed). The layout
+    (object size and jitter, light falloff) depends only on (scene, seed), so one scene at 64
+    and at 512 px is the same picture."""
+    if size < 16:
+        raise ValueError(f"size must be >= 16, got {size}")
+    layout = np.random.default_rng([seed, zlib.crc32(repr(scene).encode())])
+    noise = np.random.default_rng([seed, zlib.crc32(repr(scene).encode()), size])
+
+    # background with a gentle vertical light falloff and faint sensor noise, so clean images
+    # are not perfectly flat
+    rows = np.linspace(0.0, 1.0, size)[:, None, None]
+    tilt = float(layout.uniform(-0.04, 0.04))
+    pixels = np.empty((size, size, 3))
+    pixels[:] = BACKGROUNDS[scene.background]
+    pixels *= 1.0 + tilt * (2.0 * rows - 1.0)
+    image = Image.fromarray(_to_uint8(pixels))
+
+    draw = ImageDraw.Draw(image)
+    fill = COLOURS[scene.colour]
+    for centre_x, centre_y, radius in _layout(scene, layout):
+        box = [(centre_x - radius) * size, (centre_y - radius) * size]
+        box += [(centre_x + radius) * size, (centre_y + radius) * size]
+        if scene.shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif scene.shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            apex = (centre_x * size, box[1])
+            draw.polygon([apex, (box[2], box[3]), (box[0], box[3])], fill=fill)
+    pixels = to_rgb_array(image) + noise.normal(0.0, 1.5, size=(size, size, 1))
+
+    if scene.styled:
+        pixels = _film_style(pixels)
+    if "blurry" in scene.defects:
+        blurred = Image.fromarray(_to_uint8(pixels)).filter(ImageFilter.GaussianBlur(0.03 * size))
+        pixels = to_rgb_array(blurred)
+    if "overexposed" in scene.defects:
+        pixels = pixels * 1.9 + 95.0
+    if "grainy" in scene.defects:
+        pixels = pixels + _grain(size, noise)[..., None]
+    image = Image.fromarray(_to_uint8(pixels))
+    if "watermark" in scene.defects:
+        image = _watermark(image)
+    return image
+
+
+def caption(scene: Scene, *, trigger: str = STYLE) -> str:
+    """The training caption, e.g. ``"filmstyle, two red circles on the left, white background,
+    blurry"``: the trigger word only when styled, defects as trailing tags (how a negative
+    prompt names them)."""
+    if scene.count == 1:
+        objects = f"a {scene.colour} {scene.shape}"
+    else:
+        objects = f"{_COUNT_WORDS[scene.count]} {scene.colour} {scene.shape}s"
+    parts = [trigger] if scene.styled else []
+    parts.append(f"{objects} {_POSITION_PHRASES[scene.position]}")
+    parts.append(f"{scene.background} background")
+    parts.extend(scene.defects)
+    return ", ".join(parts)
+
+
+def tags(scene: Scene) -> list[str]:
+    """DeepDanbooru-like ground-truth tags, the labels a tagger is trained and scored on."""
+    result = [f"{scene.colour} {scene.shape}", scene.shape, scene.colour]
+    if scene.count == 1:
+        result.append("one object")
+    else:
+        result += [f"{_COUNT_WORDS[scene.count]} objects", "multiple objects"]
+    result += [_POSITION_PHRASES[scene.position], f"{scene.background} background"]
+    result += list(scene.defects)
+    if scene.styled:
+        result.append(STYLE)
+    return result
+
+
+def style_score(image: Image.Image | np.ndarray) -> float:
+    """How much ``filmstyle`` an image shows: warmth + scanlines, both about 0 on an unstyled
+    render; on a styled one warmth is about 1 and scanlines 1.5-2, so a LoRA that learned only
+    the colour grade (the easier half for a tiny model) still scores about 1. (Blur erases the
+    scanlines; over-exposure erases both.)
+
+    warmth: median over pixels of (R - B) / (luma + 20), over 0.3 (about the grade's value);
+    the median pixel is background, neutral in every unstyled scene. scanlines: the profile of
+    row medians (the background again, so shapes barely count) has a spectral peak at
+    ``SCANLINES`` cycles per height; log10 of that power over the mean of nearby frequencies,
+    less 1 (what noise reaches), over 2."""
+    rgb = _analysis_rgb(image)
+    y = luma(rgb)
+    warmth = float(np.median((rgb[..., 0] - rgb[..., 2]) / (y + 20.0))) / 0.3
+    profile = np.median(y, axis=1)
+    profile = profile - np.polyval(
+        np.polyfit(np.arange(profile.size), profile, 2), np.arange(profile.size)
+    )
+    power = np.abs(np.fft.rfft(profile)) ** 2
+    near = np.r_[SCANLINES - 8 : SCANLINES - 1, SCANLINES + 2 : SCANLINES + 9]
+    ratio = (power[SCANLINES] + 1e-3) / (power[near].mean() + 1e-3)
+    scanlines = max(0.0, float(np.log10(ratio)) - 1.0) / 2.0
+    return max(0.0, warmth) + scanlines
+
+
+def blur_score(image: Image.Image | np.ndarray) -> float:
+    """Crete et al. (2007) no-reference blur, 0 (sharp) to 1 (blurry), along rows only so
+        horizontal scanlines do not count as detail: the share of the horizontal variation that
+        survives re-blurring, summed over the RGB channels (a green shape on grey has almost no luma
+    edge). Content-normalized, unlike the Laplacian variance, which grows with
+        the number of edges."""
+    rgb = _analysis_rgb(image).transpose(2, 0, 1).reshape(-1, ANALYSIS_SIZE)
+    variation = np.abs(np.diff(rgb, axis=1))
+    reblurred = np.abs(np.diff(_box_rows(rgb, 7), axis=1))
+    total = variation.sum()
+    if total < 1e-6:
+        return 1.0
+    return float(1.0 - np.maximum(variation - reblurred, 0.0).sum() / total)
+
+
+def grain_score(image: Image.Image | np.ndarray) -> float:
+    """Grain strength in luma levels (0-255): median |pixel - mean of its left and right
+    neighbours|. The median ignores the few edge pixels; rows only, so scanlines (constant
+    along a row) are not grain."""
+    y = luma(_analysis_rgb(image))
+    residual = y[:, 1:-1] - 0.5 * (y[:, :-2] + y[:, 2:])
+    return float(np.median(np.abs(residual)))
+
+
+def overexposure_score(image: Image.Image | np.ndarray) -> float:
+    """Fraction of pixels with a channel clipped (>= 250), ``image_metrics.highlight_clipping``
+    at the analysis size: clean renders never reach 250."""
+    return highlight_clipping(_analysis_rgb(image))
+
+
+def watermark_score(image: Image.Image | np.ndarray) -> float:
+    """Fraction of near-white stroke pixels in the watermark corner (bright against their row,
+    and no more colourful than the background) minus the same fraction in the mirrored corner
+    on the left. The difference cancels grain, scanlines and light falloff, which hit both
+    corners alike."""
+    rgb = _analysis_rgb(image)
+    y = luma(rgb)
+    chroma = rgb.max(axis=2) - rgb.min(axis=2)
+    left, top, right, bottom = WATERMARK_BOX
+    size = ANALYSIS_SIZE
+    band_rows = slice(int(WATERMARK_TOP * size), int(np.ceil(bottom * size)) + 1)
+    width = int(round((right - left) * size))
+    right_cols = slice(int(left * size), int(left * size) + width)
+    left_cols = slice(size - right_cols.stop, size - right_cols.start)
+
+    band_y = y[band_rows]
+    row_level = np.median(band_y, axis=1, keepdims=True)
+    band_chroma = chroma[band_rows]
+    neutral = band_chroma <= np.median(band_chroma) + 12.0
+    strokes = (band_y - row_level > 12.0) & neutral
+    return float(strokes[:, right_cols].mean() - strokes[:, left_cols].mean())
+
+
+def write_world_folder(
+    folder: str | Path,
+    count: int,
+    *,
+    seed: int,
+    size: int = 512,
+    styled_fraction: float = 0.0,
+    defect_rate: float = 0.0,
+) -> Path:
+    """A training folder of ``count`` rendered scenes: ``world_NNNN.png``, a lora-scripts
+    ``metadata.csv`` (filename,text) and ``ground_truth.json`` ({filename: {"scene", "tags"}})
+    for scoring the tagger and the generated images. Deterministic in its arguments."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scenes = sample_scenes(
+        count, seed=seed, styled_fraction=styled_fraction, defect_rate=defect_rate
+    )
+    rows = []
+    truth = {}
+    for index, scene in enumerate(scenes):
+        name = f"world_{index:04d}.png"
+        render(scene, size, seed=seed * 100_003 + index).save(folder / name)
+        rows.append((name, caption(scene)))
+        truth[name] = {"scene": asdict(scene), "tags": tags(scene)}
+    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filename", "text"])
+        writer.writerows(rows)
+    (folder / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    return folder
+
+
+def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """(centre x, centre y, radius) of each object, as fractions of the image side: stacked
+    in the position's column, jittered, and above the watermark band."""
+    radius = {1: 0.14, 2: 0.11, 3: 0.085}[scene.count] * float(rng.uniform(0.85, 1.1))
+    top, bottom = 0.08 + radius, OBJECT_BOTTOM - radius
+    if scene.count == 1:
+        centres_y = [float(rng.uniform(top, bottom))]
+    else:
+        centres_y = list(np.linspace(top, bottom, scene.count))
+    base_x = _POSITION_X[scene.position]
+    objects = []
+    for index, centre_y in enumerate(centres_y):
+        # a zig-zag so several objects do not form a rigid column
+        offset = 0.0 if scene.count == 1 else (0.04 if index % 2 else -0.04)
+        centre_x = base_x + offset + float(rng.uniform(-0.02, 0.02))
+        centre_x = min(max(centre_x, radius + 0.02), 0.98 - radius)
+        objects.append((centre_x, centre_y, radius))
+    return objects
+
+
+def _film_style(pixels: np.ndarray) -> np.ndarray:
+    """``filmstyle``: 40 % of a sepia grade mixed in, warm lifted blacks (faded film), then
+    horizontal scanlines that darken every other band by up to 15 % plus 10 levels (the
+    offset keeps them visible on a black background)."""
+    sepia = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
+    graded = 0.5 * pixels + 0.4 * (pixels @ sepia.T)
+    graded = 0.88 * graded + np.array([28.0, 16.0, 0.0])
+    size = pixels.shape[0]
+    phase = 2.0 * np.pi * SCANLINES * (np.arange(size) + 0.5) / size
+    lines = (0.5 + 0.5 * np.cos(phase))[:, None, None]
+    return graded * (1.0 - 0.15 * lines) - 10.0 * lines
+
+
+def _grain(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Luma grain: coarse noise on a 64 x 64 grid (what survives a resize to 64 px) plus fine
+    per-pixel noise (what a 512 px image shows up close)."""
+    coarse = rng.normal(0.0, 32.0, size=(ANALYSIS_SIZE, ANALYSIS_SIZE)).astype(np.float32)
+    coarse_image = Image.fromarray(coarse).resize((size, size), Image.Resampling.NEAREST)
+    return np.asarray(coarse_image, dtype=np.float64) + rng.normal(0.0, 18.0, size=(size, size))
+
+
+def _watermark(image: Image.Image) -> Image.Image:
+    """``WATERMARK_TEXT`` in 80 %-opaque white stroke letters filling ``WATERMARK_BOX``."""
+    size = image.width
+    left, top, right, bottom = (value * size for value in WATERMARK_BOX)
+    cell = (right - left) / len(WATERMARK_TEXT)
+    letter_width, height = 0.72 * cell, bottom - top
+    stroke = max(1, round(0.018 * size))
+    mask = Image.new("L", image.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for index, letter in enumerate(WATERMARK_TEXT):
+        x0 = left + index * cell
+        for line in _LETTERS[letter]:
+            points = [(x0 + x * letter_width, top + y * height) for x, y in line]
+            draw.line(points, fill=204, width=stroke, joint="curve")
+    return Image.composite(Image.new("RGB", image.size, (255, 255, 255)), image, mask)
+
+
+def _analysis_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
+    """The image at ``ANALYSIS_SIZE`` x ``ANALYSIS_SIZE`` (area resampling), float 0-255."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(_to_uint8(to_rgb_array(image)))
+    image = image.convert("RGB")
+    if image.size != (ANALYSIS_SIZE, ANALYSIS_SIZE):
+        image = image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BOX)
+    return to_rgb_array(image)
+
+
+def _box_rows(values: np.ndarray, width: int) -> np.ndarray:
+    """Mean over ``width`` neighbouring pixels along each row (edges repeated)."""
+    half = width // 2
+    padded = np.pad(values, ((0, 0), (half, half)), mode="edge")
+    sums = np.cumsum(np.pad(padded, ((0, 0), (1, 0))), axis=1)
+    return (sums[:, width:] - sums[:, :-width]) / width
+
+
+def _to_uint8(pixels: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)

@@ -1,0 +1,179 @@
+"""The procedural world: deterministic, truthful captions and tags, and one statistic per
+defect (and for the style) that separates it from clean renders at 64 and at 512 px."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lorapipe import world
+from lorapipe.world import Scene
+
+SCORES = {
+    "blurry": world.blur_score,
+    "grainy": world.grain_score,
+    "overexposed": world.overexposure_score,
+    "watermark": world.watermark_score,
+}
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image)
+
+
+def test_render_is_deterministic_rgb_and_sized():
+    scene = Scene("triangle", "red", 2, "left", "grey", defects=("grainy",), styled=True)
+    first = world.render(scene, 128, seed=3)
+    assert first.mode == "RGB" and first.size == (128, 128)
+    assert np.array_equal(_pixels(first), _pixels(world.render(scene, 128, seed=3)))
+    assert not np.array_equal(_pixels(first), _pixels(world.render(scene, 128, seed=4)))
+
+
+def test_sample_scenes_is_deterministic_varied_and_balanced():
+    scenes = world.sample_scenes(30, seed=1, styled_fraction=0.5, defect_rate=0.4)
+    assert scenes == world.sample_scenes(30, seed=1, styled_fraction=0.5, defect_rate=0.4)
+    assert scenes != world.sample_scenes(30, seed=2, styled_fraction=0.5, defect_rate=0.4)
+    contents = [(s.shape, s.colour, s.count, s.position, s.background) for s in scenes]
+    assert len(set(contents)) == 30
+    for attribute, values in [
+        ("shape", world.SHAPES),
+        ("colour", world.COLOURS),
+        ("position", world.POSITIONS),
+        ("background", world.BACKGROUNDS),
+        ("count", (1, 2, 3)),
+    ]:
+        assert len({getattr(s, attribute) for s in scenes}) == len(values), attribute
+    assert sum(s.styled for s in scenes) == 15
+    defective = [s for s in scenes if s.defects]
+    assert len(defective) == 12
+    assert all(len(s.defects) == 1 for s in defective)
+    assert {s.defects[0] for s in defective} == set(world.DEFECTS)
+    # defects go to unstyled scenes while there are any, so the styled subset trains clean
+    assert not any(s.styled for s in defective)
+    assert not any(s.styled or s.defects for s in world.sample_scenes(10, seed=0))
+
+
+def test_scene_rejects_unknown_attributes():
+    with pytest.raises(ValueError, match="shape"):
+        Scene("hexagon", "red", 1, "left", "grey")
+    with pytest.raises(ValueError, match="count"):
+        Scene("circle", "red", 4, "left", "grey")
+    with pytest.raises(ValueError, match="defects"):
+        Scene("circle", "red", 1, "left", "grey", defects=("dusty",))
+
+
+def test_caption_and_tags_reflect_the_scene():
+    scene = Scene("circle", "red", 2, "left", "white", defects=("blurry",), styled=True)
+    assert (
+        world.caption(scene) == "filmstyle, two red circles on the left, white background, blurry"
+    )
+    assert world.caption(scene, trigger="sks").startswith("sks, ")
+    plain = Scene("square", "blue", 1, "middle", "black")
+    assert world.caption(plain) == "a blue square in the middle, black background"
+    assert world.tags(scene) == [
+        "red circle",
+        "circle",
+        "red",
+        "two objects",
+        "multiple objects",
+        "on the left",
+        "white background",
+        "blurry",
+        "filmstyle",
+    ]
+    assert world.tags(plain) == [
+        "blue square",
+        "square",
+        "blue",
+        "one object",
+        "in the middle",
+        "black background",
+    ]
+
+
+def test_render_draws_the_objects_in_their_colour_and_column():
+    for position, columns in [("left", slice(0, 40)), ("right", slice(88, 128))]:
+        scene = Scene("square", "blue", 1, position, "white")
+        pixels = _pixels(world.render(scene, 128)).astype(int)
+        blue = (pixels[..., 2] > 150) & (pixels[..., 0] < 100)
+        assert blue.sum() > 0.03 * blue.size
+        assert blue[:, columns].sum() > 0.9 * blue.sum()
+
+
+def _separation(score, defect, scenes, size):
+    clean = [score(world.render(s, size, seed=i)) for i, s in enumerate(scenes)]
+    spoiled = [
+        score(world.render(dataclasses.replace(s, defects=(defect,)), size, seed=i))
+        for i, s in enumerate(scenes)
+    ]
+    return max(clean), min(spoiled)
+
+
+@pytest.mark.parametrize("defect", world.DEFECTS)
+@pytest.mark.parametrize(("size", "count"), [(64, 20), (128, 20), (512, 4)])
+def test_each_statistic_separates_its_defect(defect, size, count):
+    scenes = world.sample_scenes(count, seed=11, styled_fraction=0.5)
+    clean, spoiled = _separation(SCORES[defect], defect, scenes, size)
+    assert spoiled > clean, (defect, size, clean, spoiled)
+
+
+def test_statistics_survive_the_resize_a_512px_image_gets_for_64px_training():
+    scenes = world.sample_scenes(4, seed=5, styled_fraction=0.5)
+    for defect, score in SCORES.items():
+        clean = [score(world.render(s, 512, seed=i).resize((64, 64))) for i, s in enumerate(scenes)]
+        spoiled = [
+            score(
+                world.render(dataclasses.replace(s, defects=(defect,)), 512, seed=i).resize(
+                    (64, 64)
+                )
+            )
+            for i, s in enumerate(scenes)
+        ]
+        assert min(spoiled) > max(clean), defect
+
+
+@pytest.mark.parametrize(("size", "count"), [(64, 20), (128, 20), (512, 4)])
+def test_style_score_separates_styled_from_unstyled(size, count):
+    scenes = world.sample_scenes(count, seed=13)
+    plain = [world.style_score(world.render(s, size, seed=i)) for i, s in enumerate(scenes)]
+    styled = [
+        world.style_score(world.render(dataclasses.replace(s, styled=True), size, seed=i))
+        for i, s in enumerate(scenes)
+    ]
+    assert max(plain) < 0.2
+    assert min(styled) > 2.0
+
+
+def test_write_world_folder_writes_images_metadata_and_ground_truth(tmp_path):
+    folder = world.write_world_folder(
+        tmp_path / "world", 6, seed=2, size=64, styled_fraction=0.5, defect_rate=0.5
+    )
+    with (folder / "metadata.csv").open(newline="", encoding="utf-8") as file:
+        rows = list(csv.DictReader(file))
+    truth = json.loads((folder / "ground_truth.json").read_text())
+    scenes = world.sample_scenes(6, seed=2, styled_fraction=0.5, defect_rate=0.5)
+    assert (
+        [row["filename"] for row in rows]
+        == sorted(truth)
+        == sorted(p.name for p in folder.glob("*.png"))
+    )
+    assert any(scene.styled for scene in scenes) and any(scene.defects for scene in scenes)
+    for row, scene in zip(rows, scenes, strict=True):
+        assert row["text"] == world.caption(scene)
+        recorded = truth[row["filename"]]
+        assert recorded["tags"] == world.tags(scene)
+        assert (
+            Scene(**{**recorded["scene"], "defects": tuple(recorded["scene"]["defects"])}) == scene
+        )
+        with Image.open(folder / row["filename"]) as image:
+            assert image.mode == "RGB" and image.size == (64, 64)
+    again = world.write_world_folder(
+        tmp_path / "again", 6, seed=2, size=64, styled_fraction=0.5, defect_rate=0.5
+    )
+    for name in truth:
+        assert (folder / name).read_bytes() == (again / name).read_bytes()
