@@ -8,12 +8,18 @@ Each command lives in its own module, which provides ``configure_parser(parser)`
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from lorapipe.errors import LorapipeError
+from lorapipe.errors import LorapipeError, StorageError
+
+# A write that fails for lack of space, whichever library did it (Python's OSError, pyarrow's,
+# safetensors' "... (os error 28)"), is one line like any other LorapipeError, not a traceback.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -80,9 +86,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"lorapipe {command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except Exception as error:
+        full = _disk_full(error)
+        if debug or full is None:
+            raise
+        print(f"lorapipe {command}: error: {full}", file=sys.stderr)
+        return full.exit_code
     except KeyboardInterrupt:
         print(f"lorapipe {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _disk_full(error: Exception) -> StorageError | None:
+    """The one-line error for a write that failed because the disk (or quota) is full."""
+    text = str(error)
+    for code in _DISK_FULL:
+        if (isinstance(error, OSError) and error.errno == code) or os.strerror(code) in text:
+            where = f" writing {error.filename}" if getattr(error, "filename", None) else ""
+            return StorageError(
+                f"disk full{where} ({os.strerror(code)}); free some space (or raise the quota) "
+                "and run the command again; earlier results are left as they were"
+            )
+    return None
 
 
 if __name__ == "__main__":

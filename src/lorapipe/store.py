@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -293,14 +294,8 @@ def list_objects(prefix_uri: str | os.PathLike) -> list[ObjectInfo]:
     prefix_uri = str(prefix_uri)
     if not is_s3(prefix_uri):
         root = _local(prefix_uri)
-        if root.is_file():
-            files = [root]
-        else:
-            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        return [
-            ObjectInfo(str(p), p.stat().st_size, f"{p.stat().st_mtime_ns}-{p.stat().st_size}")
-            for p in files
-        ]
+        files = [root] if root.is_file() else sorted(root.rglob("*")) if root.is_dir() else []
+        return [info for info in map(_local_object, files) if info is not None]
     bucket, key = split_s3(prefix_uri)
     prefix = key.rstrip("/") + "/" if key else ""
     found: list[ObjectInfo] = []
@@ -313,6 +308,18 @@ def list_objects(prefix_uri: str | os.PathLike) -> list[ObjectInfo]:
                 for item in page.get("Contents", [])
             )
     return sorted(found, key=lambda info: info.uri)
+
+
+def _local_object(path: Path) -> ObjectInfo | None:
+    """A regular file's listing entry; None for directories and for files that vanished
+    since the directory was read (a run may be writing next to a reader)."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(status.st_mode):
+        return None
+    return ObjectInfo(str(path), status.st_size, f"{status.st_mtime_ns}-{status.st_size}")
 
 
 def list_uris(prefix_uri: str | os.PathLike) -> list[str]:

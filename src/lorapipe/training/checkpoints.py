@@ -385,24 +385,28 @@ class Checkpointer:
 
     def _write(self, step: int, record: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
         staging = staging_dir(self.output, step)
-        save_lora_weights(staging, self.unet, self.text_encoder)
-        (staging / LORA_CONFIG_NAME).write_text(json.dumps(self.lora_record, indent=1))
-        (staging / RECORD_NAME).write_text(json.dumps(record, indent=1))
-        state = {
-            "step": step,
-            "epoch": record["epoch"],
-            "plan": self.plan,
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "running_loss": self.running_loss.state_dict(),
-            "grad_scaler": self.accelerator.scaler.state_dict()
-            if self.accelerator.scaler
-            else None,
-            "elapsed": record["wall_time"],
-            "rng": rng_states,
-        }
-        trainable = lora_parameters(self.unet, self.text_encoder)
-        save_training_state(staging / STATE_DIR, trainable, self.optimizer.state_dict(), state)
-        published = publish(staging, self.output, step)
+        try:
+            save_lora_weights(staging, self.unet, self.text_encoder)
+            (staging / LORA_CONFIG_NAME).write_text(json.dumps(self.lora_record, indent=1))
+            (staging / RECORD_NAME).write_text(json.dumps(record, indent=1))
+            state = {
+                "step": step,
+                "epoch": record["epoch"],
+                "plan": self.plan,
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "running_loss": self.running_loss.state_dict(),
+                "grad_scaler": self.accelerator.scaler.state_dict()
+                if self.accelerator.scaler
+                else None,
+                "elapsed": record["wall_time"],
+                "rng": rng_states,
+            }
+            trainable = lora_parameters(self.unet, self.text_encoder)
+            save_training_state(staging / STATE_DIR, trainable, self.optimizer.state_dict(), state)
+            published = publish(staging, self.output, step)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # e.g. disk full: no half checkpoint
+            raise
         for mirror_uri in self.mirrors:
             mirror(published, mirror_uri)
             store.upload_file(self.output / LOSS_LOG_NAME, store.join(mirror_uri, LOSS_LOG_NAME))
