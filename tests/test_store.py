@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -164,10 +165,12 @@ def test_refused_endpoint_fails_fast_naming_it_and_never_the_secret(
 
 
 class _FlakyProxy(http.server.ThreadingHTTPServer):
-    """Answers 503 to the first ``failures`` requests, then forwards to the real server."""
+    """Answers the first ``failures`` requests with 503 (or resets their connection, with
+    ``mode="reset"``), then forwards to the real server."""
 
-    def __init__(self, upstream: str, failures: int) -> None:
+    def __init__(self, upstream: str, failures: int, mode: str = "503") -> None:
         super().__init__(("127.0.0.1", 0), _FlakyHandler)
+        self.mode = mode
         self.upstream = urlsplit(upstream)
         self.failures_left = failures
         self.requests_seen = 0
@@ -186,6 +189,12 @@ class _FlakyHandler(http.server.BaseHTTPRequestHandler):
             self.server.requests_seen += 1
             fail = self.server.failures_left > 0
             self.server.failures_left -= int(fail)
+        if fail and self.server.mode == "reset":
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+            )  # close with RST: the client sees "connection reset by peer"
+            self.close_connection = True
+            return
         if fail:
             self.send_response(503)
             self.send_header("Content-Length", "0")
@@ -227,6 +236,42 @@ def test_503_bursts_are_retried_until_the_request_succeeds(
     store.write_text(uri, "made it")
     assert flaky_endpoint.requests_seen == 4, "three 503s, then the real PUT"
     assert store.read_text(uri) == "made it"
+
+
+def test_connections_reset_mid_request_are_retried_until_it_succeeds(
+    s3_bucket: str, s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = _FlakyProxy(s3_server, failures=2, mode="reset")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    monkeypatch.setenv("LORAPIPE_S3_ENDPOINT", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        uri = store.join(s3_bucket, "after-resets.txt")
+        store.write_text(uri, "made it")
+        assert proxy.requests_seen == 3, "two resets, then the real PUT"
+        assert store.read_text(uri) == "made it"
+    finally:
+        proxy.shutdown()
+
+
+@pytest.mark.faults
+def test_an_endpoint_that_never_answers_times_out_instead_of_hanging(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)  # accepts connections (the kernel does), never reads or answers
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    monkeypatch.setenv("LORAPIPE_S3_ENDPOINT", endpoint)
+    monkeypatch.setenv("LORAPIPE_S3_READ_TIMEOUT", "1")
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError) as error:
+            store.read_bytes("s3://bucket/key")
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 60  # a bound on hanging, not a benchmark
+    assert endpoint in str(error.value)
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in str(error.value)
 
 
 def test_files_written_locally_get_the_usual_permissions(tmp_path: Path) -> None:
