@@ -16,6 +16,10 @@ printed) unless ``--preset sd15`` asks for the full architecture (for a GPU); th
 
 Both produce the same images; the run asserts it (every pixel within one 8-bit level) and
 prints images/s for each and the ratio.
+
+Model FLOPs per image (``flops.py``): ``steps`` UNet forwards on a batch of 2 (classifier-free
+guidance) plus one VAE decode (one UNet call per step holds for DPM++ 2M, Euler, DDIM; a
+second-order sampler such as Heun calls it twice). Achieved FLOP/s is that times images/s.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from flops import generation_flops, human
 
 PROMPTS = [
     "street photography, 35mm film grain, muted colors, <lora:bench_style:0.7>",
@@ -104,6 +109,14 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     print(f"{'lorapipe generate':28} {lorapipe_rate:9.3f} {report['render_seconds']:8.2f}")
     print(f"{'naive pipeline loop':28} {naive_rate:9.3f} {naive_seconds:8.2f}")
     print(f"same images (max difference {worst}/255); speed-up x{lorapipe_rate / naive_rate:.2f}")
+    image_flops = generation_flops(model, size=args.size, steps=args.steps)
+    print(
+        f"model FLOPs per image: {human(image_flops['total'])}FLOP = UNet "
+        f"{human(image_flops['unet_per_step'])}FLOP x {args.steps} steps (batch 2, CFG) + VAE "
+        f"decode {human(image_flops['vae_decode'])}FLOP; achieved: lorapipe "
+        f"{human(image_flops['total'] * lorapipe_rate)}FLOP/s, naive "
+        f"{human(image_flops['total'] * naive_rate)}FLOP/s"
+    )
 
 
 def naive_loop(model: Path, lora_file: Path, config, report) -> tuple[float, dict]:
