@@ -151,6 +151,23 @@ PRESETS: dict[str, SDPreset] = {
         down_blocks=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_blocks=("UpBlock2D", "CrossAttnUpBlock2D"),
     ),
+    # the procedural world's base model (lorapipe.world_model): 64 px, 8x8x4 latents
+    "world": SDPreset(
+        unet_channels=(32, 64, 64),
+        unet_layers_per_block=1,
+        unet_attention_heads=8,
+        cross_attention_dim=64,
+        vae_channels=(16, 32, 64, 64),
+        vae_layers_per_block=1,
+        vae_norm_groups=16,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=128,
+        text_vocab_size=0,
+        resolution=64,
+        down_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
     "bench": SDPreset(
         unet_channels=(64, 128, 256, 256),
         unet_layers_per_block=2,
