@@ -273,6 +273,46 @@ def test_ingest_of_thousands_of_images_stays_under_a_stated_peak_rss(tmp_path: P
     assert peak < INGEST_PEAK_RSS_BOUND_KB
 
 
+def noise_dataset(uri: Path, count: int, size: int = 512) -> Path:
+    """A lorapipe dataset of ``count`` distinct captioned noise-block PNGs."""
+    with DatasetWriter(str(uri)) as writer:
+        for index, path in enumerate(
+            sorted(noise_folder(uri.parent / f"{uri.name}-png", count, size).iterdir())
+        ):
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+            writer.write(
+                ImageRecord(
+                    id=digest[:16], image=path.read_bytes(), format="png", width=size,
+                    height=size, sha256=digest, caption=f"blocks {index}",
+                )
+            )  # fmt: skip
+    return uri
+
+
+def test_training_reads_the_dataset_streaming_not_all_at_once(
+    tmp_path: Path, config: TrainConfig
+) -> None:
+    """Ten times the images (283 MB more decoded pixels) costs training far less memory: images
+    are streamed to a file cache and decoded one batch at a time."""
+    peaks = {}
+    for count in (40, 400):
+        dataset = noise_dataset(tmp_path / f"data-{count}", count)
+        changes = dict(train_data_dir=str(dataset), output_dir=str(tmp_path / f"out-{count}"))
+        changes.update(resolution=64, max_train_steps=1, save_steps=0, validation_split=0)
+        changes.update(cache_dir=str(tmp_path / f"cache-{count}"))
+        process, peaks[count] = peak_rss_kb(
+            [sys.executable, "-m", "lorapipe.cli", "train", *flags(config, **changes)]
+        )
+        assert process.returncode == 0, process.stderr[-3000:]
+    extra_decoded_kb = (400 - 40) * 512 * 512 * 3 / 1024
+    growth = peaks[400] - peaks[40]
+    print(
+        f"\ntraining peak RSS: 40 images {peaks[40] / 1e3:.0f} MB, 400 images {peaks[400] / 1e3:.0f} MB"
+    )
+    assert growth < extra_decoded_kb / 4
+
+
 # --------------------------------------------------------------------------- determinism
 
 
