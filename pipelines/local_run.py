@@ -7,12 +7,14 @@ locally; everything else (artifacts, conditions, the sub-pipeline) runs as on a 
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 from lorapipe import store
+from lorapipe.errors import PipelineRunError
 from pipelines.lora_training import PIPELINE_NAME
 
 
@@ -55,9 +57,24 @@ def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
-    lora_training(**arguments)
+    try:
+        lora_training(**arguments)
+    except RuntimeError as error:
+        raise PipelineRunError(_failure_line(str(error), root)) from None
     (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
     return collect_outputs(run_dir, out)
+
+
+def _failure_line(kfp_message: str, root: Path) -> str:
+    """kfp.local's failure ("... Inner task failed: 'ingest'.", with colour codes) as one line
+    that names the task and where its log and artifacts are."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", kfp_message)
+    task = re.search(r"Inner task failed: '([^']+)'", plain)
+    name = task.group(1) if task else "a task"
+    return (
+        f"the pipeline stopped at task '{name}'; the last line of its log above is the "
+        f"lorapipe error, its artifacts are under {root}"
+    )
 
 
 def collect_outputs(run_dir: Path, out: Path) -> Path:

@@ -56,7 +56,7 @@ def _with_s3_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
 def _data_stage(task: dsl.PipelineTask, *, cpu: str, memory: str) -> dsl.PipelineTask:
     """Deterministic: cached on identical inputs, retried on storage hiccups."""
     task.set_caching_options(True)
-    task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+    task.set_retry(num_retries=2, backoff_duration="10s", backoff_factor=2)
     task.set_cpu_request(cpu).set_cpu_limit(cpu)
     task.set_memory_request(memory).set_memory_limit(memory)
     return _with_s3_access(task)

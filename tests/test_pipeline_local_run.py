@@ -62,3 +62,19 @@ def test_with_a_tagger_the_tag_branch_runs_instead(tmp_path: Path) -> None:
     assert "looking left" in tag_report
     assert not list((tmp_path / "pipeline-root").glob("*/augment-2")), "one branch only"
     assert (tmp_path / "report.html").is_file()
+
+
+@pytest.mark.faults  # kfp.local retries the stage twice (10 s, then 20 s) before giving up
+def test_a_failing_stage_stops_the_run_with_one_line_naming_the_task(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from lorapipe.errors import PipelineRunError
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "photo.jpg").write_text("<html>not an image</html>")
+    arguments = {"data_uri": str(bad), "base_model_uri": str(tiny_model_dir)}
+    with pytest.raises(PipelineRunError, match="the pipeline stopped at task 'ingest'"):
+        local_run.run_local(tmp_path / "run", arguments)
+    (report,) = (tmp_path / "run" / "pipeline-root").glob("*/ingest/dataset/report.md")
+    assert "photo.jpg" in report.read_text() and "not_an_image" in report.read_text()

@@ -44,6 +44,10 @@ class ClusterError(LorapipeError):
     """The Kubeflow Pipelines server cannot be reached or refused a request."""
 
 
+class PipelineRunError(LorapipeError):
+    """A task of a local pipeline run failed (its own error is in its log)."""
+
+
 class DatasetError(LorapipeError):
     """A lorapipe Parquet dataset is missing, empty or has the wrong schema."""
 
