@@ -75,19 +75,22 @@ def upload_version(client: Any) -> tuple[str, str]:
     return pipeline_id, version.pipeline_version_id
 
 
+def _run_target(client: Any, experiment: str) -> dict[str, str]:
+    """A new pipeline version and the experiment to run it in, as the keyword arguments that
+    both ``run_pipeline`` and ``create_recurring_run`` take."""
+    pipeline_id, version_id = upload_version(client)
+    experiment_id = client.create_experiment(experiment).experiment_id
+    return {"experiment_id": experiment_id, "pipeline_id": pipeline_id, "version_id": version_id}
+
+
 def submit(arguments: dict[str, Any], host: str | None, experiment: str) -> str:
     """Upload a pipeline version and start one run of it; returns the run's URL."""
     host = _host(host)
     with kfp_errors(host):
         client = _client(host)
-        pipeline_id, version_id = upload_version(client)
-        experiment_id = client.create_experiment(experiment).experiment_id
+        target = _run_target(client, experiment)
         run = client.run_pipeline(
-            experiment_id=experiment_id,
-            job_name=f"{PIPELINE_NAME} {version_id[:8]}",
-            params=arguments,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
+            job_name=f"{PIPELINE_NAME} {target['version_id'][:8]}", params=arguments, **target
         )
     return f"{client._uihost.rstrip('/')}/#/runs/details/{run.run_id}"
 
@@ -106,16 +109,12 @@ def schedule(
     host = _host(host)
     with kfp_errors(host):
         client = _client(host)
-        pipeline_id, version_id = upload_version(client)
-        experiment_id = client.create_experiment(experiment).experiment_id
         recurring = client.create_recurring_run(
-            experiment_id=experiment_id,
             job_name=name,
             cron_expression=cron,
             max_concurrency=1,
             no_catchup=True,
             params=arguments,
-            pipeline_id=pipeline_id,
-            version_id=version_id,
+            **_run_target(client, experiment),
         )
     return recurring.recurring_run_id
