@@ -1,15 +1,16 @@
 """A procedural image world with ground truth, so every pipeline stage can be measured on CPU.
 
 Scenes are a few flat shapes (shape, colour, count, position) on a plain neutral background,
-optionally in the ``filmstyle`` style (a warm sepia grade plus horizontal scanlines: the thing a
-LoRA should learn) and with known defects (blur, grain, over-exposure, a "SAMPLE" watermark:
+optionally in the ``filmstyle`` style (a warm sepia grade with faded blacks and a dark vignette:
+the thing a LoRA should learn) and with known defects (blur, grain, over-exposure, a "SAMPLE" watermark:
 the things a negative prompt should remove). Every scene has a caption, ground-truth tags and,
 for the style and each defect, a pure-computation statistic.
 
 The statistics are measured on a 64 x 64 copy of the image (``ANALYSIS_SIZE``), the resolution
 the demo model generates at, so a 512 px training image and a 64 px generated one are on one
 scale. The style and the defects are drawn at sizes relative to the image for the same reason:
-they survive the resize to 64 px that training applies.
+they survive the resize to 64 px that training applies. The style is deliberately coarse (a
+grade and a vignette, no fine texture): the demo model's 8 x 8 latents can carry it.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ DEFECTS = ("blurry", "grainy", "overexposed", "watermark")
 STYLE = "filmstyle"
 
 ANALYSIS_SIZE = 64
-SCANLINES = 24  # scanline periods per image height: 2.7 px at 64 px, so they survive the resize
+VIGNETTE = 0.5  # how much the grade darkens the corners: luma x (1 - VIGNETTE * r^2), r = 1 there
+# the object-free bands along the top and bottom edges, where style_score reads the vignette
+_EDGE_BANDS = ((0.0, 0.07), (0.96, 1.0))
 WATERMARK_TEXT = "SAMPLE"
 # the watermark's corner: the bottom-right band; objects stay above WATERMARK_TOP
 WATERMARK_BOX = (0.52, 0.82, 0.96, 0.95)
@@ -214,36 +217,34 @@ def tags(scene: Scene) -> list[str]:
 
 
 def style_score(image: Image.Image | np.ndarray) -> float:
-    """How much ``filmstyle`` an image shows: warmth + scanlines, both about 0 on an unstyled
-    render; on a styled one warmth is about 1 and scanlines 1.5-2, so a LoRA that learned only
-    the colour grade (the easier half for a tiny model) still scores about 1. (Blur erases the
-    scanlines; over-exposure erases both.)
+    """How much ``filmstyle`` an image shows: warmth + vignette, both about 0 on an unstyled
+    render and about 1 on a styled one. (Over-exposure erases both.)
 
     warmth: median over pixels of (R - B) / (luma + 20), over 0.3 (about the grade's value);
-    the median pixel is background, neutral in every unstyled scene. scanlines: the profile of
-    row medians (the background again, so shapes barely count) has a spectral peak at
-    ``SCANLINES`` cycles per height; log10 of that power over the mean of nearby frequencies,
-    less 1 (what noise reaches), over 2."""
+    the median pixel is background, neutral in every unstyled scene. vignette: along the top
+    and bottom edge bands (where no object or watermark is drawn), how much darker the ends
+    are than the centre, relative to the centre, over 0.2 (what ``VIGNETTE`` gives there); the
+    world's light falloff is vertical, so unstyled rows are flat."""
     rgb = _analysis_rgb(image)
     y = luma(rgb)
     warmth = float(np.median((rgb[..., 0] - rgb[..., 2]) / (y + 20.0))) / 0.3
-    profile = np.median(y, axis=1)
-    profile = profile - np.polyval(
-        np.polyfit(np.arange(profile.size), profile, 2), np.arange(profile.size)
-    )
-    power = np.abs(np.fft.rfft(profile)) ** 2
-    near = np.r_[SCANLINES - 8 : SCANLINES - 1, SCANLINES + 2 : SCANLINES + 9]
-    ratio = (power[SCANLINES] + 1e-3) / (power[near].mean() + 1e-3)
-    scanlines = max(0.0, float(np.log10(ratio)) - 1.0) / 2.0
-    return max(0.0, warmth) + scanlines
+    size = ANALYSIS_SIZE
+    end = round(0.12 * size)
+    darkening = []
+    for top, bottom in _EDGE_BANDS:
+        band = y[int(top * size) : max(int(top * size) + 1, int(bottom * size))]
+        centre = float(np.median(band[:, size // 2 - end : size // 2 + end]))
+        ends = float(np.median(np.concatenate([band[:, :end], band[:, -end:]], axis=1)))
+        darkening.append((centre - ends) / (centre + 20.0))
+    vignette = float(np.mean(darkening)) / 0.2
+    return max(0.0, warmth) + max(0.0, vignette)
 
 
 def blur_score(image: Image.Image | np.ndarray) -> float:
-    """Crete et al. (2007) no-reference blur, 0 (sharp) to 1 (blurry), along rows only so
-        horizontal scanlines do not count as detail: the share of the horizontal variation that
-        survives re-blurring, summed over the RGB channels (a green shape on grey has almost no luma
-    edge). Content-normalized, unlike the Laplacian variance, which grows with
-        the number of edges."""
+    """Crete et al. (2007) no-reference blur, 0 (sharp) to 1 (blurry), along rows: the share
+    of the horizontal variation that survives re-blurring, summed over the RGB channels (a
+    green shape on grey has almost no luma edge). Content-normalized, unlike the Laplacian
+    variance, which grows with the number of edges."""
     rgb = _analysis_rgb(image).transpose(2, 0, 1).reshape(-1, ANALYSIS_SIZE)
     variation = np.abs(np.diff(rgb, axis=1))
     reblurred = np.abs(np.diff(_box_rows(rgb, 7), axis=1))
@@ -255,8 +256,7 @@ def blur_score(image: Image.Image | np.ndarray) -> float:
 
 def grain_score(image: Image.Image | np.ndarray) -> float:
     """Grain strength in luma levels (0-255): median |pixel - mean of its left and right
-    neighbours|. The median ignores the few edge pixels; rows only, so scanlines (constant
-    along a row) are not grain."""
+    neighbours|. The median ignores the few edge pixels."""
     y = luma(_analysis_rgb(image))
     residual = y[:, 1:-1] - 0.5 * (y[:, :-2] + y[:, 2:])
     return float(np.median(np.abs(residual)))
@@ -271,7 +271,7 @@ def overexposure_score(image: Image.Image | np.ndarray) -> float:
 def watermark_score(image: Image.Image | np.ndarray) -> float:
     """Fraction of near-white stroke pixels in the watermark corner (bright against their row,
     and no more colourful than the background) minus the same fraction in the mirrored corner
-    on the left. The difference cancels grain, scanlines and light falloff, which hit both
+    on the left. The difference cancels grain, the vignette and light falloff, which hit both
     corners alike."""
     rgb = _analysis_rgb(image)
     y = luma(rgb)
@@ -315,12 +315,17 @@ def write_world_folder(
         render(scene, size, seed=seed * 100_003 + index).save(folder / name)
         rows.append((name, caption(scene)))
         truth[name] = {"scene": asdict(scene), "tags": tags(scene)}
-    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as file:
+    write_metadata_csv(folder / "metadata.csv", rows)
+    (folder / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
+    return folder
+
+
+def write_metadata_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    """lora-scripts' ``metadata.csv``: a ``filename,text`` header, then one row per image."""
+    with path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.writer(file)
         writer.writerow(["filename", "text"])
         writer.writerows(rows)
-    (folder / "ground_truth.json").write_text(json.dumps(truth, indent=1) + "\n")
-    return folder
 
 
 def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
@@ -344,16 +349,15 @@ def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, 
 
 
 def _film_style(pixels: np.ndarray) -> np.ndarray:
-    """``filmstyle``: 40 % of a sepia grade mixed in, warm lifted blacks (faded film), then
-    horizontal scanlines that darken every other band by up to 15 % plus 10 levels (the
-    offset keeps them visible on a black background)."""
+    """``filmstyle``: 40 % of a sepia grade mixed in, warm lifted blacks (faded film), then a
+    vignette that darkens towards the corners (``VIGNETTE``)."""
     sepia = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
     graded = 0.5 * pixels + 0.4 * (pixels @ sepia.T)
     graded = 0.88 * graded + np.array([28.0, 16.0, 0.0])
     size = pixels.shape[0]
-    phase = 2.0 * np.pi * SCANLINES * (np.arange(size) + 0.5) / size
-    lines = (0.5 + 0.5 * np.cos(phase))[:, None, None]
-    return graded * (1.0 - 0.15 * lines) - 10.0 * lines
+    offsets = (np.arange(size) + 0.5) / size * 2.0 - 1.0
+    radius_squared = (offsets[:, None] ** 2 + offsets[None, :] ** 2) / 2.0
+    return graded * (1.0 - VIGNETTE * radius_squared)[..., None]
 
 
 def _grain(size: int, rng: np.random.Generator) -> np.ndarray:
