@@ -78,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         arguments = parse_params(args.param, args.params)
         if args.command == "run-local":
-            print(
-                f"report: {local_run.run_local(Path(args.out), arguments, args.s3_prefix).resolve()}"
-            )
+            run = local_run.run_local(Path(args.out), arguments, args.s3_prefix)
+            for claim in run.claims:
+                print(claim.line())
+            if run.claims:
+                held = sum(claim.passed for claim in run.claims)
+                print(f"the demo shows {held} of its {len(run.claims)} claims")
+            print(f"report: {run.report.resolve()}")
         elif args.command == "submit":
             print(f"run: {cluster.submit(arguments, args.host, args.experiment)}")
         else:

@@ -7,22 +7,36 @@ locally; everything else (artifacts, conditions, the sub-pipeline) runs as on a 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lorapipe import store
+from lorapipe.demo_checks import Claim, RunOutputs, check_run
 from lorapipe.errors import PipelineRunError
+from lorapipe.report_html import add_claims_section
 from pipelines.lora_training import PIPELINE_NAME
 
 
-def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None) -> Path:
-    """Run the DAG on this machine; returns the review report's path.
+@dataclass(frozen=True)
+class LocalRun:
+    """A finished local run: its review report and, for the demo, what the run showed."""
 
-    Without ``data_uri``/``base_model_uri`` the sample images and the tiny model are used
-    (``lorapipe.demo``). With ``s3_prefix`` (``s3://bucket/path``), they are uploaded there and
+    report: Path
+    claims: list[Claim] = field(default_factory=list)
+
+
+def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None) -> LocalRun:
+    """Run the DAG on this machine.
+
+    Without ``data_uri``/``base_model_uri`` the demo runs (``lorapipe.demo``): the world's
+    sample images, base model and tagger; afterwards its claims are measured
+    (``lorapipe.demo_checks``), written to ``demo_checks.json`` and shown at the top of the
+    report. With ``s3_prefix`` (``s3://bucket/path``), the inputs are uploaded there and
     checkpoints and the LoRA are mirrored and published there, through the S3 endpoint and
     credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, ...).
     """
@@ -31,24 +45,29 @@ def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None
     from lorapipe import demo
     from pipelines.lora_training import lora_training
 
+    demo_folder = None
     if "data_uri" not in arguments or "base_model_uri" not in arguments:
-        data_dir, model_dir = demo.prepare_inputs(out / "inputs")
+        demo_folder, model_dir, tagger_dir = demo.prepare_inputs(out / "inputs")
         defaults = {
-            "data_uri": str(data_dir),
+            "data_uri": str(demo_folder),
             "base_model_uri": str(model_dir),
+            "tagger_uri": str(tagger_dir),
             "training_config": demo.DEMO_TRAINING_CONFIG,
             "publish_uri": str(out / "published"),
             **demo.DEMO_REVIEW,
         }
         if s3_prefix:
             prefix = s3_prefix.rstrip("/")
-            store.put_dir(data_dir, f"{prefix}/inputs/raw-images")
-            store.put_dir(model_dir, f"{prefix}/inputs/tiny-sd")
+            inputs = {
+                "data_uri": demo_folder,
+                "base_model_uri": model_dir,
+                "tagger_uri": tagger_dir,
+            }
+            for name, directory in inputs.items():
+                store.put_dir(directory, f"{prefix}/inputs/{directory.name}")
+                defaults[name] = f"{prefix}/inputs/{directory.name}"
             defaults.update(
-                data_uri=f"{prefix}/inputs/raw-images",
-                base_model_uri=f"{prefix}/inputs/tiny-sd",
-                checkpoint_mirror_uri=f"{prefix}/checkpoints",
-                publish_uri=f"{prefix}/loras",
+                checkpoint_mirror_uri=f"{prefix}/checkpoints", publish_uri=f"{prefix}/loras"
             )
         arguments = {**defaults, **arguments}
 
@@ -62,7 +81,33 @@ def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None
     except RuntimeError as error:
         raise PipelineRunError(_failure_line(str(error), root)) from None
     (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
-    return collect_outputs(run_dir, out)
+    report = collect_outputs(run_dir, out)
+    if demo_folder is None:
+        return LocalRun(report)
+    claims = check_run(demo_outputs(run_dir, demo.truth_file(demo_folder)))
+    store.write_text(
+        str(out / "demo_checks.json"), json.dumps([asdict(c) for c in claims], indent=1) + "\n"
+    )
+    store.write_text(str(report), add_claims_section(report.read_text(encoding="utf-8"), claims))
+    return LocalRun(report, claims)
+
+
+def demo_outputs(run_dir: Path, truth: Path) -> RunOutputs:
+    """The artifacts of a kfp.local run directory that the demo's claims read."""
+
+    def artifact(pattern: str) -> Path:
+        (path,) = run_dir.glob(pattern)
+        return path
+
+    tagged = list(run_dir.glob("tag*/tagged"))
+    return RunOutputs(
+        ingest_report=artifact("ingest/dataset/report.json"),
+        tagged_dataset=tagged[0] if tagged else None,
+        training=artifact("train*/training"),
+        selection_report=artifact("select*/lora/report.json"),
+        generated=artifact("generate*/images"),
+        truth=truth,
+    )
 
 
 def _failure_line(kfp_message: str, root: Path) -> str:

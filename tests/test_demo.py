@@ -1,39 +1,61 @@
-"""The sample inputs of `make run`: raw images as a user hands them over, bad files included."""
+"""The demo's inputs: world scenes as a user hands them over, bad files included, and the
+committed world model and tagger."""
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from lorapipe.demo import TRIGGER, sample_image, sample_scenes, write_sample_folder
+from lorapipe import demo, world
+from lorapipe.errors import InputError
 from lorapipe.stages.ingest import perceptual_hash
 
 
-def test_the_sample_folder_holds_captioned_512px_images_and_three_files_to_drop(
+def test_the_sample_folder_holds_captioned_512px_styled_scenes_and_three_files_to_drop(
     tmp_path: Path,
 ) -> None:
-    folder = write_sample_folder(tmp_path / "raw")
+    folder = demo.write_sample_folder(tmp_path / "raw", count=6)
     with (folder / "metadata.csv").open(encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 9
+    assert len(rows) == 6
+    truth = json.loads(demo.truth_file(folder).read_text())
+    assert set(truth) == {row["filename"] for row in rows}
     for row in rows:
-        assert row["text"].startswith(f"{TRIGGER}, a ")
+        assert row["text"].startswith(f"{demo.TRIGGER}, ")
+        assert demo.TRIGGER in truth[row["filename"]]["tags"]
         with Image.open(folder / row["filename"]) as image:
             assert image.size == (512, 512)
-    planted = {"copy_of_first.png", "truncated.jpg", "too_small.png"}
+            assert world.style_score(image) > 1.5
     assert {path.name for path in folder.iterdir()} == {
         "metadata.csv",
-        *planted,
+        *demo.PLANTED_FILES,
         *(row["filename"] for row in rows),
     }
 
 
-def test_no_two_sample_scenes_are_near_duplicates() -> None:
-    hashes = [
-        perceptual_hash(sample_image(*scene, seed=i)) for i, scene in enumerate(sample_scenes())
-    ]
+def test_no_two_demo_scenes_are_near_duplicates_to_ingest(tmp_path: Path) -> None:
+    folder = demo.write_sample_folder(tmp_path / "raw")
+    hashes = [perceptual_hash(Image.open(path)) for path in sorted(folder.glob("filmstyle_*"))]
+    assert len(hashes) == demo.DEMO_IMAGES
     distances = [bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2)]
-    assert min(distances) > 12  # ingest's default near-duplicate threshold is 6 bits
+    assert min(distances) > 6  # ingest's default near-duplicate distance
+
+
+def test_the_inputs_are_the_committed_world_model_and_tagger(tmp_path: Path) -> None:
+    folder, model, tagger = demo.prepare_inputs(tmp_path)
+    assert (model / "model_index.json").is_file()
+    assert (tagger / "project.json").is_file()
+    assert folder == tmp_path / "raw-images"
+
+
+def test_without_the_committed_assets_the_error_says_how_to_rebuild_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "WORLD_MODEL", tmp_path / "missing")
+    with pytest.raises(InputError, match="python -m lorapipe.world_model --out"):
+        demo.prepare_inputs(tmp_path)

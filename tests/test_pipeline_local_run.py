@@ -1,4 +1,4 @@
-"""`make run`: the whole DAG through kfp.local on the sample images and the tiny model."""
+"""`make run`: the whole DAG through kfp.local on the demo's world images, model and tagger."""
 
 from __future__ import annotations
 
@@ -17,51 +17,70 @@ def _task_dir(out: Path, task: str) -> Path:
     return directory
 
 
-def test_make_run_cleans_trains_selects_publishes_and_reports(tmp_path: Path) -> None:
-    report = local_run.run_local(tmp_path, {})
+# a short training and a small grid, for the tests that check plumbing rather than claims
+QUICK = {
+    "training_config": (
+        "{output_name: filmstyle, lora_rank: 4, batch_size: 4, max_train_steps: 20, "
+        "save_steps: 10, resolution: 64, validation_split: 0.2}"
+    ),
+    "lora_scales": [0.0, 0.8],
+    "seeds": [1],
+    "steps": 4,
+}
 
-    assert report == tmp_path / "report.html"
-    assert "<html" in report.read_text().lower()
+
+# Not shown yet (README, "What the demo shows"): the committed world model draws its watermark
+# too rarely, and heeds the word too weakly, for a negative prompt to remove it measurably.
+NOT_YET_SHOWN = 'the negative preset "landscape" lowers watermark output'
+
+
+def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_removes_blur(
+    tmp_path: Path,
+) -> None:
+    """The demo end to end: the claims of "What the demo shows" hold, with their thresholds,
+    and the report shows each with its verdict."""
+    run = local_run.run_local(tmp_path, {})
+
+    assert run.report == tmp_path / "report.html"
+    assert len(run.claims) == 6 and NOT_YET_SHOWN in {claim.claim for claim in run.claims}
+    failed = [c.line() for c in run.claims if not c.passed and c.claim != NOT_YET_SHOWN]
+    assert not failed, failed
+    html = run.report.read_text()
+    verdicts = html.count(">PASS<") + html.count(">FAIL<")
+    assert "What this run shows" in html and verdicts == 6 and html.count(">PASS<") >= 5
+    assert json.loads((tmp_path / "demo_checks.json").read_text())[0]["passed"] is True
     ingest_report = (_task_dir(tmp_path, "ingest") / "report").read_text()
     for planted in ("copy_of_first.png", "truncated.jpg", "too_small.png"):
         assert planted in ingest_report
-    assert not list((tmp_path / "pipeline-root").glob("*/tag*")), "no tagger: tag is skipped"
+    assert not list((tmp_path / "pipeline-root").glob("*/augment-2")), "the tagger branch only"
     latest = json.loads((tmp_path / "published" / "latest.json").read_text())
     published = Path(latest["uri"])
     assert (published / "filmstyle.safetensors").is_file()
     assert (published / "pytorch_lora_weights.safetensors").is_file()
-    selection = json.loads((published / "selection.json").read_text())
-    assert selection["chosen"]["step"] in (10, 20, 30)
 
 
 def test_with_a_bucket_inputs_checkpoints_and_the_lora_live_in_s3(
     tmp_path: Path, s3_bucket: str
 ) -> None:
     prefix = f"{s3_bucket}/lorapipe-demo"
-    local_run.run_local(tmp_path, {}, s3_prefix=prefix)
+    local_run.run_local(tmp_path, QUICK, s3_prefix=prefix)
 
+    assert store.exists(f"{prefix}/inputs/world-tagger/project.json")
     latest = json.loads(store.read_text(f"{prefix}/loras/latest.json"))
     assert latest["uri"].startswith(f"{prefix}/loras/")
     assert store.exists(store.join(latest["uri"], "filmstyle.safetensors"))
     checkpoints = store.list_uris(f"{prefix}/checkpoints/{latest['run_id']}/")
-    assert any(uri.endswith("checkpoint-30/_COMPLETE") for uri in checkpoints), checkpoints
+    assert any(uri.endswith("checkpoint-20/_COMPLETE") for uri in checkpoints), checkpoints
 
 
-def test_with_a_tagger_the_tag_branch_runs_instead(tmp_path: Path) -> None:
-    """The other branch of dsl.If: the DeepDanbooru stage tags the cleaned images."""
-    pytest.importorskip("deepdanbooru")
-    from test_tag import build_project
+def test_without_a_tagger_the_no_tagger_branch_runs_instead(tmp_path: Path) -> None:
+    """The other branch of dsl.If: the cleaned images go straight to augment."""
+    run = local_run.run_local(tmp_path, {**QUICK, "tagger_uri": ""})
 
-    project = build_project(tmp_path / "tagger", ["looking_left", "film_grain"])
-    local_run.run_local(
-        tmp_path,
-        {"tagger_uri": str(project), "tag_threshold": 0.01, "caption_merge": "append"},
-    )
-
-    tag_report = (_task_dir(tmp_path, "tag") / "report").read_text()
-    assert "looking left" in tag_report
-    assert not list((tmp_path / "pipeline-root").glob("*/augment-2")), "one branch only"
-    assert (tmp_path / "report.html").is_file()
+    assert not list((tmp_path / "pipeline-root").glob("*/tag*")), "no tagger: tag is skipped"
+    assert list((tmp_path / "pipeline-root").glob("*/augment-2"))
+    assert "tagger" not in " ".join(claim.claim for claim in run.claims)
+    assert run.report.is_file()
 
 
 @pytest.mark.faults  # kfp.local retries the stage twice (10 s, then 20 s) before giving up

@@ -131,7 +131,9 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
 
     dataset = tmp_path / "dataset"
     ingest.run(
-        str(write_sample_folder(tmp_path / "raw")), str(dataset), ingest.IngestConfig(workers=1)
+        str(write_sample_folder(tmp_path / "raw", count=9)),
+        str(dataset),
+        ingest.IngestConfig(workers=1),
     )
     submitted = []
 

@@ -252,7 +252,7 @@ def test_no_secret_in_any_output_object_or_log_of_a_run_on_s3(
 
     bucket = distinctive_credentials
     caplog.set_level(logging.INFO)
-    store.put_dir(write_sample_folder(tmp_path / "raw"), f"{bucket}/raw")
+    store.put_dir(write_sample_folder(tmp_path / "raw", count=9), f"{bucket}/raw")
     assert main(["ingest", f"{bucket}/raw", "--out", f"{bucket}/ds", "--workers", "1"]) == 0
     assert main(["augment", f"{bucket}/ds", "--out", f"{bucket}/aug"]) == 0
     captured = capsys.readouterr()

@@ -1,122 +1,114 @@
-"""Sample inputs for ``make run``: the tiny offline SD model and a folder of raw images.
+"""The inputs of ``make run``: the world's base model and tagger, and a folder of raw images.
 
-The folder is what a user hands the pipeline: nine captioned 512 px PNGs in a film style, a
-lora-scripts ``metadata.csv``, and three files that ingest must drop (an exact duplicate, a
-truncated JPEG and an image below 512 px), so the run shows cleaning as well as training.
-``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores.
+The folder is what a user hands the pipeline: ``DEMO_IMAGES`` captioned 512 px scenes of the
+procedural world (``lorapipe.world``) in the ``filmstyle`` style, a lora-scripts
+``metadata.csv``, and three files that ingest must drop (an exact duplicate, a truncated JPEG
+and an image below 512 px). The base model and the tagger were trained on the world without
+the style (``lorapipe.world_model``, ``lorapipe.world_tagger``) and are committed under
+``assets/``, so the run shows a LoRA learning something the base model cannot draw.
+``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores; what the run must
+show is checked by ``lorapipe.demo_checks``.
 """
 
 from __future__ import annotations
 
-import csv
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from lorapipe import world
+from lorapipe.errors import InputError
 
-SAMPLE_SIZE = 512
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200)}
-POSITIONS = {"on the left": 0.3, "in the middle": 0.5, "on the right": 0.7}
-TRIGGER = "filmstyle"
+TRIGGER = world.STYLE
+DEMO_IMAGES = 40
+DEMO_SEED = 7
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
+WORLD_MODEL = ASSETS / "world-sd"
+WORLD_TAGGER = ASSETS / "world-tagger"
+PLANTED_FILES = ("copy_of_first.png", "truncated.jpg", "too_small.png")
+# more bits apart than ingest's near-duplicate distance (6), with a margin
+MIN_HASH_DISTANCE = 12
 
-# The seed article's keys, sized for the tiny model on a CPU: 64 px, 30 steps, a checkpoint
-# (with validation loss) every 10.
-DEMO_TRAINING_CONFIG = f"""\
-output_name: {TRIGGER}
-lora_rank: 4
-lora_alpha: 4
-target_modules: [q_proj, v_proj]
-batch_size: 2
-max_train_steps: 30
-learning_rate: 1e-3
-optimizer: AdamW
-scheduler: constant
-save_steps: 10
-resolution: 64
-validation_split: 0.25
-"""
-# The review grid: LoRA scales x CFG scales x seeds, with the article's landscape preset.
+# The seed article's keys, sized for the world model on a CPU: 64 px, a checkpoint (with
+# validation loss) every 50 steps.
+DEMO_TRAINING_CONFIG = (
+    f"{{output_name: {TRIGGER}, lora_rank: 8, lora_alpha: 8, batch_size: 4, "
+    "max_train_steps: 300, learning_rate: 1e-3, optimizer: AdamW, scheduler: constant, "
+    "save_steps: 50, resolution: 64, validation_split: 0.2}"
+)
+# The review grid: the article's landscape preset against no negative, at four LoRA scales.
+DEMO_PROMPTS = [
+    f"{TRIGGER}, a red circle in the middle, white background, <lora:{TRIGGER}:0.8>",
+    f"{TRIGGER}, two blue squares on the left, grey background, <lora:{TRIGGER}:0.8>",
+    f"{TRIGGER}, a yellow triangle on the right, black background, <lora:{TRIGGER}:0.8>",
+    f"{TRIGGER}, three green circles on the right, white background, <lora:{TRIGGER}:0.8>",
+]
 DEMO_REVIEW = {
-    "prompts": [f"{TRIGGER}, a red circle in the middle, <lora:{TRIGGER}:0.7>"],
-    "negative_presets": ["landscape"],
-    "lora_scales": [0.0, 0.7, 1.0],
-    "cfg_scales": [5.0, 7.0],
-    "seeds": [1, 2],
-    "steps": 8,
+    "prompts": DEMO_PROMPTS,
+    "negative_presets": ["none", "landscape"],
+    "lora_scales": [0.0, 0.4, 0.8, 1.0],
+    "cfg_scales": [7.0],
+    "seeds": [1, 2, 3, 4, 5, 6],
+    "steps": 20,
 }
 
 
-def sample_image(shape: str, colour: str, position: str, seed: int) -> Image.Image:
-    """A film-style sample: one coloured shape on a warm grainy background with a soft
-    vertical light falloff; size, height and light vary with ``seed`` so no two samples are
-    near duplicates."""
-    rng = np.random.default_rng(seed)
-    rows = np.linspace(0.0, 1.0, SAMPLE_SIZE, dtype=np.float32)[:, None, None]
-    light = rows if seed % 2 else 1.0 - rows
-    background = np.empty((SAMPLE_SIZE, SAMPLE_SIZE, 3), dtype=np.float32)
-    background[:] = (226, 205, 170)
-    background *= 0.75 + 0.25 * light
-    background += rng.normal(0, 14, size=background.shape)
-    image = Image.fromarray(background.clip(0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    radius = int(rng.integers(70, 130))
-    centre_x = SAMPLE_SIZE * POSITIONS[position]
-    centre_y = SAMPLE_SIZE * float(rng.uniform(0.35, 0.65))
-    box = (centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    else:
-        draw.polygon([(centre_x, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
-    return image.filter(ImageFilter.GaussianBlur(1.2))
+def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int]]:
+    """``count`` styled, defect-free scenes with their render seeds, no two near duplicates to
+    ingest (perceptual hashes more than ``MIN_HASH_DISTANCE`` bits apart): the hash is
+    luma-only, so two scenes differing only in colour would otherwise be dropped."""
+    from lorapipe.stages.ingest import perceptual_hash
+
+    candidates = world.sample_scenes(10 * count, seed=DEMO_SEED, styled_fraction=1.0)
+    kept: list[tuple[world.Scene, int, int]] = []
+    for index, scene in enumerate(candidates):
+        seed = DEMO_SEED * 100_003 + index
+        image_hash = perceptual_hash(world.render(scene, 64, seed=seed))
+        if all(bin(image_hash ^ other).count("1") > MIN_HASH_DISTANCE for *_, other in kept):
+            kept.append((scene, seed, image_hash))
+        if len(kept) == count:
+            return [(scene, seed) for scene, seed, _ in kept]
+    raise InputError(f"the world has fewer than {count} scenes far enough apart for the demo")
 
 
-def sample_scenes() -> list[tuple[str, str, str]]:
-    """Nine (shape, colour, position) scenes: every shape in every colour, each shape once in
-    every position."""
-    positions = list(POSITIONS)
-    return [
-        (shape, colour, positions[(shape_index + colour_index) % len(positions)])
-        for shape_index, shape in enumerate(SHAPES)
-        for colour_index, colour in enumerate(COLOURS)
-    ]
-
-
-def write_sample_folder(folder: str | Path) -> Path:
-    """The raw sample images, their ``metadata.csv`` and the files ingest must drop."""
+def write_sample_folder(folder: str | Path, count: int = DEMO_IMAGES) -> Path:
+    """The raw sample images, their ``metadata.csv`` and the files ingest must drop; the
+    ground truth (scene and tags per file) goes next to the folder, as ``<folder>.truth.json``,
+    where ingest does not see it."""
     folder = Path(folder)
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    rows = []
-    for index, (shape, colour, position) in enumerate(sample_scenes()):
+    rows, truth = [], {}
+    for index, (scene, seed) in enumerate(demo_scenes(count)):
         name = f"{TRIGGER}_{index:02d}.png"
-        sample_image(shape, colour, position, seed=index).save(folder / name)
-        rows.append((name, f"{TRIGGER}, a {colour} {shape} {position}, film grain"))
-    shutil.copyfile(folder / rows[0][0], folder / "copy_of_first.png")
-    truncated = folder / "truncated.jpg"
-    sample_image("circle", "blue", "on the left", seed=99).save(truncated, format="JPEG")
+        world.render(scene, 512, seed=seed).save(folder / name)
+        rows.append((name, world.caption(scene)))
+        truth[name] = {"scene": asdict(scene), "tags": world.tags(scene)}
+    first, copy, truncated, small = (folder / rows[0][0], *(folder / n for n in PLANTED_FILES))
+    shutil.copyfile(first, copy)
+    spare = world.Scene("circle", "blue", 1, "left", "grey", styled=True)
+    world.render(spare, 512).save(truncated, format="JPEG")
     truncated.write_bytes(truncated.read_bytes()[:4000])
-    sample_image("square", "red", "in the middle", seed=98).resize((256, 256)).save(
-        folder / "too_small.png"
-    )
-    with (folder / "metadata.csv").open("w", newline="", encoding="utf-8") as file:
-        writer = csv.writer(file)
-        writer.writerow(["filename", "text"])
-        writer.writerows(rows)
+    world.render(spare, 256, seed=1).save(small)
+    world.write_metadata_csv(folder / "metadata.csv", rows)
+    truth_file(folder).write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
     return folder
 
 
-def prepare_inputs(out: str | Path) -> tuple[Path, Path]:
-    """(raw image folder, tiny model) under ``out``; the model is built once and reused."""
-    from lorapipe.models import build_sd
+def truth_file(folder: str | Path) -> Path:
+    """Where ``write_sample_folder`` put the ground truth of ``folder``."""
+    folder = Path(folder)
+    return folder.with_name(f"{folder.name}.truth.json")
 
-    out = Path(out)
-    model = out / "tiny-sd"
-    if not (model / "model_index.json").is_file():
-        build_sd(model, seed=0, preset="tiny")
-    return write_sample_folder(out / "raw-images"), model
+
+def prepare_inputs(out: str | Path) -> tuple[Path, Path, Path]:
+    """(raw image folder, world base model, world tagger project) for a run under ``out``."""
+    for asset, script in ((WORLD_MODEL, "world_model"), (WORLD_TAGGER, "world_tagger")):
+        if not asset.is_dir():
+            raise InputError(
+                f"{asset} is missing: the demo needs the committed world assets; run from a "
+                f"lorapipe checkout or rebuild it with python -m lorapipe.{script} --out {asset}"
+            )
+    return write_sample_folder(Path(out) / "raw-images"), WORLD_MODEL, WORLD_TAGGER

@@ -13,9 +13,12 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:
+    from lorapipe.demo_checks import Claim
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
@@ -25,6 +28,7 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f4f4f4; }
 .warning { color: #9a5b00; } .info { color: #555; }
+.pass { color: #1a7f37; font-weight: 600; } .fail { color: #b42318; font-weight: 600; }
 figure { margin: 16px 0 32px; } figure img { max-width: 100%; border: 1px solid #ccc; }
 pre { background: #f6f6f6; padding: 10px; overflow-x: auto; }
 code { background: #f6f6f6; padding: 0 3px; }
@@ -222,3 +226,23 @@ def _reproduce(command: str, job_text: str) -> str:
         return ""
     job = f"<p>job.yaml:</p><pre>{_e(job_text)}</pre>" if job_text else ""
     return f"<h2>Reproduce</h2><pre>{_e(command)}</pre>{job}"
+
+
+def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
+    """``report_html`` with a "What this run shows" table (claim, measured, threshold,
+    PASS/FAIL) right under its title: the demo's measured claims, first thing a reader sees."""
+    rows = "".join(
+        f"<tr><td>{_e(claim.claim)}</td><td>{_e(claim.measured)}</td>"
+        f"<td>{_e(claim.threshold)}</td>"
+        f'<td class="{"pass" if claim.passed else "fail"}">'
+        f"{'PASS' if claim.passed else 'FAIL'}</td></tr>"
+        for claim in claims
+    )
+    section = (
+        "<h2>What this run shows</h2>"
+        "<p class=\"muted\">Measured on this run's outputs against the world's ground truth "
+        "(lorapipe.demo_checks).</p>"
+        "<table><tr><th>claim</th><th>measured</th><th>needs</th><th></th></tr>"
+        f"{rows}</table>"
+    )
+    return report_html.replace("</h1>", "</h1>\n" + section, 1)

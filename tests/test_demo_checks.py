@@ -1,0 +1,129 @@
+"""The demo's claims, measured on stage outputs built here from world renders, so each claim is
+seen to pass on outputs that show the effect and to fail on outputs that do not."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lorapipe import demo_checks, world
+from lorapipe.demo import PLANTED_FILES
+
+SCENE = world.Scene("circle", "red", 1, "middle", "white")
+
+
+def _generated(folder: Path, cells: list[dict], render: Callable[[dict], Image.Image]) -> Path:
+    """A generate output: ``index.parquet`` rows for ``cells`` and the image each names."""
+    (folder / "images").mkdir(parents=True)
+    rows = []
+    for number, cell in enumerate(cells):
+        row = {"prompt_index": 1, "cfg_scale": 7.0, "seed": number, **cell}
+        row["file"] = f"images/{number:03d}.png"
+        render(row).save(folder / row["file"])
+        rows.append(row)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "index.parquet")
+    return folder
+
+
+def test_the_style_claim_needs_a_clear_gain_at_0_8_and_a_rising_curve(tmp_path: Path) -> None:
+    def learned(row: dict) -> Image.Image:
+        scene = dataclasses.replace(SCENE, styled=row["lora_scale"] > 0)
+        return world.render(scene, 64, seed=row["seed"])
+
+    cells = [{"lora_scale": scale} for scale in (0.0, 0.8) for _ in range(3)]
+    index = pq.read_table(_generated(tmp_path / "a", cells, learned) / "index.parquet")
+    claim = demo_checks.check_style(index.to_pylist(), tmp_path / "a")
+    assert claim.passed, claim.line()
+
+    nothing = _generated(
+        tmp_path / "b", cells, lambda row: world.render(SCENE, 64, seed=row["seed"])
+    )
+    claim = demo_checks.check_style(pq.read_table(nothing / "index.parquet").to_pylist(), nothing)
+    assert not claim.passed and "style score by LoRA scale" in claim.measured
+
+
+def test_the_negative_claims_compare_only_cells_whose_negative_names_the_defect(
+    tmp_path: Path,
+) -> None:
+    def spoiled_without_negative(row: dict) -> Image.Image:
+        defects = ("blurry",) if row["negative_preset"] == "none" else ()
+        # at scale 0 the preset left "watermark" out: those images are marked either way
+        if row["lora_scale"] == 0.0 or row["negative_preset"] == "none":
+            defects += ("watermark",)
+        return world.render(dataclasses.replace(SCENE, defects=defects), 64, seed=row["seed"])
+
+    cells = [
+        {"negative_preset": preset, "lora_scale": scale, "negative_prompt": negative, "seed": seed}
+        for preset in ("none", "landscape")
+        for scale, negative in ((0.0, "blurry"), (0.8, "blurry, watermark"))
+        for seed in (1, 2)
+    ]
+    for cell in cells:
+        if cell["negative_preset"] == "none":
+            cell["negative_prompt"] = ""
+    generated = _generated(tmp_path, cells, spoiled_without_negative)
+    blur, watermark = demo_checks.check_negatives(
+        pq.read_table(generated / "index.parquet").to_pylist(), generated
+    )
+    assert blur.passed and "over 4 image pairs" in blur.measured, blur.line()
+    assert watermark.passed and "over 2 image pairs" in watermark.measured, watermark.line()
+    assert json.loads(json.dumps(dataclasses.asdict(blur)))["passed"] is True  # demo_checks.json
+
+
+def test_a_negative_that_helps_some_images_and_hurts_as_many_shows_nothing(
+    tmp_path: Path,
+) -> None:
+    """The mean may still drop (one blurred image weighs more than another sharpened); paired
+    image by image, the drop is noise and the claim fails."""
+
+    def mixed(row: dict) -> Image.Image:
+        blurred_preset = "none" if row["seed"] % 2 else "landscape"
+        defects = ("blurry",) if row["negative_preset"] == blurred_preset else ()
+        return world.render(dataclasses.replace(SCENE, defects=defects), 64, seed=row["seed"])
+
+    cells = [
+        {"negative_preset": preset, "lora_scale": 0.8, "negative_prompt": negative, "seed": seed}
+        for preset, negative in (("none", ""), ("landscape", "blurry, watermark"))
+        for seed in range(6)
+    ]
+    generated = _generated(tmp_path, cells, mixed)
+    blur, _ = demo_checks.check_negatives(
+        pq.read_table(generated / "index.parquet").to_pylist(), generated
+    )
+    assert not blur.passed and "over 6 image pairs" in blur.measured, blur.line()
+
+
+def test_ingest_must_drop_every_planted_file_and_no_scene() -> None:
+    dropped = [{"file": name, "reason": "r"} for name in PLANTED_FILES]
+    assert demo_checks.check_ingest({"dropped_files": dropped}, {"filmstyle_00.png"}).passed
+    short = demo_checks.check_ingest({"dropped_files": dropped[1:]}, {"filmstyle_00.png"})
+    assert not short.passed
+    lost = dropped + [{"file": "filmstyle_00.png", "reason": "near_duplicate"}]
+    claim = demo_checks.check_ingest({"dropped_files": lost}, {"filmstyle_00.png"})
+    assert not claim.passed and "also dropped filmstyle_00.png" in claim.measured
+
+
+@pytest.mark.parametrize(("chosen_step", "passed"), [(100, True), (50, False)])
+def test_selection_is_checked_against_the_losses_training_recorded(
+    tmp_path: Path, chosen_step: int, passed: bool
+) -> None:
+    for step, loss in ((50, 0.30), (100, 0.201), (150, 0.200)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        record = {"step": step, "val_loss": loss}
+        (tmp_path / f"checkpoint-{step}" / "record.json").write_text(json.dumps(record))
+    selection = {"chosen": {"step": chosen_step}, "epsilon": 0.01}
+    claim = demo_checks.check_selection(tmp_path, selection)
+    assert claim.passed is passed
+    assert "minimum at step 150" in claim.measured
+
+
+def test_a_claim_reads_as_one_line_with_its_verdict_and_threshold() -> None:
+    claim = demo_checks.Claim("the LoRA learned the style", "0.1 -> 1.2", ">= 0.5", True)
+    assert claim.line() == "PASS the LoRA learned the style: 0.1 -> 1.2 (needs >= 0.5)"
