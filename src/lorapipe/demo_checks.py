@@ -160,11 +160,11 @@ def check_negatives(index: list[dict[str, Any]], generated: Path) -> list[Claim]
     scales). "Measurably lower" means the mean paired drop is at least ``MIN_DROP_IN_SE``
     standard errors: a defect that only some images show moves the mean little, so a relative
     threshold would reward noise as readily as an effect."""
+    pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for row in index:
+        pairs.setdefault(_cell(row), {})[row["negative_preset"]] = row
     claims = []
     for term, statistic in (("blurry", world.blur_score), ("watermark", world.watermark_score)):
-        pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-        for row in index:
-            pairs.setdefault(_cell(row), {})[row["negative_preset"]] = row
         named = [
             pair
             for pair in pairs.values()
@@ -222,6 +222,5 @@ def _mean_by(
     """Mean of ``statistic`` over the images of ``rows``, grouped by ``row[key]``."""
     values: dict[Any, list[float]] = {}
     for row in rows:
-        with Image.open(generated / row["file"]) as image:
-            values.setdefault(row[key], []).append(statistic(image))
+        values.setdefault(row[key], []).append(_score(row, generated, statistic))
     return {group: float(np.mean(scores)) for group, scores in values.items()}
