@@ -1,10 +1,10 @@
 """A procedural image world with ground truth, so every pipeline stage can be measured on CPU.
 
 Scenes are a few flat shapes (shape, colour, count, position) on a plain neutral background,
-optionally in the ``filmstyle`` style (a warm sepia grade with faded blacks and a dark vignette:
-the thing a LoRA should learn) and with known defects (blur, grain, over-exposure, a "SAMPLE" watermark:
-the things a negative prompt should remove). Every scene has a caption, ground-truth tags and,
-for the style and each defect, a pure-computation statistic.
+optionally in the ``filmstyle`` style (a warm sepia grade with faded blacks and a dark
+vignette: the thing a LoRA should learn) and with known defects (blur, grain, over-exposure, a
+"SAMPLE" watermark: the things a negative prompt should remove). Every scene has a caption,
+ground-truth tags and, for the style and each defect, a pure-computation statistic.
 
 The statistics are measured on a 64 x 64 copy of the image (``ANALYSIS_SIZE``), the resolution
 the demo model generates at, so a 512 px training image and a 64 px generated one are on one

@@ -11,7 +11,8 @@ preset: 64 px images, 8x8x4 latents), so it loads through the normal base-model 
    prompt naming the defects has work to do;
 2. train the VAE to reconstruct them under random colour casts and lighting (MSE + L1,
    weighted towards the objects, + a small KL term): a general-purpose autoencoder, as SD's
-   is, that can draw colour grades the UNet never saw; then set its latent ``scaling_factor`` to 1 / std of the latents, as SD does;
+   is, that can draw colour grades the UNet never saw; then set its latent
+   ``scaling_factor`` to 1 / std of the latents, as SD does;
 3. train the UNet and the text encoder together on the frozen VAE's latents (epsilon
    prediction, 10% empty captions so classifier-free guidance works).
 
