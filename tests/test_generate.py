@@ -179,6 +179,16 @@ def test_a1111_sampler_names_map_to_diffusers_schedulers(
         assert made.config.use_karras_sigmas is karras
 
 
+def test_ddim_never_clips_the_latents_even_when_the_model_ships_a_dpm_solver_config() -> None:
+    """diffusers' DDIM clips to [-1, 1] unless told not to; a config without the key (any
+    DPM-Solver one) would turn every DDIM image into noise."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    dpm_config = DPMSolverMultistepScheduler(beta_schedule="scaled_linear").config
+    assert "clip_sample" not in dpm_config
+    assert make_scheduler("DDIM", dpm_config).config.clip_sample is False
+
+
 # --------------------------------------------------------------------------- the grid
 
 

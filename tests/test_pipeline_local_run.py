@@ -30,7 +30,7 @@ QUICK = {
 
 
 # Not shown yet (README, "What the demo shows"): the committed world model draws its watermark
-# too rarely, and heeds the word too weakly, for a negative prompt to remove it measurably.
+# when asked, but the LoRA's images at the scales where the preset names it carry none to remove.
 NOT_YET_SHOWN = 'the negative preset "landscape" lowers watermark output'
 
 

@@ -137,6 +137,23 @@ def test_statistics_survive_the_resize_a_512px_image_gets_for_64px_training():
         assert min(spoiled) > max(clean), defect
 
 
+def test_watermark_score_is_not_fooled_by_bright_clutter_in_the_corner():
+    """Generated images are messy: bright specks where the watermark would be are not text
+    unless they have the letters' shape."""
+    scene = Scene("circle", "red", 1, "left", "black")
+    watermarked = world.watermark_score(
+        world.render(dataclasses.replace(scene, defects=("watermark",)), 64, seed=0)
+    )
+    rng = np.random.default_rng(0)
+    cluttered = []
+    for seed in range(20):
+        pixels = np.asarray(world.render(scene, 64, seed=seed)).copy()
+        specks = rng.random((12, 32)) < 0.3
+        pixels[51:63, 32:64][specks] = 255
+        cluttered.append(world.watermark_score(pixels))
+    assert max(np.abs(cluttered)) < watermarked / 3
+
+
 @pytest.mark.parametrize(("size", "count"), [(64, 20), (128, 20), (512, 4)])
 def test_style_score_separates_styled_from_unstyled(size, count):
     scenes = world.sample_scenes(count, seed=13)

@@ -107,7 +107,9 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "Heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
     "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
     "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    "DDIM": ("DDIMScheduler", {}),
+    # latents are not in [-1, 1]: diffusers' DDIM clips to it unless the config says not to,
+    # and a model that ships a DPM-Solver config (no clip_sample key) would get noise
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
