@@ -17,6 +17,10 @@ VAE-encoded once).
 The two draw different samples, timesteps and noise (each its own seeded RNG), so their mean
 losses agree only statistically: they are printed as a sanity check, not a bit-for-bit match.
 
+A third variant, ``bare-unet-step``, is no trainer: the LoRA's forward, backward and AdamW step
+on one fixed batch of latents and text embeddings, nothing else. It is the most any caching
+can reach, so baseline/bare is the ceiling of the ratio on this model and machine.
+
 Model FLOPs per step are one UNet forward and backward on a batch (``flops.py``); achieved
 FLOP/s is that per sample times samples/s, the same for both variants, so the extra work the
 baseline does every step (decode, VAE encode, text encoder) shows up as lower utilisation.
@@ -36,7 +40,7 @@ from pathlib import Path
 
 from flops import human, train_step_flops
 
-VARIANTS = ("lorapipe", "diffusers-script")
+VARIANTS = ("lorapipe", "diffusers-script", "bare-unet-step")
 RANK = 16
 ALPHA = 16.0
 LEARNING_RATE = 1e-4
@@ -116,6 +120,12 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
         f"{lorapipe['peak_mib'] / baseline['peak_mib']:.2f}x peak memory ({lorapipe['memory']}); "
         "mean losses differ only by their random draws (different noise and timesteps)"
     )
+    bare = results["bare-unet-step"]["samples_per_second"]
+    print(
+        f"ceiling: bare-unet-step / diffusers-script = "
+        f"{bare / baseline['samples_per_second']:.2f}x (lorapipe reaches "
+        f"{lorapipe['samples_per_second'] / bare:.0%} of the bare step)"
+    )
 
 
 def write_images(folder: Path, count: int) -> None:
@@ -141,6 +151,8 @@ def train_variant(args: argparse.Namespace) -> dict[str, object]:
     started = time.perf_counter()
     if args.variant == "lorapipe":
         samples_per_second, losses = train_lorapipe(args)
+    elif args.variant == "bare-unet-step":
+        samples_per_second, losses = train_bare_unet_step(args)
     else:
         from baseline_diffusers_lora import train_diffusers_lora
 
@@ -211,6 +223,43 @@ def train_lorapipe(args: argparse.Namespace) -> tuple[float, list[float]]:
     with (output / "loss_log.csv").open() as file:
         losses = [float(row["loss"]) for row in csv.DictReader(file)]
     return report["samples_per_second"], losses
+
+
+def train_bare_unet_step(args: argparse.Namespace) -> tuple[float, list[float]]:
+    """The LoRA's forward, backward and AdamW step on one fixed batch, and nothing else:
+    (samples/s, per-step losses)."""
+    import torch
+    from peft import LoraConfig
+
+    from lorapipe.models import load_base_model
+
+    torch.manual_seed(SEED)
+    pipe = load_base_model(str(Path(args.workdir) / "model"))
+    unet = pipe.unet.requires_grad_(False)
+    unet.add_adapter(
+        LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            init_lora_weights="gaussian",
+            target_modules=TARGET_MODULES,
+        )
+    )
+    parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
+    side = args.resolution // pipe.vae_scale_factor
+    noisy = torch.randn(args.batch_size, unet.config.in_channels, side, side)
+    noise = torch.randn_like(noisy)
+    text = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim)
+    timesteps = torch.randint(0, 1000, (args.batch_size,))
+    losses = []
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, text).sample, noise)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return args.steps * args.batch_size / (time.perf_counter() - started), losses
 
 
 if __name__ == "__main__":

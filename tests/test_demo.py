@@ -16,7 +16,7 @@ from lorapipe.errors import InputError
 from lorapipe.stages.ingest import perceptual_hash
 
 
-def test_the_sample_folder_holds_captioned_512px_styled_scenes_and_three_files_to_drop(
+def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_and_three_files_to_drop(
     tmp_path: Path,
 ) -> None:
     folder = demo.write_sample_folder(tmp_path / "raw", count=6)
@@ -25,12 +25,17 @@ def test_the_sample_folder_holds_captioned_512px_styled_scenes_and_three_files_t
     assert len(rows) == 6
     truth = json.loads(demo.truth_file(folder).read_text())
     assert set(truth) == {row["filename"] for row in rows}
-    for row in rows:
+    for index, row in enumerate(rows):
         assert row["text"].startswith(f"{demo.TRIGGER}, ")
         assert demo.TRIGGER in truth[row["filename"]]["tags"]
+        # like scraped images: a watermark on every third, which its caption does not mention
+        watermarked = index % demo.WATERMARK_EVERY == 0
+        assert ("watermark" in truth[row["filename"]]["tags"]) == watermarked
+        assert "watermark" not in row["text"]
         with Image.open(folder / row["filename"]) as image:
             assert image.size == (512, 512)
             assert world.style_score(image) > 1.5
+            assert (world.watermark_score(image) > 0.02) == watermarked
     assert {path.name for path in folder.iterdir()} == {
         "metadata.csv",
         *demo.PLANTED_FILES,

@@ -47,12 +47,30 @@ def test_only_some_captions_name_their_defects() -> None:
     """Like web captions: a negative prompt naming a defect has something to remove."""
     from lorapipe.world_model import render_scenes
 
-    config = PretrainConfig(scenes=200, defect_rate=1.0, defect_caption_rate=0.5)
+    config = PretrainConfig(
+        scenes=200, defect_rate=1.0, watermark_rate=0.0, defect_caption_rate=0.5
+    )
     _, captions = render_scenes(config)
     named = sum(
         caption.endswith(("blurry", "grainy", "overexposed", "watermark")) for caption in captions
     )
     assert 70 <= named <= 130
+
+
+def test_a_share_of_scenes_carries_a_stock_photo_watermark_often_unnamed() -> None:
+    """The base model must draw the watermark unasked at times, as web-trained models do, so
+    that "watermark" in a negative prompt removes something."""
+    from lorapipe import world
+    from lorapipe.world_model import render_scenes
+
+    config = PretrainConfig(scenes=200, defect_rate=0.0, watermark_rate=0.3)
+    images, captions = render_scenes(config)
+    pixels = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    marked = [world.watermark_score(image) > 0.02 for image in pixels]  # clean: <= 0.002
+    named = ["watermark" in caption for caption in captions]
+    assert 45 <= sum(marked) <= 75
+    assert all(is_marked for is_marked, is_named in zip(marked, named, strict=True) if is_named)
+    assert 0.3 * sum(marked) <= sum(named) <= 0.7 * sum(marked)
 
 
 def test_the_vae_loss_weighs_objects_above_the_plain_background() -> None:

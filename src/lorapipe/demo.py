@@ -3,9 +3,12 @@
 The folder is what a user hands the pipeline: ``DEMO_IMAGES`` captioned 512 px scenes of the
 procedural world (``lorapipe.world``) in the ``filmstyle`` style, a lora-scripts
 ``metadata.csv``, and three files that ingest must drop (an exact duplicate, a truncated JPEG
-and an image below 512 px). The base model and the tagger were trained on the world without
-the style (``lorapipe.world_model``, ``lorapipe.world_tagger``) and are committed under
-``assets/``, so the run shows a LoRA learning something the base model cannot draw.
+and an image below 512 px). Like a scraped set, every ``WATERMARK_EVERY``-th image carries a
+stock-photo watermark its caption does not mention, so the LoRA learns to draw it and the
+negative prompt has something to remove. The base model and the tagger were trained on the
+world without the style (``lorapipe.world_model``, ``lorapipe.world_tagger``) and are
+committed under ``assets/``, so the run shows a LoRA learning something the base model cannot
+draw.
 ``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores; what the run must
 show is checked by ``lorapipe.demo_checks``.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lorapipe import world
@@ -29,6 +32,7 @@ WORLD_TAGGER = ASSETS / "world-tagger"
 PLANTED_FILES = ("copy_of_first.png", "truncated.jpg", "too_small.png")
 # more bits apart than ingest's near-duplicate distance (6), with a margin
 MIN_HASH_DISTANCE = 12
+WATERMARK_EVERY = 3
 
 # The seed article's keys, sized for the world model on a CPU: 64 px, a checkpoint (with
 # validation loss) every 50 steps.
@@ -49,20 +53,23 @@ DEMO_REVIEW = {
     "negative_presets": ["none", "landscape"],
     "lora_scales": [0.0, 0.4, 0.8, 1.0],
     "cfg_scales": [7.0],
-    "seeds": [1, 2, 3, 4, 5, 6],
+    "seeds": [1, 2, 3, 4, 5, 6, 7, 8],
     "steps": 20,
 }
 
 
 def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int]]:
-    """``count`` styled, defect-free scenes with their render seeds, no two near duplicates to
-    ingest (perceptual hashes more than ``MIN_HASH_DISTANCE`` bits apart): the hash is
-    luma-only, so two scenes differing only in colour would otherwise be dropped."""
+    """``count`` styled scenes with their render seeds, every ``WATERMARK_EVERY``-th (from the
+    first) watermarked, no two near duplicates to ingest (perceptual hashes more than
+    ``MIN_HASH_DISTANCE`` bits apart): the hash is luma-only, so two scenes differing only in
+    colour would otherwise be dropped."""
     from lorapipe.stages.ingest import perceptual_hash
 
     candidates = world.sample_scenes(10 * count, seed=DEMO_SEED, styled_fraction=1.0)
     kept: list[tuple[world.Scene, int, int]] = []
     for index, scene in enumerate(candidates):
+        if len(kept) % WATERMARK_EVERY == 0:
+            scene = replace(scene, defects=("watermark",))
         seed = DEMO_SEED * 100_003 + index
         image_hash = perceptual_hash(world.render(scene, 64, seed=seed))
         if all(bin(image_hash ^ other).count("1") > MIN_HASH_DISTANCE for *_, other in kept):
@@ -84,7 +91,7 @@ def write_sample_folder(folder: str | Path, count: int = DEMO_IMAGES) -> Path:
     for index, (scene, seed) in enumerate(demo_scenes(count)):
         name = f"{TRIGGER}_{index:02d}.png"
         world.render(scene, 512, seed=seed).save(folder / name)
-        rows.append((name, world.caption(scene)))
+        rows.append((name, world.caption(replace(scene, defects=()))))
         truth[name] = {"scene": asdict(scene), "tags": world.tags(scene)}
     first, copy, truncated, small = (folder / rows[0][0], *(folder / n for n in PLANTED_FILES))
     shutil.copyfile(first, copy)

@@ -5,8 +5,9 @@ a negative prompt to remove a defect, if the model without them makes recognisab
 script trains one from scratch on CPU, in diffusers' SD 1.x format (``world``
 preset: 64 px images, 8x8x4 latents), so it loads through the normal base-model path:
 
-1. render the world's scenes (objects, backgrounds and defects; never the LoRA's style). Like
-   web captions, only some captions name their image's defects (``defect_caption_rate``), so
+1. render the world's scenes (objects, backgrounds and defects; never the LoRA's style), a
+   ``watermark_rate`` share of them watermarked as stock photos are. Like web captions, a
+   caption names each of its image's defects only at times (``defect_caption_rate``), so
    "a red circle" alone still draws blurry or watermarked images at times, and a negative
    prompt naming the defects has work to do;
 2. train the VAE to reconstruct them under random colour casts and lighting (MSE + L1,
@@ -54,6 +55,8 @@ class PretrainConfig:
 
     scenes: int = 3000
     defect_rate: float = 0.4
+    # like stock photos on the web: this share of scenes also carries a watermark
+    watermark_rate: float = 0.3
     defect_caption_rate: float = 0.5
     vae_steps: int = 2000
     vae_lr: float = 1e-3
@@ -66,9 +69,16 @@ class PretrainConfig:
 
 
 def render_scenes(config: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
-    """The training images in [-1, 1] (N, 3, 64, 64) and their captions, a
-    ``defect_caption_rate`` share of the defective images' captions naming the defect."""
+    """The training images in [-1, 1] (N, 3, 64, 64) and their captions, each defect named
+    in a ``defect_caption_rate`` share of the captions of the images it spoils."""
     scenes = world.sample_scenes(config.scenes, seed=config.seed, defect_rate=config.defect_rate)
+    stock = np.random.default_rng([config.seed, 1]).random(len(scenes)) < config.watermark_rate
+    scenes = [
+        dataclasses.replace(scene, defects=(*scene.defects, "watermark"))
+        if marked and "watermark" not in scene.defects
+        else scene
+        for scene, marked in zip(scenes, stock, strict=True)
+    ]
     pixels = np.stack(
         [
             np.asarray(world.render(scene, size=RESOLUTION, seed=config.seed + index))
@@ -76,14 +86,20 @@ def render_scenes(config: PretrainConfig) -> tuple[torch.Tensor, list[str]]:
         ]
     )
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    names_defect = (
-        np.random.default_rng(config.seed).random(len(scenes)) < config.defect_caption_rate
-    )
+    naming = np.random.default_rng(config.seed)
     captions = [
-        world.caption(scene if named else dataclasses.replace(scene, defects=()))
-        for scene, named in zip(scenes, names_defect, strict=True)
+        world.caption(dataclasses.replace(scene, defects=_named(scene.defects, naming, config)))
+        for scene in scenes
     ]
     return images, captions
+
+
+def _named(
+    defects: tuple[str, ...], rng: np.random.Generator, config: PretrainConfig
+) -> tuple[str, ...]:
+    """The defects a caption names, each on its own chance: were they named all or none
+    together, a negative "blurry" would also mean "no watermark" and push towards one."""
+    return tuple(defect for defect in defects if rng.random() < config.defect_caption_rate)
 
 
 def random_colour_and_light(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
