@@ -126,7 +126,7 @@ def cosine_with_warmup(steps: int, warmup: int = 100) -> Callable[[int], float]:
 
 def detail_weights(batch: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
     """Per-pixel loss weights: ``weight`` where a pixel stands out from its 15 px
-    neighbourhood (objects, edges, watermark strokes), 1 on the plain background. Objects
+    neighbourhood (objects, edges, the watermark), 1 on the plain background. Objects
     cover a few percent of a scene, so an unweighted loss is met by drawing the background
     alone, and the VAE learns shapes and colours several times slower."""
     neighbourhood = F.avg_pool2d(F.pad(batch, (7, 7, 7, 7), mode="replicate"), 15, stride=1)
