@@ -11,6 +11,7 @@ CPU attention kernel and would silently count it as 0.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def count_flops(function) -> int:
@@ -34,7 +35,7 @@ def _shapes(model_dir: Path, resolution: int) -> tuple[int, int]:
     return latent_side, tokens
 
 
-def train_step_flops(
+def lora_unet_and_batch(
     model_dir: str | Path,
     *,
     batch_size: int,
@@ -42,10 +43,10 @@ def train_step_flops(
     rank: int,
     alpha: float,
     target_modules: list[str],
-) -> int:
-    """One UNet forward and backward on a batch, with a LoRA adapter (only its weights train).
-    The frozen VAE encode and text encoder are not counted: lorapipe caches them, the baseline
-    runs them every step, and neither is the model being trained."""
+) -> tuple[Any, Any, Any, Any, Any]:
+    """The model's UNet, frozen, with a LoRA adapter (only its weights train), and one random
+    batch of the shapes a training step sees: (unet, latents, noise, timesteps, text
+    embeddings)."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -66,6 +67,31 @@ def train_step_flops(
     noise = torch.randn(shape, generator=generator)
     timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
     hidden = torch.randn((batch_size, tokens, unet.config.cross_attention_dim), generator=generator)
+    return unet, latents, noise, timesteps, hidden
+
+
+def train_step_flops(
+    model_dir: str | Path,
+    *,
+    batch_size: int,
+    resolution: int,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+) -> int:
+    """One UNet forward and backward on a batch, with a LoRA adapter (only its weights train).
+    The frozen VAE encode and text encoder are not counted: lorapipe caches them, the baseline
+    runs them every step, and neither is the model being trained."""
+    import torch
+
+    unet, latents, noise, timesteps, hidden = lora_unet_and_batch(
+        model_dir,
+        batch_size=batch_size,
+        resolution=resolution,
+        rank=rank,
+        alpha=alpha,
+        target_modules=target_modules,
+    )
 
     def step() -> None:
         prediction = unet(latents, timesteps, hidden).sample

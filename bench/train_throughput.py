@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flops import human, train_step_flops
+from flops import human, lora_unet_and_batch, train_step_flops
 
 VARIANTS = ("lorapipe", "diffusers-script", "bare-unet-step")
 RANK = 16
@@ -229,32 +229,22 @@ def train_bare_unet_step(args: argparse.Namespace) -> tuple[float, list[float]]:
     """The LoRA's forward, backward and AdamW step on one fixed batch, and nothing else:
     (samples/s, per-step losses)."""
     import torch
-    from peft import LoraConfig
-
-    from lorapipe.models import load_base_model
 
     torch.manual_seed(SEED)
-    pipe = load_base_model(str(Path(args.workdir) / "model"))
-    unet = pipe.unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(
-            r=RANK,
-            lora_alpha=ALPHA,
-            init_lora_weights="gaussian",
-            target_modules=TARGET_MODULES,
-        )
+    unet, latents, noise, timesteps, hidden = lora_unet_and_batch(
+        Path(args.workdir) / "model",
+        batch_size=args.batch_size,
+        resolution=args.resolution,
+        rank=RANK,
+        alpha=ALPHA,
+        target_modules=TARGET_MODULES,
     )
     parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=LEARNING_RATE)
-    side = args.resolution // pipe.vae_scale_factor
-    noisy = torch.randn(args.batch_size, unet.config.in_channels, side, side)
-    noise = torch.randn_like(noisy)
-    text = torch.randn(args.batch_size, 77, unet.config.cross_attention_dim)
-    timesteps = torch.randint(0, 1000, (args.batch_size,))
     losses = []
     started = time.perf_counter()
     for _ in range(args.steps):
-        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, text).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(latents, timesteps, hidden).sample, noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
