@@ -29,8 +29,8 @@ QUICK = {
 }
 
 
-# Not shown yet (README, "What the demo shows"): the world's VAE cannot draw blur, so whatever the
-# blur claim measures is the preset's pull on contrast, not a removed blur; it is not asserted.
+# Not shown yet (README, "What the demo shows"): the world model's samples are softer than the
+# world's blur, so the blur claim reads FAIL; it is not asserted.
 NOT_YET_SHOWN = 'the negative preset "landscape" lowers blurry output'
 
 

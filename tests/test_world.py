@@ -137,6 +137,23 @@ def test_statistics_survive_the_resize_a_512px_image_gets_for_64px_training():
         assert min(spoiled) > max(clean), defect
 
 
+def test_blur_score_measures_how_steep_the_object_edges_are():
+    scenes = world.sample_scenes(40, seed=2, styled_fraction=0.5)
+    clean = [world.blur_score(world.render(s, 64, seed=i)) for i, s in enumerate(scenes)]
+    blurred = [
+        world.blur_score(world.render(dataclasses.replace(s, defects=("blurry",)), 64, seed=i))
+        for i, s in enumerate(scenes)
+    ]
+    assert max(clean) < 0.15 < 0.35 < min(blurred)
+    # a darker, flatter picture of the same edges is as sharp (a negative prompt's pull on
+    # contrast must not read as removed blur)
+    scene = dataclasses.replace(scenes[0], defects=("blurry",))
+    pixels = np.asarray(world.render(scene, 64, seed=0), dtype=float)
+    assert abs(world.blur_score(0.7 * pixels + 10) - world.blur_score(pixels)) < 0.03
+    # a flat image has no edge to measure
+    assert np.isnan(world.blur_score(np.full((64, 64, 3), 128.0)))
+
+
 def test_watermark_score_sees_the_plate_in_either_corner_and_cancels_the_vignette():
     """Flip augmentation mirrors the watermark into the left corner; the style's vignette and
     the world's light falloff are left-right symmetric, so a clean styled corner scores ~0."""

@@ -157,9 +157,10 @@ def check_negatives(index: list[dict[str, Any]], generated: Path) -> list[Claim]
     """Blur and watermark statistics with the negative preset against the empty negative,
     paired image by image (same prompt, LoRA scale, CFG and seed), over the cells whose
     negative prompt names the defect (the preset's rules leave a term out at some LoRA
-    scales). "Measurably lower" means the mean paired drop is at least ``MIN_DROP_IN_SE``
-    standard errors: a defect that only some images show moves the mean little, so a relative
-    threshold would reward noise as readily as an effect."""
+    scales) and where the statistic can tell in both images (``world.blur_score`` is nan
+    without an object edge). "Measurably lower" means the mean paired drop is at least
+    ``MIN_DROP_IN_SE`` standard errors: a defect that only some images show moves the mean
+    little, so a relative threshold would reward noise as readily as an effect."""
     pairs: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for row in index:
         pairs.setdefault(_cell(row), {})[row["negative_preset"]] = row
@@ -176,13 +177,17 @@ def check_negatives(index: list[dict[str, Any]], generated: Path) -> list[Claim]
             [_score(pair[NEGATIVE_PRESET], generated, statistic) for pair in named]
         )
         empty = np.array([_score(pair[EMPTY_PRESET], generated, statistic) for pair in named])
+        measurable = ~(np.isnan(with_term) | np.isnan(empty))
+        with_term, empty = with_term[measurable], empty[measurable]
         drop_in_se = _mean_drop_in_standard_errors(empty - with_term)
+        unmeasurable = len(named) - len(with_term)
+        left_out = f" ({unmeasurable} where it cannot tell left out)" if unmeasurable else ""
         claims.append(
             Claim(
                 f'the negative preset "{NEGATIVE_PRESET}" lowers {term} output',
                 f"mean {statistic.__name__} {with_term.mean():.3f} with it, {empty.mean():.3f} "
                 f"with an empty negative: a paired drop of {drop_in_se:.1f} standard errors "
-                f"over {len(named)} image pairs",
+                f"over {len(with_term)} image pairs{left_out}",
                 f">= {MIN_DROP_IN_SE:g} standard errors",
                 drop_in_se >= MIN_DROP_IN_SE,
             )
