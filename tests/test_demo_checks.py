@@ -77,6 +77,23 @@ def test_the_negative_claims_compare_only_cells_whose_negative_names_the_defect(
     assert json.loads(json.dumps(dataclasses.asdict(blur)))["passed"] is True  # demo_checks.json
 
 
+def _blur_claim(
+    tmp_path: Path, *, seeds: int, render: Callable[[dict], Image.Image]
+) -> demo_checks.Claim:
+    """The blur claim on ``seeds`` image pairs at LoRA scale 0.8, empty negative against the
+    preset naming "blurry", each image drawn by ``render``."""
+    cells = [
+        {"negative_preset": preset, "lora_scale": 0.8, "negative_prompt": negative, "seed": seed}
+        for preset, negative in (("none", ""), ("landscape", "blurry, watermark"))
+        for seed in range(seeds)
+    ]
+    generated = _generated(tmp_path, cells, render)
+    blur, _ = demo_checks.check_negatives(
+        pq.read_table(generated / "index.parquet").to_pylist(), generated
+    )
+    return blur
+
+
 def test_pairs_where_the_blur_statistic_cannot_tell_are_left_out(tmp_path: Path) -> None:
     def flat_with_negative_once(row: dict) -> Image.Image:
         if row["negative_preset"] == "landscape" and row["seed"] == 0:
@@ -84,15 +101,7 @@ def test_pairs_where_the_blur_statistic_cannot_tell_are_left_out(tmp_path: Path)
         defects = ("blurry",) if row["negative_preset"] == "none" else ()
         return world.render(dataclasses.replace(SCENE, defects=defects), 64, seed=row["seed"])
 
-    cells = [
-        {"negative_preset": preset, "lora_scale": 0.8, "negative_prompt": negative, "seed": seed}
-        for preset, negative in (("none", ""), ("landscape", "blurry, watermark"))
-        for seed in range(4)
-    ]
-    generated = _generated(tmp_path, cells, flat_with_negative_once)
-    blur, _ = demo_checks.check_negatives(
-        pq.read_table(generated / "index.parquet").to_pylist(), generated
-    )
+    blur = _blur_claim(tmp_path, seeds=4, render=flat_with_negative_once)
     assert blur.passed, blur.line()
     assert "over 3 image pairs (1 where it cannot tell left out)" in blur.measured
 
@@ -108,15 +117,7 @@ def test_a_negative_that_helps_some_images_and_hurts_as_many_shows_nothing(
         defects = ("blurry",) if row["negative_preset"] == blurred_preset else ()
         return world.render(dataclasses.replace(SCENE, defects=defects), 64, seed=row["seed"])
 
-    cells = [
-        {"negative_preset": preset, "lora_scale": 0.8, "negative_prompt": negative, "seed": seed}
-        for preset, negative in (("none", ""), ("landscape", "blurry, watermark"))
-        for seed in range(6)
-    ]
-    generated = _generated(tmp_path, cells, mixed)
-    blur, _ = demo_checks.check_negatives(
-        pq.read_table(generated / "index.parquet").to_pylist(), generated
-    )
+    blur = _blur_claim(tmp_path, seeds=6, render=mixed)
     assert not blur.passed and "over 6 image pairs" in blur.measured, blur.line()
 
 

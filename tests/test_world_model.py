@@ -83,7 +83,7 @@ def test_the_vae_loss_weighs_objects_above_the_plain_background() -> None:
     from lorapipe.world_model import detail_weights
 
     scene = world.Scene("square", "red", 1, "middle", "grey")
-    pixels = np.asarray(world.render(scene, 64, seed=0))
+    pixels = np.array(world.render(scene, 64, seed=0))
     batch = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     weights = detail_weights(batch)[0, 0]
     is_red = torch.from_numpy((pixels[..., 0] > 180) & (pixels[..., 1] < 90))
