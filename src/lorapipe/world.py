@@ -256,11 +256,11 @@ def blur_score(image: Image.Image | np.ndarray) -> float:
     steps = np.diff(lines.reshape(-1, ANALYSIS_SIZE), axis=1)
     windows = np.lib.stride_tricks.sliding_window_view(steps, EDGE_WINDOW, axis=1)
     rise = windows.sum(axis=2)
-    step_sizes = np.abs(windows)
+    rise_size, step_sizes = np.abs(rise), np.abs(windows)
     centre = EDGE_WINDOW // 2
     edges = (
-        (np.abs(rise) >= EDGE_CONTRAST)
-        & (step_sizes.sum(axis=2) <= 1.5 * np.abs(rise))
+        (rise_size >= EDGE_CONTRAST)
+        & (step_sizes.sum(axis=2) <= 1.5 * rise_size)
         & (step_sizes.argmax(axis=2) == centre)
     )
     if not edges.any():
