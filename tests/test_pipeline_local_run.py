@@ -29,12 +29,7 @@ QUICK = {
 }
 
 
-# Not shown yet (README, "What the demo shows"): the world model's samples are softer than the
-# world's blur, so the blur claim reads FAIL; it is not asserted.
-NOT_YET_SHOWN = 'the negative preset "landscape" lowers blurry output'
-
-
-def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_removes_the_watermark(
+def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_removes_the_defects(
     tmp_path: Path,
 ) -> None:
     """The demo end to end: the claims of "What the demo shows" hold, with their thresholds,
@@ -42,12 +37,11 @@ def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_remove
     run = local_run.run_local(tmp_path, {})
 
     assert run.report == tmp_path / "report.html"
-    assert len(run.claims) == 6 and NOT_YET_SHOWN in {claim.claim for claim in run.claims}
-    failed = [c.line() for c in run.claims if not c.passed and c.claim != NOT_YET_SHOWN]
+    assert len(run.claims) == 6
+    failed = [c.line() for c in run.claims if not c.passed]
     assert not failed, failed
     html = run.report.read_text()
-    verdicts = html.count(">PASS<") + html.count(">FAIL<")
-    assert "What this run shows" in html and verdicts == 6 and html.count(">PASS<") >= 5
+    assert "What this run shows" in html and html.count(">PASS<") == 6
     assert json.loads((tmp_path / "demo_checks.json").read_text())[0]["passed"] is True
     ingest_report = (_task_dir(tmp_path, "ingest") / "report").read_text()
     for planted in ("copy_of_first.png", "truncated.jpg", "too_small.png"):

@@ -43,8 +43,9 @@ DEFECTS = ("blurry", "grainy", "overexposed", "watermark")
 STYLE = "filmstyle"
 
 ANALYSIS_SIZE = 64
-# an object edge, for blur_score: a steady rise of this many levels within this many pixels
-EDGE_CONTRAST, EDGE_WINDOW = 40.0, 9
+# an object edge, for blur_score: a slope that rises this many levels, measured out to where
+# its steps fall below EDGE_FLOOR of the steepest one, at most EDGE_REACH pixels a side
+EDGE_CONTRAST, EDGE_FLOOR, EDGE_REACH = 40.0, 0.3, 4
 VIGNETTE = 0.5  # how much the grade darkens the corners: luma x (1 - VIGNETTE * r^2), r = 1 there
 # the object-free bands along the top and bottom edges, where style_score reads the vignette
 _EDGE_BANDS = ((0.0, 0.07), (0.96, 1.0))
@@ -243,30 +244,34 @@ def style_score(image: Image.Image | np.ndarray) -> float:
 
 
 def blur_score(image: Image.Image | np.ndarray) -> float:
-    """How soft the object edges are, 0 (a hard step) to about 0.7 (smeared): 1 minus the mean
+    """How wide the object edges are, 0 (a hard step) to about 0.7 (smeared): 1 minus the mean
     share of an edge's rise that happens within its steepest 3 pixels, over the strong edges
     along rows and columns of each RGB channel (a green shape on grey has almost no luma
-    edge). Only steady rises of ``EDGE_CONTRAST`` levels within ``EDGE_WINDOW`` pixels are
-    edges, so flat areas, grain and a decoder's texture are not measured: a statistic summed
-    over the whole image (Crete et al.'s re-blur ratio) measures mostly those on generated
-    images. Grain hides edges and makes those left read softer; nan for an image without an
-    edge (flat, or too grainy to show one): it cannot tell."""
+    edge). An edge runs from a step, the steepest within ``EDGE_REACH`` pixels, outwards while
+    each step keeps its direction and at least ``EDGE_FLOOR`` of the steepest one's size, up
+    to ``EDGE_REACH`` pixels a side; only edges that rise ``EDGE_CONTRAST`` levels count, so
+    flat areas, smooth light falloff, grain and a decoder's texture are not measured. Ending
+    the edge where its slope ends (as Marziliano et al.'s edge width does) reads an
+    over-sharpened edge, whose halo slopes the other way, as sharp; nan for an image without
+    an edge (flat, or too grainy to show one): it cannot tell."""
     rgb = _analysis_rgb(image)
     lines = np.concatenate([rgb.transpose(2, 0, 1), rgb.transpose(2, 1, 0)])
     steps = np.diff(lines.reshape(-1, ANALYSIS_SIZE), axis=1)
-    windows = np.lib.stride_tricks.sliding_window_view(steps, EDGE_WINDOW, axis=1)
-    rise = windows.sum(axis=2)
-    rise_size, step_sizes = np.abs(rise), np.abs(windows)
-    centre = EDGE_WINDOW // 2
-    edges = (
-        (rise_size >= EDGE_CONTRAST)
-        & (step_sizes.sum(axis=2) <= 1.5 * rise_size)
-        & (step_sizes.argmax(axis=2) == centre)
-    )
+    padded = np.pad(steps, ((0, 0), (EDGE_REACH, EDGE_REACH)))
+    around = np.lib.stride_tricks.sliding_window_view(padded, 2 * EDGE_REACH + 1, axis=1)
+    centre = around[..., EDGE_REACH]
+    steepest = (np.abs(around).argmax(axis=2) == EDGE_REACH) & (centre != 0)
+    on_slope = np.sign(centre)[..., None] * around >= EDGE_FLOOR * np.abs(centre)[..., None]
+    rightwards = np.cumprod(on_slope[..., EDGE_REACH:], axis=2)
+    leftwards = np.cumprod(on_slope[..., EDGE_REACH::-1], axis=2)[..., :0:-1]
+    in_edge = np.concatenate([leftwards, rightwards], axis=2).astype(bool)
+    rise = np.where(in_edge, around, 0.0).sum(axis=2)
+    edges = steepest & (np.abs(rise) >= EDGE_CONTRAST)
     if not edges.any():
         return float("nan")
-    central_share = windows[..., centre - 1 : centre + 2].sum(axis=2)[edges] / rise[edges]
-    return float(1.0 - np.clip(central_share, 0.0, 1.0).mean())
+    middle = slice(EDGE_REACH - 1, EDGE_REACH + 2)
+    central_rise = np.where(in_edge[..., middle], around[..., middle], 0.0).sum(axis=2)
+    return float(1.0 - (central_rise[edges] / rise[edges]).mean())
 
 
 def grain_score(image: Image.Image | np.ndarray) -> float:
