@@ -1,8 +1,9 @@
 """Kubeflow Pipelines components, one per lorapipe stage.
 
-Each is a lightweight Python component whose body maps its artifacts to local paths and calls
-``lorapipe.pipeline_steps``; the same source runs as a subprocess under ``kfp.local`` and in
-the stage's image (``images/``) on a cluster.
+Each is a lightweight Python component with an ``Args:`` docstring whose body makes one call
+into ``lorapipe.pipeline_steps``, which maps its artifacts to local paths and its parameters (the
+stage's config keys) to the stage's config and calls the stage's ``run``; the same source runs
+as a subprocess under ``kfp.local`` and in the stage's image (``images/``) on a cluster.
 """
 
 from components.augment import augment

@@ -11,7 +11,14 @@ def augment(
     report: Output[Markdown],
     metrics: Output[Metrics],
 ):
-    """Mirrored copies with left/right swapped in their captions, unless tags forbid it."""
+    """Mirrored copies with left/right swapped in their captions, unless tags forbid it.
+
+    Args:
+        dataset: The (tagged) dataset.
+        augmented: The dataset with its mirrored copies.
+        report: What was mirrored and what was skipped, and why.
+        metrics: Mirrored copies added and images out.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.augment(dataset.path, augmented.path, report.path)

@@ -19,7 +19,22 @@ def generate(
     report: Output[HTML],
     metrics: Output[Metrics],
 ):
-    """The review grid: prompts x negative presets x LoRA scales x CFG scales x seeds."""
+    """The review grid: prompts x negative presets x LoRA scales x CFG scales x seeds.
+
+    Args:
+        base_model_uri: Diffusers-format base model directory (local or s3://).
+        lora: Select's output; every prompt uses its LoRA.
+        prompts: A1111-syntax prompts.
+        negative_presets: Negative-prompt presets or layers.
+        lora_scales: LoRA scales of the grid.
+        cfg_scales: CFG scales of the grid.
+        seeds: Seeds of the grid.
+        steps: Sampling steps.
+        job_yaml: YAML of any other lorapipe generate keys.
+        images: PNGs, contact sheets, index and report.
+        report: The review page.
+        metrics: Images and throughput.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.generate(

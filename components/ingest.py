@@ -6,18 +6,27 @@ from components.images import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def ingest(
-    input_uri: str,
+    data_uri: str,
     metadata_uri: str,
     min_size: int,
     dataset: Output[Dataset],
     report: Output[Markdown],
     metrics: Output[Metrics],
 ):
-    """Decode, clean and dedupe the raw images (folder, archive or s3:// prefix)."""
+    """Decode, clean and dedupe the raw images (folder, archive or s3:// prefix).
+
+    Args:
+        data_uri: Raw images: a folder, a .zip/.tar archive or an s3:// prefix.
+        metadata_uri: lora-scripts metadata.csv (filename,text); empty: the one beside the images.
+        min_size: Drop images whose shorter side is below this many pixels.
+        dataset: The cleaned dataset (lorapipe's Parquet format).
+        report: Every dropped file and why.
+        metrics: Images kept and dropped.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.ingest(
-        input_uri, dataset.path, report.path, metadata_uri=metadata_uri, min_size=min_size
+        data_uri, dataset.path, report.path, metadata_uri=metadata_uri, min_size=min_size
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

@@ -15,7 +15,17 @@ def select(
     metrics: Output[Metrics],
 ):
     """The earliest checkpoint within epsilon of the lowest validation loss, as diffusers and
-    kohya (WebUI/ComfyUI) LoRA files; published under publish_uri/<run id>/ when given."""
+    kohya (WebUI/ComfyUI) LoRA files; published under publish_uri/<run id>/ when given.
+
+    Args:
+        training: Train's output.
+        epsilon: Relative tolerance over the lowest validation loss.
+        publish_uri: Where the LoRA is published with latest.json; empty: not published.
+        run_id: The pipeline run's id, in the LoRA's metadata and the published folder.
+        lora: Both LoRA files, the selection, the loss curve and the report.
+        report: The choice and why.
+        metrics: The chosen checkpoint's numbers.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.select(

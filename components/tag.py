@@ -10,12 +10,23 @@ def tag(
     tagger_uri: str,
     threshold: float,
     trigger_word: str,
-    caption_merge: str,
+    merge: str,
     tagged: Output[Dataset],
     report: Output[Markdown],
     metrics: Output[Metrics],
 ):
-    """DeepDanbooru tags and captions; the dataset also gets a lora-scripts metadata.csv."""
+    """DeepDanbooru tags and captions; the dataset also gets a lora-scripts metadata.csv.
+
+    Args:
+        dataset: The cleaned dataset.
+        tagger_uri: DeepDanbooru project folder (local or s3://).
+        threshold: A tag is kept when the model's score is at least this.
+        trigger_word: Written first in every caption.
+        merge: keep, append or replace a hand-written caption.
+        tagged: The captioned dataset, with metadata.csv.
+        report: Tag frequencies and what changed.
+        metrics: Images tagged and distinct tags.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.tag(
@@ -25,7 +36,7 @@ def tag(
         tagger_uri=tagger_uri,
         threshold=threshold,
         trigger_word=trigger_word,
-        merge=caption_merge,
+        merge=merge,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

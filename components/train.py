@@ -8,7 +8,7 @@ from components.images import TORCH_IMAGE
 def train(
     dataset: Input[Dataset],
     base_model_uri: str,
-    config_yaml: str,
+    training_config: str,
     num_gpus: int,
     checkpoint_mirror_uri: str,
     run_id: str,
@@ -18,14 +18,27 @@ def train(
     metrics: Output[Metrics],
 ):
     """LoRA training, one process per GPU; resumes from the mirrored checkpoints on retry.
-    With num_nodes > 1 it runs as a Kubeflow Trainer TrainJob and waits for it."""
+    With num_nodes > 1 it runs as a Kubeflow Trainer TrainJob and waits for it.
+
+    Args:
+        dataset: The augmented dataset.
+        base_model_uri: Diffusers-format base model directory (local or s3://).
+        training_config: YAML of lorapipe train keys (the seed's my_film_config.yaml keys).
+        num_gpus: GPUs of this pod (of each node with num_nodes > 1).
+        checkpoint_mirror_uri: s3:// prefix; checkpoints go to <prefix>/<run_id>/.
+        run_id: The pipeline run's id: names its checkpoint folder and TrainJob.
+        num_nodes: Nodes; above 1, a TrainJob.
+        trainer_image: The torch image the TrainJob's nodes run.
+        training: Checkpoints, loss log and training report.
+        metrics: Steps, images, throughput and processes.
+    """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.train(
         dataset.path,
         training.path,
         base_model_uri=base_model_uri,
-        config_yaml=config_yaml,
+        training_config=training_config,
         num_gpus=num_gpus,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
         run_id=run_id,

@@ -22,7 +22,9 @@ import yaml
 
 from lorapipe import store
 from lorapipe.errors import ConfigError, LorapipeError
-from pipelines import cluster, local_run, lora_training
+from pipelines import cluster, local_run, lora_training, parameters
+
+log = logging.getLogger(__name__)
 
 
 def parse_params(pairs: list[str], params_file: str | None) -> dict[str, Any]:
@@ -43,6 +45,10 @@ def parse_params(pairs: list[str], params_file: str | None) -> dict[str, Any]:
             arguments[name] = json.loads(text)
         except json.JSONDecodeError:
             arguments[name] = text
+    for old_name, name in parameters.RENAMED.items():
+        if old_name in arguments:
+            log.warning("pipeline parameter '%s' is now '%s'; rename it", old_name, name)
+            arguments.setdefault(name, arguments.pop(old_name))
     for name in arguments:
         if name not in known:
             raise ConfigError(

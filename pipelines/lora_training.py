@@ -20,6 +20,7 @@ from kfp.dsl import Dataset, Input
 
 from components import augment, generate, ingest, select, tag, train
 from components.images import TORCH_IMAGE
+from pipelines import parameters
 
 PIPELINE_NAME = "lorapipe-lora-training"
 PIPELINE_YAML = Path(__file__).with_name("lora_training.yaml")
@@ -81,7 +82,7 @@ def _select_and_review(
     trained: dsl.PipelineTask,
     *,
     base_model_uri: str,
-    selection_epsilon: float,
+    epsilon: float,
     publish_uri: str,
     prompts: list,
     negative_presets: list,
@@ -89,11 +90,11 @@ def _select_and_review(
     cfg_scales: list,
     seeds: list,
     steps: int,
-    generate_job: str,
+    job_yaml: str,
 ) -> None:
     selected = select(
         training=trained.outputs["training"],
-        epsilon=selection_epsilon,
+        epsilon=epsilon,
         publish_uri=publish_uri,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
     )
@@ -112,7 +113,7 @@ def _select_and_review(
         cfg_scales=cfg_scales,
         seeds=seeds,
         steps=steps,
-        job_yaml=generate_job,
+        job_yaml=job_yaml,
     )
     review.set_display_name("generate review grid")
     review.set_caching_options(False)
@@ -130,7 +131,7 @@ def augment_train_review(
     num_gpus: int,
     num_nodes: int,
     checkpoint_mirror_uri: str,
-    selection_epsilon: float,
+    epsilon: float,
     publish_uri: str,
     prompts: list,
     negative_presets: list,
@@ -138,7 +139,7 @@ def augment_train_review(
     cfg_scales: list,
     seeds: list,
     steps: int,
-    generate_job: str,
+    job_yaml: str,
 ):
     """flip-augment -> train -> select -> generate; train runs in its own pod, or with
     num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself)."""
@@ -148,7 +149,7 @@ def augment_train_review(
     training = dict(
         dataset=augmented.outputs["augmented"],
         base_model_uri=base_model_uri,
-        config_yaml=training_config,
+        training_config=training_config,
         num_gpus=num_gpus,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -157,7 +158,7 @@ def augment_train_review(
     )
     review = dict(
         base_model_uri=base_model_uri,
-        selection_epsilon=selection_epsilon,
+        epsilon=epsilon,
         publish_uri=publish_uri,
         prompts=prompts,
         negative_presets=negative_presets,
@@ -165,7 +166,7 @@ def augment_train_review(
         cfg_scales=cfg_scales,
         seeds=seeds,
         steps=steps,
-        generate_job=generate_job,
+        job_yaml=job_yaml,
     )
     with dsl.If(num_nodes == 1, name="one pod"):
         trained = _train_task(training, gpus=num_gpus)
@@ -184,20 +185,21 @@ def augment_train_review(
     description="Clean, tag and flip-augment images; train a LoRA on N GPUs; keep the "
     "checkpoint with the lowest validation loss; review it in a CFG x LoRA-scale grid.",
 )
+@parameters.described
 def lora_training(
     data_uri: str,
     base_model_uri: str,
     tagger_uri: str = "",
     metadata_uri: str = "",
-    min_image_size: int = 512,
-    tag_threshold: float = 0.5,
+    min_size: int = 512,
+    threshold: float = 0.5,
     trigger_word: str = "",
-    caption_merge: str = "keep",
+    merge: str = "keep",
     training_config: str = DEFAULT_TRAINING_CONFIG,
     num_gpus: int = 1,
     num_nodes: int = 1,
     checkpoint_mirror_uri: str = "",
-    selection_epsilon: float = 0.01,
+    epsilon: float = 0.01,
     publish_uri: str = "",
     prompts: list = DEFAULT_PROMPTS,
     negative_presets: list = ["landscape"],  # noqa: B006 - KFP reads defaults from the signature
@@ -205,11 +207,10 @@ def lora_training(
     cfg_scales: list = [7.0, 9.0],  # noqa: B006
     seeds: list = [1, 2],  # noqa: B006
     steps: int = 25,
-    generate_job: str = "",
+    job_yaml: str = "",
 ):
-    """See README.md, "Pipeline parameters", for every parameter."""
     ingested = _data_stage(
-        ingest(input_uri=data_uri, metadata_uri=metadata_uri, min_size=min_image_size),
+        ingest(data_uri=data_uri, metadata_uri=metadata_uri, min_size=min_size),
         cpu="4",
         memory="8Gi",
     )
@@ -220,7 +221,7 @@ def lora_training(
         num_gpus=num_gpus,
         num_nodes=num_nodes,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
-        selection_epsilon=selection_epsilon,
+        epsilon=epsilon,
         publish_uri=publish_uri,
         prompts=prompts,
         negative_presets=negative_presets,
@@ -228,16 +229,16 @@ def lora_training(
         cfg_scales=cfg_scales,
         seeds=seeds,
         steps=steps,
-        generate_job=generate_job,
+        job_yaml=job_yaml,
     )
     with dsl.If(tagger_uri != "", name="tagger given"):
         tagged = _data_stage(
             tag(
                 dataset=ingested.outputs["dataset"],
                 tagger_uri=tagger_uri,
-                threshold=tag_threshold,
+                threshold=threshold,
                 trigger_word=trigger_word,
-                caption_merge=caption_merge,
+                merge=merge,
             ),
             cpu="4",
             memory="16Gi",

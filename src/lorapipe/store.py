@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -445,3 +446,9 @@ def local_dir(uri: str | os.PathLike) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="lorapipe-") as tmp:
         get_dir(uri, tmp)
         yield Path(tmp)
+
+
+def safe_name(text: str, default: str = "manual") -> str:
+    """``text`` as one safe path segment (a pipeline run id: ``run/1 (retry)`` -> ``run-1-retry``)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")
+    return safe or default

@@ -22,17 +22,14 @@ name that matches no layer at all is an error listing the names that exist.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
+import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import yaml
-
+from lorapipe import config
+from lorapipe.config import Where, option, options
 from lorapipe.errors import ConfigError
 
 SEED_KEYS = (
@@ -65,8 +62,6 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 CROPS = ("center", "random")
 NUM_TRAIN_TIMESTEPS = 1000
 
-CHOICE_KEYS = ("optimizer", "scheduler", "mixed_precision", "crop")
-
 # CLIP text-encoder attention names -> the same projections in the UNet's attention layers
 TEXT_ENCODER_TO_UNET = {
     "q_proj": "to_q",
@@ -79,118 +74,224 @@ UNET_TO_TEXT_ENCODER = {unet: clip for clip, unet in TEXT_ENCODER_TO_UNET.items(
 
 @dataclass
 class TrainConfig:
-    """Every training option, with its default. The README's config table documents each."""
+    """Every training option, with its default and help text (``--help`` and README show it)."""
+
+    COMMAND: ClassVar[str] = "train"
 
     # --- the seed article's keys (lora-scripts' my_film_config.yaml), accepted unchanged
-    # a folder of images with metadata.csv, or a lorapipe dataset (local or s3://)
-    train_data_dir: str = ""
-    # lora-scripts' CSV (filename,text) for a folder; default <train_data_dir>/metadata.csv
-    metadata_path: str = ""
-    # a diffusers-format SD 1.x directory, local or s3://
-    base_model: str = ""
-    lora_rank: int = 16
-    # scale of the LoRA update is lora_alpha / lora_rank
-    lora_alpha: float = 16.0
-    # layers that get adapters; see the module docstring for the name mapping
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    # images per process per micro-step
-    batch_size: int = 1
-    epochs: int = 10
-    learning_rate: float = 1e-4
-    # adamw, adamw8bit (needs bitsandbytes) or sgd; case-insensitive
-    optimizer: str = "adamw"
-    # a diffusers learning-rate schedule name (SCHEDULERS)
-    scheduler: str = "constant"
-    # local directory or s3:// prefix (trained locally in a work dir, then mirrored)
-    output_dir: str = "./output"
-    # a checkpoint every this many optimizer steps (and always at the end); 0: only at the end
-    save_steps: int = 100
-    # TensorBoard event files; default <output_dir>/logs
-    log_dir: str = ""
+    train_data_dir: str = option(
+        "",
+        help="lorapipe dataset or folder with `metadata.csv`, local or `s3://`",
+        default_text="(required)",
+    )
+    metadata_path: str = option(
+        "",
+        help="lora-scripts CSV (`filename,text`) for a folder",
+        default_text="<train_data_dir>/metadata.csv",
+    )
+    base_model: str = option(
+        "", help="diffusers-format SD 1.x directory, local or `s3://`", default_text="(required)"
+    )
+    lora_rank: int = option(16, help="LoRA rank r", minimum=1)
+    lora_alpha: float = option(
+        16.0, help="LoRA alpha; the update is scaled by alpha / rank", above=0
+    )
+    target_modules: list[str] = option(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        help="layers that get adapters: UNet names (`to_q`, `proj_in`, `ff.net.0.proj`, ...) or "
+        "CLIP names (`q_proj`, `fc1`, ...); the attention names translate between the two "
+        "(see `target_modules` above)",
+    )
+    batch_size: int = option(1, help="images per process per micro-step", minimum=1)
+    epochs: int = option(
+        10, help="passes over the training images (unless `max_train_steps`)", minimum=1
+    )
+    learning_rate: float = option(1e-4, help="LoRA learning rate (UNet)", above=0)
+    optimizer: str = option(
+        "adamw",
+        help="`adamw`, `adamw8bit` (needs bitsandbytes, CUDA) or `sgd` (momentum 0.9); "
+        "case-insensitive",
+        choices=OPTIMIZERS,
+        ignore_case=True,
+    )
+    scheduler: str = option(
+        "constant",
+        help="diffusers learning-rate schedule (`constant` with warmup steps becomes "
+        "`constant_with_warmup`)",
+        choices=SCHEDULERS,
+        ignore_case=True,
+    )
+    output_dir: str = option(
+        "./output",
+        help="local directory or `s3://` prefix (trained locally in `<cache_dir>/train/`, "
+        "mirrored)",
+    )
+    save_steps: int = option(
+        100,
+        help="a checkpoint every N optimizer steps, and always at the end; `0`: only at the end",
+        minimum=0,
+    )
+    log_dir: str = option(
+        "", help="TensorBoard event files (local)", default_text="<output_dir>/logs"
+    )
 
     # --- the LoRA and the model
-    # the LoRA's name in WebUI prompts (<lora:NAME:0.7>), read by `lorapipe select`
-    output_name: str = "lora"
-    train_text_encoder: bool = False
-    # learning rate of the text encoder's LoRA; null: learning_rate
-    text_encoder_lr: float | None = None
-    # square training size in pixels; null: the base model's native size (512 for SD 1.5)
-    resolution: int | None = None
-    # "center" or "random" (random crops disable the latent cache)
-    crop: str = "center"
-    # mirror each training image with probability 0.5 (for datasets that `augment` did not flip)
-    flip_aug: bool = False
+    output_name: str = option(
+        "lora",
+        help="the LoRA's name in prompts (`<lora:NAME:0.7>`); `lorapipe select` uses it",
+    )
+    train_text_encoder: bool = option(False, help="also train a LoRA on the CLIP text encoder")
+    text_encoder_lr: float | None = option(
+        None,
+        help="learning rate of the text encoder's LoRA",
+        above=0,
+        default_text="null (= learning_rate)",
+    )
+    resolution: int | None = option(
+        None,
+        help="square training size in pixels, a multiple of 8 of at least 64",
+        default_text="null (= the model's native size, 512 for SD 1.5)",
+    )
+    crop: str = option(
+        "center",
+        help="crop after scaling the short side to `resolution` (random disables the latent cache)",
+        choices=CROPS,
+        ignore_case=True,
+    )
+    flip_aug: bool = option(
+        False,
+        help="mirror each image with probability 0.5 (swapping left/right in its caption); for "
+        "datasets `augment` did not flip. Images with text/logo/asymmetry tags, mirrored copies "
+        "and images that have one are never flipped",
+    )
 
     # --- captions (kohya sd-scripts' names)
-    shuffle_caption: bool = False
-    # comma-separated parts at the start of a caption that shuffling never moves
-    keep_tokens: int = 0
-    # probability of training a sample with an empty caption
-    caption_dropout_rate: float = 0.0
+    shuffle_caption: bool = option(
+        False, help="shuffle the comma-separated parts of each caption every time"
+    )
+    keep_tokens: int = option(
+        0, help="leading caption parts that shuffling never moves (a trigger word)", minimum=0
+    )
+    caption_dropout_rate: float = option(
+        0.0, help="probability of training an image with an empty caption, in [0, 1)"
+    )
 
     # --- validation
-    # held-out images: a fraction below 1 (0.1 = 10%) or a whole number of images; 0: none
-    validation_split: float = 0.1
-    # fixed timesteps at which validation loss is measured and reported
-    validation_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    validation_split: float = option(
+        0.1,
+        help="held-out images: a fraction below 1, or a whole number of images; `0`: no "
+        "validation. An image and its mirrored copy are held out together; the choice depends "
+        "only on image ids",
+    )
+    validation_timesteps: list[int] = option(
+        default_factory=lambda: [100, 300, 500, 700, 900],
+        help="fixed timesteps of the validation loss, each reported",
+    )
 
     # --- optimisation
-    # stop after this many optimizer steps; 0: epochs decide
-    max_train_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    lr_warmup_steps: int = 0
-    # cycles of cosine_with_restarts
-    lr_num_cycles: int = 1
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    # noise offset (0.05-0.1 helps very dark/bright images); 0: off
-    noise_offset: float = 0.0
-    # min-SNR loss weighting gamma (5.0 is the paper's value); null: off
-    snr_gamma: float | None = None
-    # training timesteps are drawn from [min_timestep, max_timestep)
-    min_timestep: int = 0
-    max_timestep: int = NUM_TRAIN_TIMESTEPS
-    # "no", "fp16" or "bf16" (autocast; the LoRA weights stay float32)
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    max_train_steps: int = option(
+        0, help="stop after N optimizer steps; `0`: `epochs` decide", minimum=0
+    )
+    gradient_accumulation_steps: int = option(1, help="micro-steps per optimizer step", minimum=1)
+    lr_warmup_steps: int = option(0, help="linear warmup steps", minimum=0)
+    lr_num_cycles: int = option(1, help="cycles of `cosine_with_restarts`", minimum=1)
+    weight_decay: float = option(1e-2, help="AdamW / SGD weight decay", minimum=0)
+    max_grad_norm: float = option(1.0, help="gradient clipping", above=0)
+    noise_offset: float = option(
+        0.0, help="noise offset (0.05-0.1 helps very dark or bright images)", minimum=0
+    )
+    snr_gamma: float | None = option(
+        None,
+        help="min-SNR loss weighting (5.0 is the paper's value); epsilon and v-prediction models",
+        above=0,
+    )
+    min_timestep: int = option(
+        0, help="training timesteps are drawn from [min_timestep, max_timestep)", minimum=0
+    )
+    max_timestep: int = option(
+        NUM_TRAIN_TIMESTEPS,
+        help=f"upper end (exclusive) of the training timesteps, at most {NUM_TRAIN_TIMESTEPS}",
+    )
+    mixed_precision: str = option(
+        "no",
+        help="frozen weights in that dtype and autocast; LoRA weights stay float32",
+        choices=MIXED_PRECISION,
+        ignore_case=True,
+    )
+    gradient_checkpointing: bool = option(False, help="trade compute for memory")
+    seed: int = option(0, help="LoRA initialisation, data order and every random draw")
 
     # --- caches
-    # VAE-encode each image (and its mirror) once; reused across epochs and runs
-    cache_latents: bool = True
-    # encode each caption once when the text encoder is frozen and captions never change
-    cache_text_encoder_outputs: bool = True
-    # root of the caches (latents/, dataset images/, train/ work dirs of s3:// outputs);
-    # default $LORAPIPE_CACHE (~/.cache/lorapipe)
-    cache_dir: str = ""
+    cache_latents: bool = option(
+        True,
+        help="VAE-encode each image (and mirror) once, reused across epochs and runs; `false` "
+        "encodes every step (diffusers' example loop)",
+    )
+    cache_text_encoder_outputs: bool = option(
+        True,
+        help="encode each caption once when the text encoder is frozen and captions are not "
+        "shuffled",
+    )
+    cache_dir: str = option(
+        "",
+        help="latents (keyed by image hash, VAE files, resolution, crop, mirroring), dataset "
+        "images, S3 work dirs",
+        default_text="$LORAPIPE_CACHE (~/.cache/lorapipe)",
+    )
 
     # --- checkpoints and processes
-    # keep only the newest N checkpoints (never deleting the best by validation loss); 0: all
-    keep_last_n: int = 0
-    # an s3:// prefix every checkpoint is copied to
-    checkpoint_mirror: str = ""
-    # "latest", a checkpoint directory, or an s3:// checkpoint prefix; empty: start fresh
-    resume: str = ""
-    # processes (one per GPU) that `lorapipe train` launches with accelerate
-    num_processes: int = 1
+    keep_last_n: int = option(
+        0,
+        help="keep the newest N checkpoints (plus the best by validation loss and the one "
+        "`select`'s rule would choose, never deleted); `0`: all",
+        minimum=0,
+    )
+    checkpoint_mirror: str = option(
+        "", help="an `s3://` prefix that receives a copy of the output as it is written"
+    )
+    run_id: str = option(
+        "",
+        help="names this run under `checkpoint_mirror` (`<checkpoint_mirror>/<run_id>/`), so a "
+        "retried run resumes its own checkpoints and two runs never share them; the pipeline "
+        "passes its run id",
+    )
+    resume: str = option(
+        "",
+        help="`latest` (newest complete checkpoint here or on a mirror; fresh start if none), a "
+        "checkpoint directory, or an `s3://` checkpoint; empty: start fresh",
+    )
+    num_processes: int = option(
+        1,
+        help="processes to launch, one per GPU (CPU processes over gloo without one); per node "
+        "with `num_nodes` > 1",
+        minimum=1,
+    )
+    num_nodes: int = option(
+        1,
+        help="nodes to train on: above 1, a Kubeflow Trainer TrainJob of `num_nodes` x "
+        "`num_processes` GPUs, sharing data and checkpoints through `checkpoint_mirror` on S3",
+        minimum=1,
+    )
+    trainer_image: str = option(
+        "",
+        help="the torch image a multi-node TrainJob's nodes run (needed with `num_nodes` > 1)",
+    )
 
     def __post_init__(self) -> None:
-        for key in CHOICE_KEYS:  # named choices are case-insensitive: "AdamW" is adamw
-            value = getattr(self, key)
-            if isinstance(value, str):
-                setattr(self, key, value.strip().lower())
+        for item in options(type(self)):  # named choices are case-insensitive: "AdamW" is adamw
+            value = getattr(self, item.name)
+            if item.spec.ignore_case and isinstance(value, str):
+                setattr(self, item.name, value.strip().lower())
+
+    def validate(self, where: Where | None = None) -> None:
+        """Raise ConfigError for values that make no sense (rank 0, ...)."""
+        check_values(self, where)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-CHOICES = {
-    "optimizer": OPTIMIZERS,
-    "scheduler": SCHEDULERS,
-    "mixed_precision": MIXED_PRECISION,
-    "crop": CROPS,
-}
 
 
 # --------------------------------------------------------------------------- loading
@@ -201,216 +302,58 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
 
     Raises ConfigError, one line naming the file, line and key, for anything wrong.
     """
-    raw: dict[str, Any] = {}
-    origins: dict[str, str] = {}
-    if path:
-        raw, origins = _read_yaml(path)
-    for key, value in (overrides or {}).items():
-        check_known_key(key, f"--{key.replace('_', '-')}")
-        raw[key] = value
-        origins[key] = f"--{key.replace('_', '-')}"
-    hints = typing.get_type_hints(TrainConfig)
-    values = {key: coerce(value, hints[key], origins[key]) for key, value in raw.items()}
-    config = TrainConfig(**values)
-    check_values(config, lambda key: origins.get(key, f"key '{key}'"))
-    return config
+    return config.load(TrainConfig, path, overrides)
 
 
-def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """({key: value}, {key: "FILE line N: key 'k'"}) of a YAML mapping."""
-    text = _read_text(path)
-    try:
-        document = yaml.compose(text, Loader=yaml.SafeLoader)
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax there") from None
-    if values is None:
-        return {}, {}
-    if not isinstance(values, dict) or not isinstance(document, yaml.MappingNode):
-        raise ConfigError(f"{path}: expected 'key: value' lines, e.g. 'learning_rate: 1e-4'")
-    origins = {}
-    for key_node, _ in document.value:
-        key = key_node.value
-        origin = f"{path} line {key_node.start_mark.line + 1}: key '{key}'"
-        check_known_key(key, origin)
-        origins[key] = origin
-    return values, origins
-
-
-def _read_text(path: str) -> str:
-    if path.startswith("s3://"):
-        from lorapipe import store
-
-        return store.read_text(path)
-    file = Path(path.removeprefix("file://")).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"config file '{path}' does not exist")
-    return file.read_text(encoding="utf-8-sig")
-
-
-def check_known_key(key: Any, origin: str) -> None:
-    """Raise ConfigError naming the closest valid key when ``key`` is not a config key."""
-    if key in FIELD_NAMES:
-        return
-    closest = difflib.get_close_matches(str(key), FIELD_NAMES, n=1, cutoff=0.6)
-    hint = (
-        f"did you mean '{closest[0]}'?" if closest else "see `lorapipe train --help` for the keys"
-    )
-    origin = origin.replace(f": key '{key}'", "")
-    raise ConfigError(f"{origin}: unknown key '{key}'; {hint}")
-
-
-# --------------------------------------------------------------------------- types
-
-
-def coerce(value: Any, hint: Any, origin: str) -> Any:
-    """``value`` as the type ``hint`` (int, float, bool, str, list[str], list[int], X | None).
-
-    Numbers and booleans may come as strings: from flags, and from YAML, which reads ``1e-4``
-    as a string.
-    """
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none")):
-            return None
-        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-    if typing.get_origin(hint) is list:
-        (item,) = typing.get_args(hint)
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
-            raise ConfigError(f"{origin} must be a list, e.g. [a, b], got {value!r}")
-        return [coerce(v.strip() if isinstance(v, str) else v, item, origin) for v in items]
-    converter = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}[hint]
-    converted = converter(value)
-    if converted is None:
-        raise ConfigError(f"{origin} must be {_TYPE_WORDS[hint]}, got {value!r}")
-    return converted
-
-
-_TYPE_WORDS = {
-    bool: "true or false",
-    int: "a whole number",
-    float: "a number",
-    str: "a string",
-}
-
-
-def _as_bool(value: Any) -> bool | None:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
-            value.strip().lower()
-        )
-    return None
-
-
-def _as_float(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return None
-    return None
-
-
-def _as_int(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    number = _as_float(value)
-    if number is None or not math.isfinite(number) or number != int(number):
-        return None
-    return int(number)
-
-
-def _as_str(value: Any) -> str | None:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return str(value)
-    return None
+def load_config_text(text: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The config from YAML text (a pipeline parameter), checked like a file; empty: defaults."""
+    with tempfile.TemporaryDirectory(prefix="lorapipe-config-") as tmp:
+        config_file = Path(tmp) / "training_config.yaml"
+        config_file.write_text(text if text.strip() else "{}\n", encoding="utf-8")
+        return load_config(str(config_file), overrides)
 
 
 # --------------------------------------------------------------------------- values
 
 
-def check_values(config: TrainConfig, origin: Any = None) -> None:
+def check_values(train: TrainConfig, origin: Where | None = None) -> None:
     """Raise ConfigError for values of the right type that make no sense (rank 0, ...).
 
     ``origin(key)`` says where a key was set; by default just the key's name.
     """
     where = origin or (lambda key: f"key '{key}'")
-    for key, choices in CHOICES.items():
-        value = getattr(config, key)
-        if value not in choices:
-            closest = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-            hint = f"did you mean '{closest[0]}'? " if closest else ""
-            raise ConfigError(f"{where(key)} is '{value}'; {hint}use one of {', '.join(choices)}")
-    at_least = {
-        "lora_rank": 1,
-        "batch_size": 1,
-        "epochs": 1,
-        "save_steps": 0,
-        "keep_tokens": 0,
-        "max_train_steps": 0,
-        "gradient_accumulation_steps": 1,
-        "lr_warmup_steps": 0,
-        "lr_num_cycles": 1,
-        "keep_last_n": 0,
-        "num_processes": 1,
-        "min_timestep": 0,
-    }
-    for key, minimum in at_least.items():
-        if getattr(config, key) < minimum:
-            raise ConfigError(
-                f"{where(key)} must be at least {minimum}, got {getattr(config, key)}"
-            )
-    positive = ("lora_alpha", "learning_rate", "max_grad_norm")
-    for key in positive + ("text_encoder_lr", "snr_gamma"):
-        value = getattr(config, key)
-        if value is not None and not value > 0:
-            raise ConfigError(f"{where(key)} must be above 0, got {value}")
-    for key in ("noise_offset", "weight_decay"):
-        if getattr(config, key) < 0:
-            raise ConfigError(f"{where(key)} must not be negative, got {getattr(config, key)}")
-    if not 0 <= config.caption_dropout_rate < 1:
+    config.check_fields(train, where)
+    if not 0 <= train.caption_dropout_rate < 1:
         raise ConfigError(
-            f"{where('caption_dropout_rate')} must be in [0, 1), got {config.caption_dropout_rate}"
+            f"{where('caption_dropout_rate')} must be in [0, 1), got {train.caption_dropout_rate}"
         )
-    if config.resolution is not None and (config.resolution < 64 or config.resolution % 8):
+    if train.resolution is not None and (train.resolution < 64 or train.resolution % 8):
         raise ConfigError(
-            f"{where('resolution')} must be a multiple of 8 of at least 64, got {config.resolution}"
+            f"{where('resolution')} must be a multiple of 8 of at least 64, got {train.resolution}"
         )
-    if not config.min_timestep < config.max_timestep <= NUM_TRAIN_TIMESTEPS:
+    if not train.min_timestep < train.max_timestep <= NUM_TRAIN_TIMESTEPS:
         raise ConfigError(
-            f"{where('max_timestep')} must be above min_timestep ({config.min_timestep}) "
-            f"and at most {NUM_TRAIN_TIMESTEPS}, got {config.max_timestep}"
+            f"{where('max_timestep')} must be above min_timestep ({train.min_timestep}) "
+            f"and at most {NUM_TRAIN_TIMESTEPS}, got {train.max_timestep}"
         )
-    split = config.validation_split
+    split = train.validation_split
     if split < 0 or (split >= 1 and split != int(split)):
         raise ConfigError(
             f"{where('validation_split')} must be a fraction below 1 (0.1 = 10%) or a whole "
             f"number of images, got {split}"
         )
-    if not config.validation_timesteps or not all(
-        0 <= t < NUM_TRAIN_TIMESTEPS for t in config.validation_timesteps
+    if not train.validation_timesteps or not all(
+        0 <= t < NUM_TRAIN_TIMESTEPS for t in train.validation_timesteps
     ):
         raise ConfigError(
             f"{where('validation_timesteps')} must list timesteps in [0, {NUM_TRAIN_TIMESTEPS}), "
-            f"got {config.validation_timesteps}"
+            f"got {train.validation_timesteps}"
         )
-    if not config.target_modules:
+    if not train.target_modules:
         raise ConfigError(f"{where('target_modules')} is empty; name layers, e.g. [to_q, to_v]")
-    if config.checkpoint_mirror and not config.checkpoint_mirror.startswith("s3://"):
+    if train.checkpoint_mirror and not train.checkpoint_mirror.startswith("s3://"):
         raise ConfigError(
-            f"{where('checkpoint_mirror')} must be an s3:// prefix, got '{config.checkpoint_mirror}'"
+            f"{where('checkpoint_mirror')} must be an s3:// prefix, got '{train.checkpoint_mirror}'"
         )
 
 

@@ -19,16 +19,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lorapipe import store
 from lorapipe.errors import ConfigError, TrainingError
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient, CustomObjectsApi
+
+    from lorapipe.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +81,68 @@ class TrainJobSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     shm_size: str = "8Gi"
     labels: Mapping[str, str] = field(default_factory=dict)
+
+
+def train_on_nodes(config: TrainConfig) -> None:
+    """``lorapipe train`` with ``num_nodes`` > 1: the nodes share only S3, so the dataset and
+    the resolved config go to ``checkpoint_mirror``, a TrainJob trains into
+    ``<checkpoint_mirror>/training``, and its output comes back to ``output_dir``."""
+    import dataclasses
+
+    import yaml
+
+    if not store.is_s3(config.checkpoint_mirror):
+        raise ConfigError(
+            f"num_nodes {config.num_nodes} needs checkpoint_mirror on S3 (got "
+            f"'{config.checkpoint_mirror}'): the nodes share data and checkpoints only through it"
+        )
+    if not config.trainer_image:
+        raise ConfigError("num_nodes > 1 needs trainer_image, the torch image the nodes run")
+    work = config.checkpoint_mirror
+    dataset_uri = config.train_data_dir
+    if not store.is_s3(dataset_uri):
+        dataset_uri = store.join(work, "dataset")
+        if not store.is_complete(dataset_uri):
+            store.put_dir(config.train_data_dir, dataset_uri)
+    output_uri = (
+        config.output_dir if store.is_s3(config.output_dir) else store.join(work, "training")
+    )
+    node_config = dataclasses.replace(
+        config,
+        train_data_dir=dataset_uri,
+        metadata_path="",
+        output_dir=output_uri,
+        log_dir="",
+        checkpoint_mirror="",
+        resume="latest",
+        num_nodes=1,  # torchrun starts the processes on every node
+        num_processes=1,
+    )
+    config_uri = store.join(work, "train_config.yaml")
+    store.write_text(config_uri, yaml.safe_dump(node_config.to_dict(), sort_keys=False))
+    run_trainjob(
+        TrainJobSpec(
+            name=trainjob_name(work.rstrip("/").rsplit("/", 1)[-1]),
+            namespace=pod_namespace(),
+            image=config.trainer_image,
+            config_uri=config_uri,
+            num_nodes=config.num_nodes,
+            gpus_per_node=config.num_processes,
+        )
+    )
+    if output_uri != config.output_dir:
+        store.get_dir(output_uri, config.output_dir)
+
+
+def pod_namespace() -> str:
+    """The namespace this pod runs in (where the TrainJob goes), else ``$POD_NAMESPACE`` or
+    ``kubeflow``."""
+    from pathlib import Path
+
+    service_account = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if service_account.is_file():
+        return service_account.read_text().strip()
+    return os.environ.get("POD_NAMESPACE", "kubeflow")
 
 
 def trainjob_name(run_id: str) -> str:

@@ -25,13 +25,15 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from lorapipe import config as config_options
 from lorapipe import store
-from lorapipe.captions import find_mention, matching_pattern, split_caption, swap_left_right
+from lorapipe.captions import find_mention, matching_pattern, swap_left_right
+from lorapipe.config import option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
 from lorapipe.errors import DatasetError
 
@@ -102,11 +104,17 @@ DEFAULT_SKIP_TAGS = TEXT_TAGS + ASYMMETRY_TAGS
 class AugmentConfig:
     """Which images ``lorapipe augment`` mirrors."""
 
-    # an image with a tag matching one of these glob patterns is not mirrored (see
-    # TEXT_TAGS and ASYMMETRY_TAGS); setting it replaces the whole default list
-    skip_tags: tuple[str, ...] = DEFAULT_SKIP_TAGS
-    # patterns added to skip_tags, e.g. ("holding sword",)
-    extra_skip_tags: tuple[str, ...] = field(default=())
+    COMMAND: ClassVar[str] = "augment"
+
+    skip_tags: tuple[str, ...] = option(
+        DEFAULT_SKIP_TAGS,
+        help="an image with a tag matching one of these glob patterns is not mirrored "
+        "(comma-separated); setting it replaces the whole default list",
+        default_text="text, logo, watermark, signature and asymmetry tags (see below)",
+    )
+    extra_skip_tags: tuple[str, ...] = option(
+        (), help='patterns added to `skip_tags`, comma-separated (e.g. "holding sword, sign")'
+    )
 
     @property
     def patterns(self) -> tuple[str, ...]:
@@ -259,30 +267,22 @@ def render_markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _tag_list(text: str) -> tuple[str, ...]:
-    return tuple(split_caption(text))
+def metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the KFP UI shows for an augment."""
+    return {"images_mirrored": report["mirrored"], "images_out": report["output_rows"]}
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="input dataset (local or s3://)")
     parser.add_argument("--out", required=True, help="output dataset (local or s3://)")
-    parser.add_argument(
-        "--skip-tags",
-        type=_tag_list,
-        default=DEFAULT_SKIP_TAGS,
-        help="comma-separated tags or glob patterns that prevent mirroring; replaces the "
-        "default list (text, logo, watermark, signature, asymmetry tags...)",
-    )
-    parser.add_argument(
-        "--extra-skip-tags",
-        type=_tag_list,
-        default=(),
-        help='comma-separated patterns added to the default list, e.g. "holding sword, sign"',
-    )
+    parser.add_argument("--config", help="YAML file of the options below")
+    config_options.add_arguments(parser, AugmentConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = AugmentConfig(skip_tags=args.skip_tags, extra_skip_tags=args.extra_skip_tags)
+    config = config_options.load(
+        AugmentConfig, args.config, config_options.overrides_from_args(args, AugmentConfig)
+    )
     report = run(args.dataset, args.out, config)
     print(
         f"{report['input_rows']} images in, {report['mirrored']} mirrored copies added, "

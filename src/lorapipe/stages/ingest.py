@@ -53,15 +53,17 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from lorapipe import config as config_options
 from lorapipe import store
+from lorapipe.config import Where, option
 from lorapipe.dataset import DatasetWriter, ImageRecord
-from lorapipe.errors import ConfigError, DatasetError, InputError
+from lorapipe.errors import DatasetError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -116,38 +118,42 @@ WHITE = (255, 255, 255, 255)
 class IngestConfig:
     """What ``lorapipe ingest`` keeps."""
 
-    # lora-scripts metadata.csv (local or s3://); None: the metadata.csv beside the images, if any
-    metadata: str | None = None
-    # images whose shorter side is below this many pixels are dropped (the seed's 512)
-    min_size: int = 512
-    # images whose longer side is more than this many times the shorter are dropped
-    max_aspect: float = 4.0
-    # images with more pixels than this are decompression bombs (Pillow's default limit)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    # perceptual hashes at most this many bits (of 64) apart are near duplicates
-    near_dup_distance: int = 6
-    # decoding processes: 0 = one per CPU core, 1 = decode in this process
-    workers: int = 0
+    COMMAND: ClassVar[str] = "ingest"
 
-    def check(self) -> None:
+    metadata: str | None = option(
+        None,
+        help="lora-scripts `metadata.csv` (`filename,text`), local or `s3://`",
+        aliases=("metadata_uri",),
+        default_text="the metadata.csv beside the images, if any",
+    )
+    min_size: int = option(
+        512,
+        help="drop images whose shorter side is below this many pixels (the seed's 512)",
+        minimum=1,
+    )
+    max_aspect: float = option(
+        4.0,
+        help="drop images whose longer side is more than this many times the shorter",
+        minimum=1,
+    )
+    max_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        help="drop images with more pixels than this, as decompression bombs (Pillow's limit)",
+        minimum=1,
+    )
+    near_dup_distance: int = option(
+        6,
+        help=f"perceptual-hash bits (of {PHASH_BITS}) within which images are near duplicates",
+        minimum=0,
+        maximum=PHASH_BITS // 2,
+    )
+    workers: int = option(0, help="decoding processes; `0`: one per CPU core", minimum=0)
+
+    def validate(self, where: Where | None = None) -> None:
         """Refuse settings that would make the cleaning meaningless, naming the flag."""
-        if self.min_size < 1:
-            raise ConfigError(
-                f"min_size (--min-size) is {self.min_size}; use 1 or more (default 512)"
-            )
-        if self.max_aspect < 1:
-            raise ConfigError(f"max_aspect (--max-aspect) is {self.max_aspect}; use 1.0 or more")
-        if self.max_pixels < 1:
-            raise ConfigError(f"max_pixels (--max-pixels) is {self.max_pixels}; use 1 or more")
-        if not 0 <= self.near_dup_distance <= PHASH_BITS // 2:
-            raise ConfigError(
-                f"near_dup_distance (--near-dup-distance) is {self.near_dup_distance}; "
-                f"use 0..{PHASH_BITS // 2} bits (default 6)"
-            )
-        if self.workers < 0:
-            raise ConfigError(
-                f"workers (--workers) is {self.workers}; use 0 (one per core) or more"
-            )
+        config_options.check_fields(
+            self, where or (lambda key: f"{key} (--{key.replace('_', '-')})")
+        )
 
 
 @dataclass
@@ -164,7 +170,7 @@ def run(input_uri: str, output_uri: str, config: IngestConfig | None = None) -> 
     """Clean the images of ``input_uri`` into a dataset at ``output_uri``; write the report
     next to it and return it. Raises DatasetError (after writing the report) if none is kept."""
     config = config or IngestConfig()
-    config.check()
+    config.validate()
     _remove_failed_report(output_uri)
     # the writer opens first, so an unusable output stops the run before any decoding
     with _open_input(input_uri) as source, DatasetWriter(output_uri) as writer:
@@ -907,59 +913,23 @@ def _cell(text: str) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
+def metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the KFP UI shows for an ingest."""
+    return {"images_kept": report["kept"], "images_dropped": report["dropped"]}
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    defaults = IngestConfig()
     parser.add_argument(
         "input", help="folder of images, .zip/.tar/.tar.gz archive, or s3:// prefix"
     )
     parser.add_argument("--out", required=True, help="output dataset (local or s3://)")
-    parser.add_argument(
-        "--metadata",
-        help="lora-scripts metadata.csv (filename,text), local or s3://; "
-        "default: the metadata.csv beside the images, if any",
-    )
-    parser.add_argument(
-        "--min-size",
-        type=int,
-        default=defaults.min_size,
-        help=f"drop images whose shorter side is below this (default {defaults.min_size})",
-    )
-    parser.add_argument(
-        "--max-aspect",
-        type=float,
-        default=defaults.max_aspect,
-        help="drop images whose longer side is more than this many times the shorter "
-        f"(default {defaults.max_aspect:g})",
-    )
-    parser.add_argument(
-        "--max-pixels",
-        type=int,
-        default=defaults.max_pixels,
-        help=f"drop images with more pixels, as decompression bombs (default {defaults.max_pixels})",
-    )
-    parser.add_argument(
-        "--near-dup-distance",
-        type=int,
-        default=defaults.near_dup_distance,
-        help="perceptual-hash bits (of 64) within which images are near duplicates "
-        f"(default {defaults.near_dup_distance})",
-    )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=defaults.workers,
-        help="decoding processes; 0 = one per CPU core (default)",
-    )
+    parser.add_argument("--config", help="YAML file of the options below")
+    config_options.add_arguments(parser, IngestConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = IngestConfig(
-        metadata=args.metadata,
-        min_size=args.min_size,
-        max_aspect=args.max_aspect,
-        max_pixels=args.max_pixels,
-        near_dup_distance=args.near_dup_distance,
-        workers=args.workers,
+    config = config_options.load(
+        IngestConfig, args.config, config_options.overrides_from_args(args, IngestConfig)
     )
     report = run(args.input, args.out, config)
     reasons = ", ".join(

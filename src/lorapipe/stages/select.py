@@ -36,9 +36,11 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from lorapipe import config as config_options
 from lorapipe import lora_format, store
+from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError, LoraFormatError, ObjectNotFoundError
 
 log = logging.getLogger(__name__)
@@ -61,20 +63,40 @@ NOISY_TRAINING_LOSS = (
 
 @dataclass
 class SelectConfig:
-    """How ``lorapipe select`` chooses and names the LoRA."""
+    """How ``lorapipe select`` chooses, names and publishes the LoRA."""
 
-    # relative tolerance: a loss <= lowest * (1 + epsilon) counts as "as good as the lowest"
-    epsilon: float = 0.01
-    # "auto" (validation loss if any checkpoint has one, else EMA training loss), "val_loss"
-    # or "train_loss_ema"
-    metric: str = "auto"
-    # kohya file name and the NAME in <lora:NAME:0.7>; default: the training config's
-    # output_name, else "lora"
-    output_name: str | None = None
-    # recorded in the LoRA's metadata (lorapipe.pipeline_run_id)
-    pipeline_run_id: str = ""
+    COMMAND: ClassVar[str] = "select"
 
-    def validate(self) -> None:
+    epsilon: float = option(
+        0.01,
+        help="relative tolerance: a loss <= lowest x (1 + epsilon) counts as as good as the "
+        "lowest, and the earliest such checkpoint wins",
+        minimum=0,
+    )
+    metric: str = option(
+        "auto",
+        help="loss to select on: `auto` (validation loss if any checkpoint has one, else the EMA "
+        "training loss), `val_loss` or `train_loss_ema`",
+        choices=METRICS,
+    )
+    output_name: str | None = option(
+        None,
+        help="kohya file name and the NAME in `<lora:NAME:0.7>`",
+        default_text="the training config's output_name, else lora",
+    )
+    pipeline_run_id: str = option(
+        "",
+        help="recorded in the LoRA's metadata (`lorapipe.pipeline_run_id`); names the published "
+        "folder",
+        aliases=("run_id",),
+    )
+    publish_uri: str = option(
+        "",
+        help="also copy the LoRA files to `<publish_uri>/<pipeline_run_id>/` and then point "
+        "`<publish_uri>/latest.json` at them (local or `s3://`); empty: no publishing",
+    )
+
+    def validate(self, where: Where | None = None) -> None:
         if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
             raise ConfigError(f"epsilon {self.epsilon} must be a number >= 0, e.g. 0.01 for 1%")
         if self.metric not in METRICS:
@@ -241,8 +263,24 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         _write_json(staging / "report.json", report)
         (staging / "report.md").write_text(render_markdown(report))
         store.put_dir(staging, output_uri)
+        if config.publish_uri:
+            report["published"] = publish(staging, config.publish_uri, config.pipeline_run_id)
     log.info("selected checkpoint-%d: %s", selection.step, selection.reason)
     return report
+
+
+def publish(lora_dir: str | Path, publish_uri: str, run_id: str) -> str:
+    """Copy the chosen LoRA to ``publish_uri/<run_id>/`` and then point ``latest.json`` at it.
+
+    Runs never overwrite each other's files; whoever reads ``latest.json`` finds a complete
+    upload, because the pointer is written only after every file (and the manifest) is there.
+    """
+    run_prefix = store.join(publish_uri, store.safe_name(run_id))
+    store.put_dir(lora_dir, run_prefix)
+    pointer = {"run_id": run_id, "uri": run_prefix}
+    store.write_text(store.join(publish_uri, "latest.json"), json.dumps(pointer, indent=2) + "\n")
+    log.info("published the LoRA to %s", run_prefix)
+    return run_prefix
 
 
 # --------------------------------------------------------------------------- reading train's output
@@ -765,38 +803,20 @@ def _tick_label(value: float, ticks: Sequence[float]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    defaults = SelectConfig()
     parser.add_argument("training_output", help="train's output directory (local or s3://)")
     parser.add_argument("--out", required=True, help="where to write the LoRA files and report")
-    parser.add_argument(
-        "--epsilon",
-        type=float,
-        default=defaults.epsilon,
-        help=f"relative tolerance over the lowest loss (default {defaults.epsilon})",
-    )
-    parser.add_argument(
-        "--metric",
-        choices=METRICS,
-        default=defaults.metric,
-        help="loss to select on (default auto: validation loss, else EMA training loss)",
-    )
-    parser.add_argument(
-        "--output-name",
-        default=None,
-        help="kohya file name and <lora:NAME:0.7> (default: training config's output_name, else lora)",
-    )
-    parser.add_argument("--pipeline-run-id", default="", help="recorded in the LoRA's metadata")
+    parser.add_argument("--config", help="YAML file of the options below")
+    config_options.add_arguments(parser, SelectConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = SelectConfig(
-        epsilon=args.epsilon,
-        metric=args.metric,
-        output_name=args.output_name,
-        pipeline_run_id=args.pipeline_run_id,
+    config = config_options.load(
+        SelectConfig, args.config, config_options.overrides_from_args(args, SelectConfig)
     )
     report = run(args.training_output, args.out, config)
     print(report["reason"])
     print(f"wrote {store.join(args.out, report['files']['kohya'])} (use {report['webui_prompt']})")
     print(f"wrote {store.join(args.out, report['files']['diffusers'])}")
+    if config.publish_uri:
+        print(f"published {report['published']}")
     return 0

@@ -33,12 +33,13 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from lorapipe import config as config_options
 from lorapipe import store
 from lorapipe.captions import (
     DEFAULT_TAG_RULES,
@@ -49,6 +50,7 @@ from lorapipe.captions import (
     normalize_tag,
     split_caption,
 )
+from lorapipe.config import Where, option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
 from lorapipe.errors import ConfigError, DatasetError, ModelError, ObjectNotFoundError
 
@@ -66,38 +68,59 @@ REPORT_TABLE_ROWS = 50
 class TagConfig:
     """How ``lorapipe tag`` tags images and builds captions."""
 
-    # DeepDanbooru project folder (local or s3://): project.json, model-*.h5/.keras, tags.txt
-    project: str
-    # a tag is kept when the model's score is at least this (DeepDanbooru's default)
-    threshold: float = 0.5
-    # at most this many auto tags per image, best first; CLIP reads 75 tokens, ~30 tags
-    max_tags: int = 30
-    # images per model call
-    batch_size: int = 16
-    # written first in every caption, exactly as given (e.g. "sks_style")
-    trigger_word: str = ""
-    # tags moved to the front of a caption (after the trigger word) when the image has them
-    keep_tags: tuple[str, ...] = ()
-    # with a hand-written caption: "keep" it (tags only where there is none), "append" the
-    # new tags to it, or "replace" it with the tags
-    merge: str = "keep"
-    # YAML file with aliases and blacklist (local or s3://); default: lorapipe's own
-    tag_rules: str | None = None
-    # blacklist patterns added to the rules', e.g. ("simple background", "*_focus")
-    extra_blacklist: tuple[str, ...] = field(default=())
+    COMMAND: ClassVar[str] = "tag"
 
-    def validate(self) -> None:
+    project: str = option(
+        help="DeepDanbooru project folder (local or `s3://`): project.json, model-*.h5/.keras, "
+        "tags.txt",
+        aliases=("tagger_uri",),
+    )
+    threshold: float = option(
+        0.5, help="a tag is kept when the model's score is at least this (DeepDanbooru's default)"
+    )
+    max_tags: int = option(
+        30, help="at most this many auto tags per image, best first (CLIP reads ~30)", minimum=1
+    )
+    batch_size: int = option(16, help="images per model call", minimum=1)
+    trigger_word: str = option(
+        "", help='written first in every caption, exactly as given (e.g. "sks_style")'
+    )
+    keep_tags: tuple[str, ...] = option(
+        (),
+        help="tags moved to the front of a caption (after the trigger word) when the image has "
+        'them, comma-separated (e.g. "1girl, solo")',
+    )
+    merge: str = option(
+        "keep",
+        help="with a hand-written caption: `keep` it (tags only where there is none), `append` "
+        "the new tags to it, or `replace` it with the tags",
+        choices=MERGE_POLICIES,
+        aliases=("caption_merge",),
+    )
+    tag_rules: str | None = option(
+        None,
+        help="YAML file with aliases and blacklist (local or `s3://`)",
+        default_text=f"lorapipe's own {DEFAULT_TAG_RULES}",
+    )
+    extra_blacklist: tuple[str, ...] = option(
+        (),
+        help="blacklist tags or glob patterns added to the rules', comma-separated (e.g. "
+        '"simple background, *_focus")',
+    )
+
+    def validate(self, where: Where | None = None) -> None:
+        where = where or (lambda key: key)
         if not self.project:
             raise ConfigError("project is empty; give the DeepDanbooru project folder")
         if not (math.isfinite(self.threshold) and 0 < self.threshold <= 1):
-            raise ConfigError(f"threshold {self.threshold} must be in (0, 1], e.g. 0.5")
+            raise ConfigError(f"{where('threshold')} {self.threshold} must be in (0, 1], e.g. 0.5")
         if self.max_tags < 1:
-            raise ConfigError(f"max_tags {self.max_tags} must be at least 1")
+            raise ConfigError(f"{where('max_tags')} {self.max_tags} must be at least 1")
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size {self.batch_size} must be at least 1")
+            raise ConfigError(f"{where('batch_size')} {self.batch_size} must be at least 1")
         if self.merge not in MERGE_POLICIES:
             raise ConfigError(
-                f"merge '{self.merge}' is unknown; use one of {', '.join(MERGE_POLICIES)}"
+                f"{where('merge')} '{self.merge}' is unknown; use one of {', '.join(MERGE_POLICIES)}"
             )
 
 
@@ -439,66 +462,21 @@ def _tag_list(text: str) -> tuple[str, ...]:
     return tuple(split_caption(text))
 
 
+def metrics(report: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the KFP UI shows for a tagging."""
+    return {"images_tagged": report["rows"], "distinct_tags": len(report["tag_frequency"])}
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    defaults = TagConfig(project="")
     parser.add_argument("dataset", help="input dataset (local or s3://)")
     parser.add_argument("--out", required=True, help="output dataset (local or s3://)")
-    parser.add_argument(
-        "--project", required=True, help="DeepDanbooru project folder (local or s3://)"
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        default=defaults.threshold,
-        help=f"keep tags scoring at least this (default {defaults.threshold})",
-    )
-    parser.add_argument(
-        "--max-tags",
-        type=int,
-        default=defaults.max_tags,
-        help=f"at most this many auto tags per image (default {defaults.max_tags})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=defaults.batch_size,
-        help=f"images per model call (default {defaults.batch_size})",
-    )
-    parser.add_argument("--trigger-word", default="", help="written first in every caption")
-    parser.add_argument(
-        "--keep-tags",
-        type=_tag_list,
-        default=(),
-        help='comma-separated tags put first when present, e.g. "1girl, solo"',
-    )
-    parser.add_argument(
-        "--merge",
-        choices=MERGE_POLICIES,
-        default=defaults.merge,
-        help="what to do with a hand-written caption: keep it (default), append tags, replace it",
-    )
-    parser.add_argument(
-        "--tag-rules", default=None, help=f"aliases + blacklist YAML (default {DEFAULT_TAG_RULES})"
-    )
-    parser.add_argument(
-        "--extra-blacklist",
-        type=_tag_list,
-        default=(),
-        help='comma-separated tags or glob patterns to drop too, e.g. "simple background, *_focus"',
-    )
+    parser.add_argument("--config", help="YAML file of the options below")
+    config_options.add_arguments(parser, TagConfig)
 
 
 def main(args: argparse.Namespace) -> int:
-    config = TagConfig(
-        project=args.project,
-        threshold=args.threshold,
-        max_tags=args.max_tags,
-        batch_size=args.batch_size,
-        trigger_word=args.trigger_word,
-        keep_tags=args.keep_tags,
-        merge=args.merge,
-        tag_rules=args.tag_rules,
-        extra_blacklist=args.extra_blacklist,
+    config = config_options.load(
+        TagConfig, args.config, config_options.overrides_from_args(args, TagConfig)
     )
     report = run(args.dataset, args.out, config)
     top = ", ".join(itertools.islice(report["tag_frequency"], 10))

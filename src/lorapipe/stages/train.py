@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from lorapipe import store
+from lorapipe import config, store
 from lorapipe.errors import ConfigError, TrainingError
-from lorapipe.train_config import FIELD_NAMES, TrainConfig, check_values, load_config
+from lorapipe.train_config import TrainConfig, check_values, load_config
 
 log = logging.getLogger(__name__)
 
@@ -537,35 +537,65 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="YAML file of config keys (the seed's my_film_config.yaml works as is)"
     )
-    defaults = TrainConfig().to_dict()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        options: dict[str, Any] = {"default": argparse.SUPPRESS}
-        options["help"] = f"default: {defaults[field.name]!r}"
-        if field.type == "bool":
-            options["action"] = argparse.BooleanOptionalAction
-        elif field.type.startswith("list"):
-            options.update(nargs="+", metavar="VALUE")
-        else:
-            options["metavar"] = field.name.upper()
-        parser.add_argument(flag, **options)
-    parser.epilog = (
-        "Every config key is also a flag, which overrides the file. See README, Training."
-    )
+    config.add_arguments(parser, TrainConfig)
+    parser.epilog = "Every config key is also a flag, which overrides the file."
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = {name: getattr(args, name) for name in FIELD_NAMES if hasattr(args, name)}
-    for name, value in overrides.items():
-        if isinstance(value, list):  # --target-modules to_q,to_v works as well as to_q to_v
-            overrides[name] = [part for item in value for part in item.split(",") if part]
-    config = load_config(args.config, overrides)
-    if config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch(config)
-    run(config.train_data_dir, config.output_dir, config)
-    if os.environ.get("RANK", "0") == "0":
-        print(config.output_dir)
+    train_config = load_config(args.config, config.overrides_from_args(args, TrainConfig))
+    code = train(train_config)
+    if code == 0 and os.environ.get("RANK", "0") == "0":
+        print(train_config.output_dir)
+    return code
+
+
+def train(train_config: TrainConfig) -> int:
+    """What ``lorapipe train`` and the pipeline's train step do with a loaded config: train on
+    ``num_nodes`` nodes through a TrainJob, in ``num_processes`` processes launched here, or in
+    this process (also when a launcher started it). Returns the launched processes' exit code.
+    """
+    train_config = with_run_folder(train_config)
+    if train_config.num_nodes > 1:
+        from lorapipe import trainjob
+
+        trainjob.train_on_nodes(train_config)
+        return 0
+    if train_config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch(train_config)
+    run(train_config.train_data_dir, train_config.output_dir, train_config)
     return 0
+
+
+def with_run_folder(train_config: TrainConfig) -> TrainConfig:
+    """``checkpoint_mirror`` joined with ``run_id``: this run's own folder on the mirror."""
+    if not (train_config.run_id and train_config.checkpoint_mirror):
+        return train_config
+    return dataclasses.replace(
+        train_config,
+        checkpoint_mirror=store.join(
+            train_config.checkpoint_mirror, store.safe_name(train_config.run_id)
+        ),
+        run_id="",
+    )
+
+
+def processes_for_gpus(num_gpus: int) -> int:
+    """Processes for a pod given ``num_gpus`` GPUs: one per GPU it can see, else one."""
+    import torch
+
+    return min(max(num_gpus, 1), torch.cuda.device_count()) or 1
+
+
+def metrics(training_output: str) -> dict[str, Any]:
+    """The values the KFP UI shows for a finished training (from its report)."""
+    report = json.loads(store.read_text(store.join(training_output, TRAINING_REPORT_NAME)))
+    return {
+        "steps": report["steps"],
+        "train_images": report["num_train_images"],
+        "validation_images": report["num_val_images"],
+        "samples_per_second": report["samples_per_second"],
+        "processes": report["num_processes"],
+    }
 
 
 def launch(config: TrainConfig) -> int:
