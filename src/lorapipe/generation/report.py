@@ -1,4 +1,4 @@
-"""What people look at after ``lorapipe generate``: labelled contact sheets and a one-file
+"""What people read after ``lorapipe generate``: ``report.json``, ``report.md`` and a one-file
 HTML report that opens from disk, as a mail attachment and in the Kubeflow UI.
 
 Everything the report shows is inside the file: images are base64 ``data:`` URIs, styles are
@@ -10,12 +10,20 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+
+from lorapipe import store
+from lorapipe.generation.grid import Cell
+from lorapipe.generation.index import metrics_table
+from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
+from lorapipe.generation.loras import LoraSource
+from lorapipe.prompts.negatives import Lint
 
 if TYPE_CHECKING:
     from lorapipe.demo_checks import Claim
@@ -34,73 +42,6 @@ pre { background: #f6f6f6; padding: 10px; overflow-x: auto; }
 code { background: #f6f6f6; padding: 0 3px; }
 .muted { color: #777; }
 """
-
-
-SHEET_GAP = 4
-SHEET_ROW_LABEL_WIDTH = 90
-SHEET_TITLE_HEIGHT = 28
-SHEET_HEADER_HEIGHT = 40
-
-
-def draw_contact_sheet(
-    title: str,
-    rows: Sequence[str],
-    columns: Sequence[str],
-    subcolumns: Sequence[str],
-    images: Mapping[tuple[int, int, int], Path],
-    cell_size: int,
-) -> Image.Image:
-    """A labelled grid of thumbnails: ``rows`` down, ``columns`` across, each column holding
-    one thumbnail per ``subcolumns`` entry. ``images`` maps (row, column, subcolumn) indices to
-    image files of one size; the longest side of a thumbnail is ``cell_size``."""
-    with Image.open(next(iter(images.values()))) as first:
-        scale = cell_size / max(first.size)
-        thumb_w, thumb_h = max(1, round(first.width * scale)), max(1, round(first.height * scale))
-    gap = SHEET_GAP
-    column_width = len(subcolumns) * (thumb_w + gap) + gap
-    top = SHEET_TITLE_HEIGHT + SHEET_HEADER_HEIGHT
-    width = max(400, SHEET_ROW_LABEL_WIDTH + len(columns) * column_width)
-    height = top + len(rows) * (thumb_h + gap) + gap
-    sheet = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default(size=14)
-    small = ImageFont.load_default(size=12)
-
-    draw.text((8, 6), _fit(draw, title, font, width - 16), fill="black", font=font)
-    for c, column in enumerate(columns):
-        x = SHEET_ROW_LABEL_WIDTH + c * column_width
-        draw.line([(x, SHEET_TITLE_HEIGHT), (x, height)], fill="#bbbbbb")
-        draw.text(
-            (x + gap, SHEET_TITLE_HEIGHT), _fit(draw, column, font, column_width), "black", font
-        )
-        for s, subcolumn in enumerate(subcolumns):
-            label = _fit(draw, subcolumn, small, thumb_w)
-            draw.text(
-                (x + gap + s * (thumb_w + gap), SHEET_TITLE_HEIGHT + 20), label, "#555", small
-            )
-    for r, row in enumerate(rows):
-        y = top + r * (thumb_h + gap)
-        draw.text(
-            (8, y + thumb_h // 2 - 8),
-            _fit(draw, row, font, SHEET_ROW_LABEL_WIDTH - 12),
-            "black",
-            font,
-        )
-    for (r, c, s), path in images.items():
-        x = SHEET_ROW_LABEL_WIDTH + c * column_width + gap + s * (thumb_w + gap)
-        with Image.open(path) as image:
-            thumbnail = image.convert("RGB").resize((thumb_w, thumb_h), Image.Resampling.LANCZOS)
-        sheet.paste(thumbnail, (x, top + r * (thumb_h + gap)))
-    return sheet
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int) -> str:
-    """``text``, shortened with an ellipsis to fit ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
 
 
 @dataclass
@@ -226,6 +167,142 @@ def _reproduce(command: str, job_text: str) -> str:
         return ""
     job = f"<p>job.yaml:</p><pre>{_e(job_text)}</pre>" if job_text else ""
     return f"<h2>Reproduce</h2><pre>{_e(command)}</pre>{job}"
+
+
+def lint_table(cells: Sequence[Cell], job_lints: Sequence[Lint]) -> list[dict[str, Any]]:
+    """Every distinct lint message with how many grid cells (seeds not counted) it concerns
+    and one of them; warnings first."""
+    found: dict[tuple[str, str, str], list[str]] = {}
+    for lint in job_lints:
+        found.setdefault((lint.level, lint.rule, lint.message), []).append("the job")
+    seen = set()
+    for cell in cells:
+        if cell.label in seen:
+            continue
+        seen.add(cell.label)
+        for lint in cell.negative.lints:
+            found.setdefault((lint.level, lint.rule, lint.message), []).append(cell.label)
+    rows = [
+        {"level": level, "rule": rule, "message": message, "count": len(where), "where": where[0]}
+        for (level, rule, message), where in found.items()
+    ]
+    return sorted(rows, key=lambda row: (row["level"] != "warning", -row["count"]))
+
+
+METRIC_COLUMNS = {
+    "negative_preset": "negative preset",
+    "lora_scale": "LoRA scale",
+    "cfg_scale": "CFG",
+    "images": "images",
+    "sharpness": "sharpness (var. of Laplacian)",
+    "highlight_clipping": "highlight clipping",
+    "shadow_clipping": "shadow clipping",
+    "mean_luminance": "mean luminance",
+    "colorfulness": "colorfulness",
+    "clip_score": "CLIP score",
+}
+
+
+def report_page(
+    report: Mapping[str, Any], sheets: Sequence[SheetSection], job_text: str
+) -> ReportPage:
+    config = report["config"]
+    columns = dict(METRIC_COLUMNS)
+    if not config.get("clip_model"):
+        columns.pop("clip_score")
+    loras = ", ".join(f"{name} ({lora['webui_hash']})" for name, lora in report["loras"].items())
+    return ReportPage(
+        title=f"lorapipe generate: {report['images']} images",
+        summary={
+            "base model": f"{report['base_model']} (hash {report['model_hash']})",
+            "LoRAs": loras or "none",
+            "sampler": f"{config['sampler']}, {config['steps']} steps",
+            "size": f"{config['width']}x{config['height']}",
+            "guidance rescale": config["guidance_rescale"],
+            "grid": f"{len(config['prompts'])} prompts x {len(config['negative_presets'])} "
+            f"presets x {len(config['lora_scales'] or [None])} LoRA scales x "
+            f"{len(config['cfg_scales'])} CFG x {len(config['seeds'])} seeds",
+            "time": f"{report['seconds']:.1f} s ({report['images_per_second']} images/s rendering)",
+            "device": f"{report['environment']['device']}, {report['environment']['dtype']}",
+        },
+        sheets=sheets,
+        lints=report["lints"],
+        metric_columns=columns,
+        metric_rows=report["metrics"],
+        reproduce_command=report["reproduce"],
+        job_text=job_text,
+    )
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"# lorapipe generate: {report['images']} images",
+        "",
+        f"- base model: `{report['base_model']}` (hash {report['model_hash']})",
+        f"- LoRAs: {', '.join(report['loras']) or 'none'}",
+        f"- contact sheets: {', '.join(report['sheets'])}",
+        "- index: `index.parquet`; full report: `report.html`",
+        f"- reproduce: `{report['reproduce']}`",
+        "",
+        "## Prompt checks",
+        "",
+    ]
+    lines += [
+        f"- **{lint['level']}** `{lint['rule']}` ({lint['count']} cells): {lint['message']}"
+        for lint in report["lints"]
+    ] or ["No warnings."]
+    return "\n".join(lines) + "\n"
+
+
+def run_report(
+    *,
+    base_model_uri: str,
+    output_uri: str,
+    job: Mapping[str, Any],
+    model_hash: str,
+    loras: Sequence[LoraSource],
+    lints: Sequence[Mapping[str, Any]],
+    rows: Sequence[Mapping[str, Any]],
+    sheets: Sequence[SheetSection],
+    environment: Mapping[str, str],
+    render_seconds: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """``report.json`` of a run: what it rendered with, the checks, the metrics, the timing."""
+    return {
+        "base_model": base_model_uri,
+        "model_hash": model_hash,
+        "loras": {lora.name: asdict(lora) for lora in loras},
+        "output": output_uri,
+        "images": len(rows),
+        "sheets": [sheet.file for sheet in sheets],
+        "lints": list(lints),
+        "metrics": metrics_table(rows),
+        "reproduce": f"lorapipe generate --job {store.join(output_uri, 'job.yaml')} "
+        f"--out {output_uri}",
+        "environment": dict(environment),
+        "render_seconds": round(render_seconds, 3),
+        "images_per_second": round(len(rows) / render_seconds, 4) if render_seconds else None,
+        "seconds": round(seconds, 3),
+        "config": job,
+        "files": {
+            "images": f"{IMAGES_DIR}/",
+            "sheets": f"{SHEETS_DIR}/",
+            "index": "index.parquet",
+            "html": "report.html",
+            "job": "job.yaml",
+        },
+    }
+
+
+def write_reports(
+    directory: Path, report: Mapping[str, Any], sheets: Sequence[SheetSection], job_text: str
+) -> None:
+    """``report.json``, ``report.md`` and the self-contained ``report.html``."""
+    (directory / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (directory / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    page = report_page(report, sheets, job_text)
+    (directory / "report.html").write_text(render_report(page), encoding="utf-8")
 
 
 def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
