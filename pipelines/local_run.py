@@ -18,7 +18,7 @@ from typing import Any
 from lorapipe import store
 from lorapipe.demo_checks import Claim, RunOutputs, check_run
 from lorapipe.errors import PipelineRunError
-from lorapipe.generation.report import add_claims_section
+from lorapipe.report_html import add_claims_section
 from pipelines.lora_training import PIPELINE_NAME
 
 

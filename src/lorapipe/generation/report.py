@@ -14,7 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image
 
@@ -24,9 +24,6 @@ from lorapipe.generation.index import metrics_table
 from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
 from lorapipe.generation.loras import LoraSource
 from lorapipe.prompts.negatives import Lint
-
-if TYPE_CHECKING:
-    from lorapipe.demo_checks import Claim
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
@@ -303,23 +300,3 @@ def write_reports(
     (directory / "report.md").write_text(render_markdown(report), encoding="utf-8")
     page = report_page(report, sheets, job_text)
     (directory / "report.html").write_text(render_report(page), encoding="utf-8")
-
-
-def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
-    """``report_html`` with a "What this run shows" table (claim, measured, threshold,
-    PASS/FAIL) right under its title: the demo's measured claims, first thing a reader sees."""
-    rows = "".join(
-        f"<tr><td>{_e(claim.claim)}</td><td>{_e(claim.measured)}</td>"
-        f"<td>{_e(claim.threshold)}</td>"
-        f'<td class="{"pass" if claim.passed else "fail"}">'
-        f"{'PASS' if claim.passed else 'FAIL'}</td></tr>"
-        for claim in claims
-    )
-    section = (
-        "<h2>What this run shows</h2>"
-        "<p class=\"muted\">Measured on this run's outputs against the world's ground truth "
-        "(lorapipe.demo_checks).</p>"
-        "<table><tr><th>claim</th><th>measured</th><th>needs</th><th></th></tr>"
-        f"{rows}</table>"
-    )
-    return report_html.replace("</h1>", "</h1>\n" + section, 1)
