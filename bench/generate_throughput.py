@@ -60,8 +60,9 @@ def main() -> None:
 def compare(args: argparse.Namespace, workdir: Path) -> None:
     from PIL import Image
 
+    from lorapipe.generation.infotext import parse_parameters
     from lorapipe.models import build_sd, describe, load_base_model
-    from lorapipe.stages.generate import GenerateConfig, parse_parameters, run
+    from lorapipe.stages.generate import GenerateConfig, run
 
     model = build_sd(workdir / "model", seed=0, preset=args.preset)
     lora_file = write_random_lora(model, workdir / "lora")
@@ -124,9 +125,13 @@ def naive_loop(model: Path, lora_file: Path, config, report) -> tuple[float, dic
     import torch
 
     from lorapipe import lora_format
+    from lorapipe.generation.grid import plan_grid
+    from lorapipe.generation.rendering import device_and_dtype
+    from lorapipe.generation.samplers import make_scheduler
     from lorapipe.models import load_base_model
-    from lorapipe.prompts import NegativeLibrary, PromptEncoder, parse_prompt
-    from lorapipe.stages.generate import device_and_dtype, make_scheduler, plan_grid
+    from lorapipe.prompts.encoding import PromptEncoder
+    from lorapipe.prompts.negatives import NegativeLibrary
+    from lorapipe.prompts.syntax import parse_prompt
 
     device, dtype = device_and_dtype(config.device, config.dtype)
     pipe = load_base_model(str(model), torch_dtype=dtype)

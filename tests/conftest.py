@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny offline SD model and a real S3 HTTP endpoint (moto)."""
+"""Shared fixtures: the tiny offline SD model, a real S3 HTTP endpoint (moto), and the LoRA and
+pipeline of the generate tests (one per test module)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,37 @@ def s3_bucket(s3_server: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     store.client().create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA (UNet and text encoder) as select writes it: the diffusers file and the kohya
+    file ``film_style.safetensors``."""
+    from lora_fixtures import TEXT_ENCODER_TARGETS, add_random_lora, save_lora
+
+    from lorapipe import lora_format
+    from lorapipe.models import load_base_model
+
+    directory = tmp_path_factory.mktemp("selected")
+    trained = load_base_model(str(tiny_model_dir))
+    add_random_lora(trained, text_encoder_targets=TEXT_ENCODER_TARGETS)
+    diffusers_file = save_lora(trained, directory)
+    state_dict, metadata, kind = lora_format.load_lora_state_dict(str(diffusers_file))
+    modules = lora_format.modules_from_state_dict(state_dict, metadata, kind)
+    lora_format.save_kohya(
+        directory / "film_style.safetensors", modules, {"ss_output_name": "film_style"}
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir: Path, lora_dir: Path):
+    """The tiny pipeline with the kohya LoRA loaded as generate loads it."""
+    from lorapipe import lora_format
+    from lorapipe.models import load_base_model
+
+    pipeline = load_base_model(str(tiny_model_dir))
+    kohya_file = str(lora_dir / "film_style.safetensors")
+    lora_format.load_into_pipeline(pipeline, kohya_file, adapter_name="lora_0")
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

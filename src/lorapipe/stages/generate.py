@@ -5,12 +5,12 @@ The grid (``GenerateConfig``, from a job file or flags) is every combination of
 
     prompts x negative_presets x lora_scales x cfg_scales x seeds
 
-Prompts use A1111 syntax (``lorapipe.prompts``); ``<lora:name:w>`` names a LoRA of the job's
+Prompts use A1111 syntax (``lorapipe.prompts.syntax``); ``<lora:name:w>`` names a LoRA of the job's
 ``loras`` map. A LoRA scale from the grid *replaces* the weight written in every ``<lora:>``
 tag of the prompt (a ``<lora:name:te:unet>`` tag keeps its text-encoder/UNet ratio: UNet gets
 the scale, the text encoder the scale times te/unet); leaving ``lora_scales`` out runs the
 weights as written. Each cell's negative prompt is built from its preset by the rules in
-``lorapipe.prompts`` (the LoRA scale and CFG of the cell take part).
+``lorapipe.prompts.negatives`` (the LoRA scale and CFG of the cell take part).
 
 How it stays fast: text conditioning is computed once per distinct prompt and negative (and
 text-encoder LoRA weight); images that share their LoRA weights run together, up to
@@ -27,6 +27,9 @@ Output (a directory, local or s3://, published whole when everything is written)
 - ``sheets/*.png``: a contact sheet per prompt x preset (rows CFG, columns LoRA scale x seed)
 - ``index.parquet``: every image with its parameters and metrics
 - ``report.html`` (self-contained), ``report.json``, ``report.md``, ``job.yaml`` (to rerun)
+
+This module is the stage (the job, ``run``, publishing, the command line); the machinery is in
+``lorapipe.generation``.
 """
 
 from __future__ import annotations
@@ -34,90 +37,50 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
-import itertools
 import json
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import yaml
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-from tqdm import tqdm
 
-from lorapipe import image_metrics, lora_format, store
-from lorapipe.errors import ConfigError, InputError, ModelError, PromptError
-from lorapipe.prompts import (
-    Lint,
-    LoraTag,
-    NegativeLibrary,
-    NegativePrompt,
-    ParsedPrompt,
-    PromptEncoder,
-    chunk_count,
-    count_tokens,
-    pad_chunks,
-    parse_prompt,
-    with_lora_weights,
+from lorapipe import image_metrics, store
+from lorapipe.errors import ConfigError, InputError
+from lorapipe.generation.grid import check_lora_tags, count_prompt_tokens, plan_grid
+from lorapipe.generation.index import write_index
+from lorapipe.generation.infotext import ParameterContext
+from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
+from lorapipe.generation.loras import (
+    basename,
+    locate_lora,
+    model_short_hash,
+    parse_lora_flag,
+    resolve_lora,
 )
-from lorapipe.report_html import ReportPage, SheetSection, draw_contact_sheet, render_report
-
-if TYPE_CHECKING:
-    import torch
-    from diffusers import StableDiffusionPipeline
+from lorapipe.generation.rendering import (
+    GridRenderer,
+    device_and_dtype,
+    load_pipeline,
+    render_to_files,
+)
+from lorapipe.generation.report import lint_table, run_report, write_reports
+from lorapipe.generation.samplers import SAMPLERS
+from lorapipe.generation.sheets import write_contact_sheets
+from lorapipe.prompts.negatives import NegativeLibrary
+from lorapipe.prompts.syntax import parse_prompt
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
-# A1111 sampler name -> (diffusers scheduler class, options over the model's scheduler config)
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "DPM++ 2M Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "DPM++ 2M": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False},
-    ),
-    "DPM++ 2M SDE Karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "DPM++ 2M SDE": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False},
-    ),
-    "DPM2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
-    "DPM2 Karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
-    "DPM2 a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
-    "DPM2 a Karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
-    "Euler": ("EulerDiscreteScheduler", {"use_karras_sigmas": False}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "Heun": ("HeunDiscreteScheduler", {"use_karras_sigmas": False}),
-    "LMS": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
-    "LMS Karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
-    # latents are not in [-1, 1]: diffusers' DDIM clips to it unless the config says not to,
-    # and a model that ships a DPM-Solver config (no clip_sample key) would get noise
-    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
-    "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "UniPC": ("UniPCMultistepScheduler", {}),
-}
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OUTPUT_MARKERS = ("report.json", "index.parquet")  # an older output that may be replaced
-IMAGES_DIR = "images"
-SHEETS_DIR = "sheets"
-HASH_CHUNK = 1 << 20
 
 
 @dataclass
@@ -293,447 +256,6 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------- LoRAs
-
-
-@dataclass(frozen=True)
-class LoraSource:
-    """A LoRA of the job: the name prompts use, the file loaded, the hash WebUI shows."""
-
-    name: str
-    uri: str  # as given
-    weights_uri: str  # the .safetensors file loaded
-    webui_hash: str  # 12 hex: A1111's "Lora hashes" value for this LoRA
-    adapter: str  # adapter name inside the pipeline
-
-
-def parse_lora_flag(text: str) -> tuple[str, str]:
-    """``NAME=URI`` or a bare URI (named after its file stem / directory)."""
-    name, separator, uri = text.partition("=")
-    if separator and "/" not in name and not name.startswith("s3:"):
-        return name.strip(), uri.strip()
-    return "", text.strip()
-
-
-def locate_lora(uri: str) -> tuple[str, str, str]:
-    """(default name, file to load, file WebUI would hash) of a LoRA given as a .safetensors
-    file or a directory. select's output holds ``pytorch_lora_weights.safetensors`` and a kohya
-    ``<name>.safetensors``: the diffusers file is loaded, the kohya file names and hashes the
-    LoRA, as WebUI sees it."""
-    if uri.rstrip("/").endswith(".safetensors"):
-        return _stem(uri), uri, uri
-    files = [u for u in store.list_uris(uri) if u.endswith(".safetensors")]
-    diffusers = [u for u in files if _basename(u) == lora_format.DIFFUSERS_WEIGHT_NAME]
-    others = [u for u in files if u not in diffusers]
-    if not files:
-        raise ModelError(
-            f"LoRA '{uri}' has no .safetensors file; give a LoRA file or select's output"
-        )
-    if not diffusers and len(others) > 1:
-        raise ModelError(
-            f"LoRA '{uri}' holds {len(others)} .safetensors files; give the LoRA file itself"
-        )
-    weights = diffusers[0] if diffusers else others[0]
-    if len(others) == 1:
-        return _stem(others[0]), weights, others[0]
-    return _basename(uri), weights, weights
-
-
-def resolve_lora(name: str, uri: str, *, adapter: str) -> LoraSource:
-    """The LoRA of the job called ``name`` (or its default name) at ``uri``."""
-    default_name, weights, hash_file = locate_lora(uri)
-    return LoraSource(
-        name=name or default_name,
-        uri=uri,
-        weights_uri=weights,
-        webui_hash=webui_lora_hash(hash_file),
-        adapter=adapter,
-    )
-
-
-def _basename(uri: str) -> str:
-    return uri.rstrip("/").rsplit("/", 1)[-1].removeprefix("file://")
-
-
-def _stem(uri: str) -> str:
-    return _basename(uri).rsplit(".", 1)[0]
-
-
-def webui_lora_hash(uri: str) -> str:
-    """A1111's LoRA short hash: the first 12 hex digits of the sha256 of a safetensors file's
-    tensor data (everything after the header), kohya's ``sshs_model_hash``."""
-    digest = hashlib.sha256()
-    with store.local_file(uri) as path, path.open("rb") as file:
-        lora_format._safetensors_header(path, uri)  # not safetensors: one line, never unpickled
-        header_length = int.from_bytes(file.read(8), "little")
-        file.seek(8 + header_length)
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
-
-
-def model_short_hash(model_dir: Path) -> str:
-    """10 hex digits, like WebUI's model short hash, of the sha256 of the UNet weights (a
-    diffusers directory has no single checkpoint file); the start of training's
-    ``base_model_hash``."""
-    digest = hashlib.sha256()
-    weights = sorted((model_dir / "unet").glob("*.safetensors")) or sorted(
-        (model_dir / "unet").glob("*.bin")
-    )
-    for path in weights:
-        with path.open("rb") as file:
-            while chunk := file.read(HASH_CHUNK):
-                digest.update(chunk)
-    return digest.hexdigest()[:10]
-
-
-# --------------------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One image of the grid."""
-
-    prompt_index: int
-    negative_preset: str
-    lora_scale: float | None  # the grid value; None: weights as written in the tags
-    cfg_scale: float
-    seed: int
-    parsed: ParsedPrompt  # the job's prompt
-    prompt: str  # the prompt with this cell's LoRA weights written into its tags
-    loras: tuple[LoraTag, ...]  # the weights this image runs with
-    negative: NegativePrompt
-
-    @property
-    def file_name(self) -> str:
-        scale = "-tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
-        return (
-            f"p{self.prompt_index + 1:02d}_{_safe(self.negative_preset)}_lora{scale}"
-            f"_cfg{self.cfg_scale:g}_seed{self.seed}.png"
-        )
-
-    @property
-    def label(self) -> str:
-        scale = "as tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
-        return (
-            f"prompt {self.prompt_index + 1} / {self.negative_preset} / LoRA {scale} / "
-            f"CFG {self.cfg_scale:g}"
-        )
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "none"
-
-
-def scaled_lora_tags(tags: Iterable[LoraTag], scale: float | None) -> tuple[LoraTag, ...]:
-    """The tags at a grid LoRA scale: the scale replaces the weight; a split tag keeps its
-    text-encoder/UNet ratio (a text-encoder-only tag, unet 0, gets the scale on its te)."""
-    if scale is None:
-        return tuple(tags)
-    scaled = []
-    for tag in tags:
-        if tag.te_weight == tag.unet_weight:
-            scaled.append(LoraTag(tag.name, scale, scale))
-        elif tag.unet_weight == 0:
-            scaled.append(LoraTag(tag.name, scale, 0.0))
-        else:
-            scaled.append(LoraTag(tag.name, tag.te_weight * scale / tag.unet_weight, scale))
-    return tuple(scaled)
-
-
-def effective_lora_scale(tags: Sequence[LoraTag]) -> float | None:
-    """The LoRA strength the negative-prompt rules see: the largest UNet weight."""
-    return max((tag.unet_weight for tag in tags), default=None)
-
-
-def plan_grid(
-    config: GenerateConfig, prompts: Sequence[ParsedPrompt], library: NegativeLibrary
-) -> list[Cell]:
-    """Every cell in grid order: prompt, preset, LoRA scale, CFG, seed."""
-    cells = []
-    negatives: dict[tuple[int, str, tuple[LoraTag, ...], float], NegativePrompt] = {}
-    for (index, parsed), preset, scale, cfg in itertools.product(
-        enumerate(prompts), config.negative_presets, config.lora_scales or [None], config.cfg_scales
-    ):
-        tags = scaled_lora_tags(parsed.loras, scale)
-        key = (index, preset, tags, cfg)
-        if key not in negatives:
-            negatives[key] = library.build(
-                preset,
-                positive=parsed,
-                lora_scale=effective_lora_scale(tags),
-                cfg_scale=cfg,
-                extra=config.negative_extra,
-                adapt_to_lora=config.adapt_negatives,
-                drop_conflicts=config.drop_conflicting_negatives,
-            )
-        prompt = with_lora_weights(parsed.source, {tag.name: tag for tag in tags})
-        for seed in config.seeds:
-            cells.append(
-                Cell(index, preset, scale, cfg, seed, parsed, prompt, tags, negatives[key])
-            )
-    return cells
-
-
-def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) -> list[Lint]:
-    """Raise PromptError for a tag naming no loaded LoRA or a LoRA tagged twice; return
-    warnings for loaded LoRAs no prompt uses."""
-    known = set(lora_names)
-    used: set[str] = set()
-    for index, parsed in enumerate(prompts):
-        names = [tag.name for tag in parsed.loras]
-        for name in names:
-            if name not in known:
-                loaded = ", ".join(sorted(known)) or "none"
-                raise PromptError(
-                    f"prompt {index + 1}: <lora:{name}:...> names a LoRA the job does not load "
-                    f"(loaded: {loaded}); add it with --lora {name}=URI or loras: in the job"
-                )
-            if names.count(name) > 1:
-                raise PromptError(f"prompt {index + 1}: LoRA '{name}' is tagged twice; keep one")
-        used.update(names)
-    return [
-        Lint(
-            "check_lora_tags",
-            f"LoRA '{name}' is loaded but no prompt has <lora:{name}:...>, so it is not applied "
-            "(WebUI applies a LoRA only where a prompt tags it)",
-        )
-        for name in sorted(known - used)
-    ]
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-def make_scheduler(sampler: str, scheduler_config: Mapping[str, Any]) -> Any:
-    """A fresh diffusers scheduler for an A1111 sampler name, over the model's config."""
-    import diffusers
-
-    class_name, options = SAMPLERS[sampler]
-    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
-
-
-class GridRenderer:
-    """Turns cells into images on one pipeline: LoRA weights set once per group, conditioning
-    cached, up to ``batch_size`` images per UNet call, each from its own seed."""
-
-    def __init__(
-        self,
-        pipe: StableDiffusionPipeline,
-        *,
-        adapters: Mapping[str, str],
-        sampler: str,
-        steps: int,
-        width: int,
-        height: int,
-        guidance_rescale: float = 0.0,
-        batch_size: int = 8,
-        clip_skip: int = 1,
-    ) -> None:
-        self.pipe = pipe
-        self.adapters = dict(adapters)  # LoRA name -> adapter name
-        self.sampler = sampler
-        self.steps = steps
-        self.width = width
-        self.height = height
-        self.guidance_rescale = guidance_rescale
-        self.batch_size = batch_size
-        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)
-        self._conditioning: dict[tuple[Any, ...], torch.Tensor] = {}
-
-    def render(self, cells: Sequence[Cell]) -> Iterator[tuple[list[Cell], list[Image.Image]]]:
-        """Yield (cells, images) batch by batch, grouped by LoRA weights."""
-        for loras, group in _group_by(cells, lambda cell: cell.loras):
-            self.apply_loras(loras)
-            conditioned = [(cell, *self.conditioning(cell)) for cell in group]
-            for _, same_length in _group_by(conditioned, lambda item: item[1].shape[1]):
-                for batch in _batched(same_length, self.batch_size):
-                    batch_cells = [cell for cell, _, _ in batch]
-                    positive = _cat([pos for _, pos, _ in batch])
-                    negative = _cat([neg for _, _, neg in batch])
-                    yield batch_cells, self.denoise(batch_cells, positive, negative)
-
-    def apply_loras(self, loras: Sequence[LoraTag]) -> None:
-        """Activate exactly these LoRAs at these weights (per component)."""
-        if not self.adapters:
-            return
-        if not loras:
-            self.pipe.disable_lora()
-            return
-        self.pipe.enable_lora()
-        with_text_encoder = set(self.pipe.get_list_adapters().get("text_encoder", []))
-        names = [self.adapters[tag.name] for tag in loras]
-        weights = [
-            {"unet": tag.unet_weight}
-            | ({"text_encoder": tag.te_weight} if name in with_text_encoder else {})
-            for name, tag in zip(names, loras, strict=True)
-        ]
-        self.pipe.set_adapters(names, weights)
-
-    def conditioning(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt, negative) conditioning of a cell, padded to the same chunk count; each text
-        is encoded once per text-encoder LoRA weights."""
-        text_encoder_weights = tuple((tag.name, tag.te_weight) for tag in cell.loras)
-        positive = self._encode(cell.parsed, text_encoder_weights)
-        negative = self._encode(parse_prompt(cell.negative.text), text_encoder_weights)
-        empty = self._encode(parse_prompt(""), text_encoder_weights)
-        chunks = max(chunk_count(positive), chunk_count(negative))
-        return pad_chunks(positive, chunks, empty), pad_chunks(negative, chunks, empty)
-
-    def _encode(self, parsed: ParsedPrompt, text_encoder_weights: tuple[Any, ...]) -> torch.Tensor:
-        key = (parsed.segments, text_encoder_weights)
-        if key not in self._conditioning:
-            self._conditioning[key] = self.encoder.encode(parsed)
-        return self._conditioning[key]
-
-    def denoise(
-        self, cells: Sequence[Cell], positive: torch.Tensor, negative: torch.Tensor
-    ) -> list[Image.Image]:
-        """The images of one batch: per-image seeds and CFG, one UNet call per step."""
-        import inspect
-
-        import torch
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-            rescale_noise_cfg,
-        )
-        from diffusers.utils.torch_utils import randn_tensor
-
-        pipe = self.pipe
-        device, dtype = pipe.unet.device, pipe.unet.dtype
-        scheduler = make_scheduler(self.sampler, pipe.scheduler.config)
-        generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in cells]
-        scheduler.set_timesteps(self.steps, device=device)
-        shape = (
-            len(cells),
-            pipe.unet.config.in_channels,
-            self.height // pipe.vae_scale_factor,
-            self.width // pipe.vae_scale_factor,
-        )
-        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-        step_options = (
-            {"generator": generators}
-            if "generator" in inspect.signature(scheduler.step).parameters
-            else {}
-        )
-        conditioning = torch.cat([negative, positive]).to(device=device, dtype=dtype)
-        guidance = torch.tensor([c.cfg_scale for c in cells], device=device, dtype=dtype)
-        guidance = guidance.view(-1, 1, 1, 1)
-        with torch.inference_mode():
-            for timestep in scheduler.timesteps:
-                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-                noise = pipe.unet(
-                    model_input, timestep, encoder_hidden_states=conditioning, return_dict=False
-                )[0]
-                noise_uncond, noise_text = noise.chunk(2)
-                noise = noise_uncond + guidance * (noise_text - noise_uncond)
-                if self.guidance_rescale > 0:
-                    noise = rescale_noise_cfg(noise, noise_text, self.guidance_rescale)
-                latents = scheduler.step(
-                    noise, timestep, latents, **step_options, return_dict=False
-                )[0]
-            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
-        return pipe.image_processor.postprocess(decoded[0], output_type="pil")
-
-
-def _group_by(items: Iterable[T], key: Callable[[T], Any]) -> list[tuple[Any, list[T]]]:
-    """Groups in order of first appearance (unlike itertools.groupby, not only neighbours)."""
-    groups: dict[Any, list[T]] = {}
-    for item in items:
-        groups.setdefault(key(item), []).append(item)
-    return list(groups.items())
-
-
-def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    import torch
-
-    return torch.cat(list(tensors))
-
-
-# --------------------------------------------------------------------------- PNG parameters
-
-
-@dataclass(frozen=True)
-class ParameterContext:
-    """What every image's parameters text shares."""
-
-    sampler: str
-    steps: int
-    width: int
-    height: int
-    model_hash: str
-    model_name: str
-    clip_skip: int = 1
-    guidance_rescale: float = 0.0
-    lora_hashes: Mapping[str, str] = field(default_factory=dict)  # LoRA name -> 12 hex
-    version: str = ""
-
-
-def a1111_parameters(cell: Cell, context: ParameterContext) -> str:
-    """The ``parameters`` text WebUI writes into its PNGs (and reads back in PNG Info)."""
-    lines = [cell.prompt]
-    if cell.negative.text:
-        lines.append(f"Negative prompt: {cell.negative.text}")
-    used_hashes = ", ".join(
-        f"{re.sub('[:,]', '', tag.name)}: {context.lora_hashes[tag.name]}"
-        for tag in cell.loras
-        if tag.name in context.lora_hashes
-    )
-    fields = {
-        "Steps": context.steps,
-        "Sampler": context.sampler,
-        "CFG scale": f"{cell.cfg_scale:g}",
-        "Seed": cell.seed,
-        "Size": f"{context.width}x{context.height}",
-        "Model hash": context.model_hash,
-        "Model": context.model_name,
-        "Clip skip": context.clip_skip if context.clip_skip > 1 else None,
-        "Guidance rescale": f"{context.guidance_rescale:g}" if context.guidance_rescale else None,
-        "Lora hashes": used_hashes or None,
-        "Version": context.version or None,
-    }
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
-
-
-def _quote(value: Any) -> str:
-    """WebUI quotes a value that holds a comma, colon or newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if re.search(r"[,:\n]", text) else text
-
-
-_PARAMETER = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict[str, str]:
-    """Read a ``parameters`` text back: ``prompt``, ``negative_prompt`` and every field."""
-    lines = text.strip().split("\n")
-    result: dict[str, str] = {}
-    if len(_PARAMETER.findall(lines[-1])) >= 3:
-        for key, value in _PARAMETER.findall(lines.pop()):
-            result[key] = json.loads(value) if value.startswith('"') else value.strip()
-    prompt, negative, in_negative = [], [], False
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].strip()
-        (negative if in_negative else prompt).append(line)
-    result["prompt"] = "\n".join(prompt)
-    result["negative_prompt"] = "\n".join(negative)
-    return result
-
-
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    info = PngInfo()
-    info.add_text("parameters", parameters)  # Pillow falls back to iTXt for non-Latin-1 text
-    image.save(path, pnginfo=info)
-
-
 # --------------------------------------------------------------------------- run
 
 
@@ -744,6 +266,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
 
     config.validate()
     started = time.monotonic()
+    # 1. the grid: prompts parsed and checked, every cell with its negative prompt
     library = NegativeLibrary.load(
         *([config.negative_prompts_file] if config.negative_prompts_file else []),
         overrides={"layers": config.layers, "presets": config.presets},
@@ -751,24 +274,23 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     prompts = [parse_prompt(p, where=f"prompt {i + 1}") for i, p in enumerate(config.prompts)]
     job_lints = check_lora_tags(prompts, config.loras)
     cells = plan_grid(config, prompts, library)
+    # 2. the LoRAs: located, named and hashed as WebUI hashes them
     loras = [
         resolve_lora(name, uri, adapter=f"lora_{index}")
         for index, (name, uri) in enumerate(config.loras.items())
     ]
 
+    # 3. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
     model_dir = models.resolve_model_dir(base_model_uri)
-    pipe = models.load_base_model(base_model_uri, torch_dtype=dtype)
-    for lora in loras:
-        lora_format.load_into_pipeline(pipe, lora.weights_uri, adapter_name=lora.adapter)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(base_model_uri, loras, device=device, dtype=dtype)
     native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     config = dataclasses.replace(
         config, width=config.width or native_size, height=config.height or native_size
     )
     job_lints += count_prompt_tokens(pipe.tokenizer, prompts)
 
+    # 4. the renderer, what every image's parameters text shares, the optional CLIP scorer
     renderer = GridRenderer(
         pipe,
         adapters={lora.name: lora.adapter for lora in loras},
@@ -786,7 +308,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         width=config.width,
         height=config.height,
         model_hash=model_short_hash(model_dir),
-        model_name=_basename(base_model_uri),
+        model_name=basename(base_model_uri),
         clip_skip=config.clip_skip,
         guidance_rescale=config.guidance_rescale,
         lora_hashes={lora.name: lora.webui_hash for lora in loras},
@@ -798,6 +320,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
 
     staging = _staging_dir(output_uri)
     try:
+        # 5. images, contact sheets, index and job file, into a private staging directory
         (staging / IMAGES_DIR).mkdir()
         (staging / SHEETS_DIR).mkdir()
         render_started = time.monotonic()
@@ -808,310 +331,31 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         job = {"base_model": base_model_uri, **asdict(config)}
         job_text = yaml.safe_dump(job, sort_keys=False, allow_unicode=True)
         (staging / "job.yaml").write_text(job_text, encoding="utf-8")
-        report = {
-            "base_model": base_model_uri,
-            "model_hash": context.model_hash,
-            "loras": {lora.name: asdict(lora) for lora in loras},
-            "output": output_uri,
-            "images": len(rows),
-            "sheets": [sheet.file for sheet in sheets],
-            "lints": lint_table(cells, job_lints),
-            "metrics": metrics_table(rows),
-            "reproduce": f"lorapipe generate --job {store.join(output_uri, 'job.yaml')} "
-            f"--out {output_uri}",
-            "environment": {
+        # 6. the reports: report.json, report.md and the self-contained report.html
+        report = run_report(
+            base_model_uri=base_model_uri,
+            output_uri=output_uri,
+            job=job,
+            model_hash=context.model_hash,
+            loras=loras,
+            lints=lint_table(cells, job_lints),
+            rows=rows,
+            sheets=sheets,
+            environment={
                 "lorapipe": __version__,
                 "device": str(device),
                 "dtype": str(dtype).removeprefix("torch."),
             },
-            "render_seconds": round(render_seconds, 3),
-            "images_per_second": round(len(rows) / render_seconds, 4) if render_seconds else None,
-            "seconds": round(time.monotonic() - started, 3),
-            "config": job,
-            "files": {
-                "images": f"{IMAGES_DIR}/",
-                "sheets": f"{SHEETS_DIR}/",
-                "index": "index.parquet",
-                "html": "report.html",
-                "job": "job.yaml",
-            },
-        }
-        (staging / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        (staging / "report.md").write_text(render_markdown(report), encoding="utf-8")
-        page = report_page(report, sheets, job_text)
-        (staging / "report.html").write_text(render_report(page), encoding="utf-8")
+            render_seconds=render_seconds,
+            seconds=time.monotonic() - started,
+        )
+        write_reports(staging, report, sheets, job_text)
+        # 7. publish the whole output at once
         _publish(staging, output_uri)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("wrote %d images to %s in %.1f s", len(rows), output_uri, report["seconds"])
     return report
-
-
-def device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
-    import torch
-
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device_name)
-    except RuntimeError as error:
-        raise ConfigError(
-            f"device '{device_name}' is not a torch device; use cpu or cuda"
-        ) from error
-    if dtype_name == "auto":
-        dtype_name = "float32" if device.type == "cpu" else "float16"
-    return device, getattr(torch, dtype_name)
-
-
-def count_prompt_tokens(tokenizer: Any, prompts: Sequence[ParsedPrompt]) -> list[Lint]:
-    """A note for each prompt longer than one 75-token chunk (nothing is cut, as in WebUI)."""
-    notes = []
-    limit = tokenizer.model_max_length - 2
-    for index, parsed in enumerate(prompts):
-        tokens = count_tokens(tokenizer, parsed)
-        if tokens > limit:
-            notes.append(
-                Lint(
-                    "count_prompt_tokens",
-                    f"prompt {index + 1} has {tokens} tokens: encoded in chunks of {limit} and "
-                    "concatenated, as WebUI does; nothing is cut",
-                    level="info",
-                )
-            )
-    return notes
-
-
-def render_to_files(
-    renderer: GridRenderer,
-    cells: Sequence[Cell],
-    context: ParameterContext,
-    scorer: image_metrics.ClipScorer | None,
-    directory: Path,
-) -> list[dict[str, Any]]:
-    """Render every cell into ``directory/images`` as PNG with its parameters; return the index
-    rows (parameters and metrics) in grid order."""
-    rows = {}
-    with tqdm(total=len(cells), unit="image", desc="generate", mininterval=1.0) as progress:
-        for batch, images in renderer.render(cells):
-            texts = [cell.parsed.plain_text for cell in batch]
-            clip_scores = scorer.score(images, texts) if scorer else [None] * len(batch)
-            for cell, image, clip_score in zip(batch, images, clip_scores, strict=True):
-                parameters = a1111_parameters(cell, context)
-                save_png(image, directory / IMAGES_DIR / cell.file_name, parameters)
-                metrics = {**image_metrics.compute_metrics(image), "clip_score": clip_score}
-                rows[cell.file_name] = index_row(cell, context, parameters, metrics)
-            progress.update(len(batch))
-    return [rows[cell.file_name] for cell in cells]
-
-
-def index_row(
-    cell: Cell, context: ParameterContext, parameters: str, metrics: Mapping[str, Any]
-) -> dict[str, Any]:
-    return {
-        "file": f"{IMAGES_DIR}/{cell.file_name}",
-        "prompt_index": cell.prompt_index + 1,
-        "prompt": cell.prompt,
-        "negative_preset": cell.negative_preset,
-        "negative_prompt": cell.negative.text,
-        "lora_scale": cell.lora_scale,
-        "loras": [asdict(tag) for tag in cell.loras],
-        "cfg_scale": cell.cfg_scale,
-        "seed": cell.seed,
-        "sampler": context.sampler,
-        "steps": context.steps,
-        "width": context.width,
-        "height": context.height,
-        "guidance_rescale": context.guidance_rescale,
-        "clip_skip": context.clip_skip,
-        "model_hash": context.model_hash,
-        "parameters": parameters,
-        **metrics,
-    }
-
-
-def index_schema() -> Any:
-    import pyarrow as pa
-
-    lora = pa.struct(
-        [("name", pa.string()), ("te_weight", pa.float64()), ("unet_weight", pa.float64())]
-    )
-    return pa.schema(
-        [
-            ("file", pa.string()),
-            ("prompt_index", pa.int32()),
-            ("prompt", pa.string()),
-            ("negative_preset", pa.string()),
-            ("negative_prompt", pa.string()),
-            ("lora_scale", pa.float64()),
-            ("loras", pa.list_(lora)),
-            ("cfg_scale", pa.float64()),
-            ("seed", pa.int64()),
-            ("sampler", pa.string()),
-            ("steps", pa.int32()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("guidance_rescale", pa.float64()),
-            ("clip_skip", pa.int32()),
-            ("model_hash", pa.string()),
-            ("parameters", pa.string()),
-            *[(name, pa.float64()) for name in (*image_metrics.METRIC_NAMES, "clip_score")],
-        ]
-    )
-
-
-def write_index(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=index_schema()), path)
-
-
-def write_contact_sheets(
-    directory: Path, cells: Sequence[Cell], config: GenerateConfig
-) -> list[SheetSection]:
-    """One sheet per prompt x negative preset: rows CFG, columns LoRA scale, one image per
-    seed inside each column."""
-    scales = config.lora_scales or [None]
-    columns = [f"LoRA {s:g}" if s is not None else "LoRA as tagged" for s in scales]
-    sheets = []
-    for (prompt_index, preset), group in _group_by(
-        cells, lambda cell: (cell.prompt_index, cell.negative_preset)
-    ):
-        images = {
-            (
-                config.cfg_scales.index(cell.cfg_scale),
-                scales.index(cell.lora_scale),
-                config.seeds.index(cell.seed),
-            ): directory / IMAGES_DIR / cell.file_name
-            for cell in group
-        }
-        title = f"prompt {prompt_index + 1} / {preset}"
-        image = draw_contact_sheet(
-            f"{title}: {group[0].parsed.plain_text}",
-            rows=[f"CFG {cfg:g}" for cfg in config.cfg_scales],
-            columns=columns,
-            subcolumns=[f"seed {seed}" for seed in config.seeds],
-            images=images,
-            cell_size=config.sheet_cell_size,
-        )
-        file = f"{SHEETS_DIR}/p{prompt_index + 1:02d}_{_safe(preset)}.png"
-        image.save(directory / file)
-        negatives = {columns[scales.index(cell.lora_scale)]: cell.negative.text for cell in group}
-        sheets.append(
-            SheetSection(
-                title=title,
-                prompt=config.prompts[prompt_index],
-                image=image,
-                file=file,
-                negatives=list(negatives.items()),
-            )
-        )
-    return sheets
-
-
-def lint_table(cells: Sequence[Cell], job_lints: Sequence[Lint]) -> list[dict[str, Any]]:
-    """Every distinct lint message with how many grid cells (seeds not counted) it concerns
-    and one of them; warnings first."""
-    found: dict[tuple[str, str, str], list[str]] = {}
-    for lint in job_lints:
-        found.setdefault((lint.level, lint.rule, lint.message), []).append("the job")
-    seen = set()
-    for cell in cells:
-        if cell.label in seen:
-            continue
-        seen.add(cell.label)
-        for lint in cell.negative.lints:
-            found.setdefault((lint.level, lint.rule, lint.message), []).append(cell.label)
-    rows = [
-        {"level": level, "rule": rule, "message": message, "count": len(where), "where": where[0]}
-        for (level, rule, message), where in found.items()
-    ]
-    return sorted(rows, key=lambda row: (row["level"] != "warning", -row["count"]))
-
-
-def metrics_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean metrics per negative preset x LoRA scale x CFG, in grid order."""
-    names = [*image_metrics.METRIC_NAMES, "clip_score"]
-    table = []
-    for (preset, scale, cfg), group in _group_by(
-        rows, lambda row: (row["negative_preset"], row["lora_scale"], row["cfg_scale"])
-    ):
-        entry: dict[str, Any] = {
-            "negative_preset": preset,
-            "lora_scale": "as tagged" if scale is None else scale,
-            "cfg_scale": cfg,
-            "images": len(group),
-        }
-        for name in names:
-            values = [row[name] for row in group if row[name] is not None]
-            entry[name] = sum(values) / len(values) if values else None
-        table.append(entry)
-    return table
-
-
-METRIC_COLUMNS = {
-    "negative_preset": "negative preset",
-    "lora_scale": "LoRA scale",
-    "cfg_scale": "CFG",
-    "images": "images",
-    "sharpness": "sharpness (var. of Laplacian)",
-    "highlight_clipping": "highlight clipping",
-    "shadow_clipping": "shadow clipping",
-    "mean_luminance": "mean luminance",
-    "colorfulness": "colorfulness",
-    "clip_score": "CLIP score",
-}
-
-
-def report_page(
-    report: Mapping[str, Any], sheets: Sequence[SheetSection], job_text: str
-) -> ReportPage:
-    config = report["config"]
-    columns = dict(METRIC_COLUMNS)
-    if not config.get("clip_model"):
-        columns.pop("clip_score")
-    loras = ", ".join(f"{name} ({lora['webui_hash']})" for name, lora in report["loras"].items())
-    return ReportPage(
-        title=f"lorapipe generate: {report['images']} images",
-        summary={
-            "base model": f"{report['base_model']} (hash {report['model_hash']})",
-            "LoRAs": loras or "none",
-            "sampler": f"{config['sampler']}, {config['steps']} steps",
-            "size": f"{config['width']}x{config['height']}",
-            "guidance rescale": config["guidance_rescale"],
-            "grid": f"{len(config['prompts'])} prompts x {len(config['negative_presets'])} "
-            f"presets x {len(config['lora_scales'] or [None])} LoRA scales x "
-            f"{len(config['cfg_scales'])} CFG x {len(config['seeds'])} seeds",
-            "time": f"{report['seconds']:.1f} s ({report['images_per_second']} images/s rendering)",
-            "device": f"{report['environment']['device']}, {report['environment']['dtype']}",
-        },
-        sheets=sheets,
-        lints=report["lints"],
-        metric_columns=columns,
-        metric_rows=report["metrics"],
-        reproduce_command=report["reproduce"],
-        job_text=job_text,
-    )
-
-
-def render_markdown(report: Mapping[str, Any]) -> str:
-    lines = [
-        f"# lorapipe generate: {report['images']} images",
-        "",
-        f"- base model: `{report['base_model']}` (hash {report['model_hash']})",
-        f"- LoRAs: {', '.join(report['loras']) or 'none'}",
-        f"- contact sheets: {', '.join(report['sheets'])}",
-        "- index: `index.parquet`; full report: `report.html`",
-        f"- reproduce: `{report['reproduce']}`",
-        "",
-        "## Prompt checks",
-        "",
-    ]
-    lines += [
-        f"- **{lint['level']}** `{lint['rule']}` ({lint['count']} cells): {lint['message']}"
-        for lint in report["lints"]
-    ] or ["No warnings."]
-    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- publishing

@@ -1,4 +1,4 @@
-"""The contact sheet and the one-file HTML report."""
+"""The one-file HTML report."""
 
 from __future__ import annotations
 
@@ -9,13 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lorapipe.report_html import (
-    ReportPage,
-    SheetSection,
-    draw_contact_sheet,
-    image_data_uri,
-    render_report,
-)
+from lorapipe.generation.report import ReportPage, SheetSection, image_data_uri, render_report
 
 
 def write_images(directory: Path, count: int, size: tuple[int, int]) -> list[Path]:
@@ -25,26 +19,6 @@ def write_images(directory: Path, count: int, size: tuple[int, int]) -> list[Pat
         Image.new("RGB", size, (index * 40 % 256, 100, 200)).save(path)
         paths.append(path)
     return paths
-
-
-def test_a_contact_sheet_places_each_image_in_its_row_column_and_seed(tmp_path: Path) -> None:
-    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
-    Image.new("RGB", (64, 96), (255, 0, 0)).save(red)
-    Image.new("RGB", (64, 96), (0, 0, 255)).save(blue)
-    sheet = draw_contact_sheet(
-        "prompt 1 / portrait",
-        rows=["CFG 7", "CFG 9"],
-        columns=["LoRA 0.5", "LoRA 1"],
-        subcolumns=["seed 1", "seed 2"],
-        images={(0, 0, 0): red, (1, 1, 1): blue},
-        cell_size=48,
-    )
-    # thumbnails keep the aspect ratio: 32 x 48
-    assert sheet.height == 28 + 40 + 2 * (48 + 4) + 4
-    first = sheet.getpixel((90 + 4 + 16, 28 + 40 + 24))
-    last = sheet.getpixel((90 + (2 * 36 + 4) + 4 + 36 + 16, 28 + 40 + 52 + 24))
-    assert first == (255, 0, 0) and last == (0, 0, 255)
-    assert sheet.getpixel((90 + 4 + 36 + 16, 28 + 40 + 24)) == (255, 255, 255)  # no image there
 
 
 def test_the_report_is_one_self_contained_file(tmp_path: Path) -> None:

@@ -1,0 +1,158 @@
+"""The grid: every combination of prompt, negative preset, LoRA scale, CFG and seed as a
+:class:`Cell`, with its LoRA weights and negative prompt; and the job's prompt checks."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from lorapipe.errors import PromptError
+from lorapipe.prompts.encoding import count_tokens
+from lorapipe.prompts.negatives import Lint, NegativeLibrary, NegativePrompt
+from lorapipe.prompts.syntax import LoraTag, ParsedPrompt, with_lora_weights
+
+if TYPE_CHECKING:
+    from lorapipe.stages.generate import GenerateConfig
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One image of the grid."""
+
+    prompt_index: int
+    negative_preset: str
+    lora_scale: float | None  # the grid value; None: weights as written in the tags
+    cfg_scale: float
+    seed: int
+    parsed: ParsedPrompt  # the job's prompt
+    prompt: str  # the prompt with this cell's LoRA weights written into its tags
+    loras: tuple[LoraTag, ...]  # the weights this image runs with
+    negative: NegativePrompt
+
+    @property
+    def file_name(self) -> str:
+        scale = "-tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
+        return (
+            f"p{self.prompt_index + 1:02d}_{safe_name(self.negative_preset)}_lora{scale}"
+            f"_cfg{self.cfg_scale:g}_seed{self.seed}.png"
+        )
+
+    @property
+    def label(self) -> str:
+        scale = "as tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
+        return (
+            f"prompt {self.prompt_index + 1} / {self.negative_preset} / LoRA {scale} / "
+            f"CFG {self.cfg_scale:g}"
+        )
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "none"
+
+
+def scaled_lora_tags(tags: Iterable[LoraTag], scale: float | None) -> tuple[LoraTag, ...]:
+    """The tags at a grid LoRA scale: the scale replaces the weight; a split tag keeps its
+    text-encoder/UNet ratio (a text-encoder-only tag, unet 0, gets the scale on its te)."""
+    if scale is None:
+        return tuple(tags)
+    scaled = []
+    for tag in tags:
+        if tag.te_weight == tag.unet_weight:
+            scaled.append(LoraTag(tag.name, scale, scale))
+        elif tag.unet_weight == 0:
+            scaled.append(LoraTag(tag.name, scale, 0.0))
+        else:
+            scaled.append(LoraTag(tag.name, tag.te_weight * scale / tag.unet_weight, scale))
+    return tuple(scaled)
+
+
+def effective_lora_scale(tags: Sequence[LoraTag]) -> float | None:
+    """The LoRA strength the negative-prompt rules see: the largest UNet weight."""
+    return max((tag.unet_weight for tag in tags), default=None)
+
+
+def plan_grid(
+    config: GenerateConfig, prompts: Sequence[ParsedPrompt], library: NegativeLibrary
+) -> list[Cell]:
+    """Every cell in grid order: prompt, preset, LoRA scale, CFG, seed."""
+    cells = []
+    negatives: dict[tuple[int, str, tuple[LoraTag, ...], float], NegativePrompt] = {}
+    for (index, parsed), preset, scale, cfg in itertools.product(
+        enumerate(prompts), config.negative_presets, config.lora_scales or [None], config.cfg_scales
+    ):
+        tags = scaled_lora_tags(parsed.loras, scale)
+        key = (index, preset, tags, cfg)
+        if key not in negatives:
+            negatives[key] = library.build(
+                preset,
+                positive=parsed,
+                lora_scale=effective_lora_scale(tags),
+                cfg_scale=cfg,
+                extra=config.negative_extra,
+                adapt_to_lora=config.adapt_negatives,
+                drop_conflicts=config.drop_conflicting_negatives,
+            )
+        prompt = with_lora_weights(parsed.source, {tag.name: tag for tag in tags})
+        for seed in config.seeds:
+            cells.append(
+                Cell(index, preset, scale, cfg, seed, parsed, prompt, tags, negatives[key])
+            )
+    return cells
+
+
+def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) -> list[Lint]:
+    """Raise PromptError for a tag naming no loaded LoRA or a LoRA tagged twice; return
+    warnings for loaded LoRAs no prompt uses."""
+    known = set(lora_names)
+    used: set[str] = set()
+    for index, parsed in enumerate(prompts):
+        names = [tag.name for tag in parsed.loras]
+        for name in names:
+            if name not in known:
+                loaded = ", ".join(sorted(known)) or "none"
+                raise PromptError(
+                    f"prompt {index + 1}: <lora:{name}:...> names a LoRA the job does not load "
+                    f"(loaded: {loaded}); add it with --lora {name}=URI or loras: in the job"
+                )
+            if names.count(name) > 1:
+                raise PromptError(f"prompt {index + 1}: LoRA '{name}' is tagged twice; keep one")
+        used.update(names)
+    return [
+        Lint(
+            "check_lora_tags",
+            f"LoRA '{name}' is loaded but no prompt has <lora:{name}:...>, so it is not applied "
+            "(WebUI applies a LoRA only where a prompt tags it)",
+        )
+        for name in sorted(known - used)
+    ]
+
+
+def count_prompt_tokens(tokenizer: Any, prompts: Sequence[ParsedPrompt]) -> list[Lint]:
+    """A note for each prompt longer than one 75-token chunk (nothing is cut, as in WebUI)."""
+    notes = []
+    limit = tokenizer.model_max_length - 2
+    for index, parsed in enumerate(prompts):
+        tokens = count_tokens(tokenizer, parsed)
+        if tokens > limit:
+            notes.append(
+                Lint(
+                    "count_prompt_tokens",
+                    f"prompt {index + 1} has {tokens} tokens: encoded in chunks of {limit} and "
+                    "concatenated, as WebUI does; nothing is cut",
+                    level="info",
+                )
+            )
+    return notes
+
+
+def group_by(items: Iterable[T], key: Callable[[T], Any]) -> list[tuple[Any, list[T]]]:
+    """Groups in order of first appearance (unlike itertools.groupby, not only neighbours)."""
+    groups: dict[Any, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return list(groups.items())

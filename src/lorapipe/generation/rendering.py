@@ -1,0 +1,216 @@
+"""Cells into images on one diffusers pipeline: LoRA weights set once per group, conditioning
+cached, batched UNet calls, each image from its own seed; then PNGs with their parameters and
+index rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from PIL import Image
+from tqdm import tqdm
+
+from lorapipe import image_metrics, lora_format
+from lorapipe.errors import ConfigError
+from lorapipe.generation.grid import Cell, group_by
+from lorapipe.generation.index import index_row
+from lorapipe.generation.infotext import ParameterContext, a1111_parameters, save_png
+from lorapipe.generation.layout import IMAGES_DIR
+from lorapipe.generation.loras import LoraSource
+from lorapipe.generation.samplers import make_scheduler
+from lorapipe.prompts.encoding import PromptEncoder, chunk_count, pad_chunks
+from lorapipe.prompts.syntax import LoraTag, ParsedPrompt, parse_prompt
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+T = TypeVar("T")
+
+
+class GridRenderer:
+    """Turns cells into images on one pipeline: LoRA weights set once per group, conditioning
+    cached, up to ``batch_size`` images per UNet call, each from its own seed."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        *,
+        adapters: Mapping[str, str],
+        sampler: str,
+        steps: int,
+        width: int,
+        height: int,
+        guidance_rescale: float = 0.0,
+        batch_size: int = 8,
+        clip_skip: int = 1,
+    ) -> None:
+        self.pipe = pipe
+        self.adapters = dict(adapters)  # LoRA name -> adapter name
+        self.sampler = sampler
+        self.steps = steps
+        self.width = width
+        self.height = height
+        self.guidance_rescale = guidance_rescale
+        self.batch_size = batch_size
+        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)
+        self._conditioning: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def render(self, cells: Sequence[Cell]) -> Iterator[tuple[list[Cell], list[Image.Image]]]:
+        """Yield (cells, images) batch by batch, grouped by LoRA weights."""
+        for loras, group in group_by(cells, lambda cell: cell.loras):
+            self.apply_loras(loras)
+            conditioned = [(cell, *self.conditioning(cell)) for cell in group]
+            for _, same_length in group_by(conditioned, lambda item: item[1].shape[1]):
+                for batch in _batched(same_length, self.batch_size):
+                    batch_cells = [cell for cell, _, _ in batch]
+                    positive = _cat([pos for _, pos, _ in batch])
+                    negative = _cat([neg for _, _, neg in batch])
+                    yield batch_cells, self.denoise(batch_cells, positive, negative)
+
+    def apply_loras(self, loras: Sequence[LoraTag]) -> None:
+        """Activate exactly these LoRAs at these weights (per component)."""
+        if not self.adapters:
+            return
+        if not loras:
+            self.pipe.disable_lora()
+            return
+        self.pipe.enable_lora()
+        with_text_encoder = set(self.pipe.get_list_adapters().get("text_encoder", []))
+        names = [self.adapters[tag.name] for tag in loras]
+        weights = [
+            {"unet": tag.unet_weight}
+            | ({"text_encoder": tag.te_weight} if name in with_text_encoder else {})
+            for name, tag in zip(names, loras, strict=True)
+        ]
+        self.pipe.set_adapters(names, weights)
+
+    def conditioning(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt, negative) conditioning of a cell, padded to the same chunk count; each text
+        is encoded once per text-encoder LoRA weights."""
+        text_encoder_weights = tuple((tag.name, tag.te_weight) for tag in cell.loras)
+        positive = self._encode(cell.parsed, text_encoder_weights)
+        negative = self._encode(parse_prompt(cell.negative.text), text_encoder_weights)
+        empty = self._encode(parse_prompt(""), text_encoder_weights)
+        chunks = max(chunk_count(positive), chunk_count(negative))
+        return pad_chunks(positive, chunks, empty), pad_chunks(negative, chunks, empty)
+
+    def _encode(self, parsed: ParsedPrompt, text_encoder_weights: tuple[Any, ...]) -> torch.Tensor:
+        key = (parsed.segments, text_encoder_weights)
+        if key not in self._conditioning:
+            self._conditioning[key] = self.encoder.encode(parsed)
+        return self._conditioning[key]
+
+    def denoise(
+        self, cells: Sequence[Cell], positive: torch.Tensor, negative: torch.Tensor
+    ) -> list[Image.Image]:
+        """The images of one batch: per-image seeds and CFG, one UNet call per step."""
+        import inspect
+
+        import torch
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            rescale_noise_cfg,
+        )
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        device, dtype = pipe.unet.device, pipe.unet.dtype
+        scheduler = make_scheduler(self.sampler, pipe.scheduler.config)
+        generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in cells]
+        scheduler.set_timesteps(self.steps, device=device)
+        shape = (
+            len(cells),
+            pipe.unet.config.in_channels,
+            self.height // pipe.vae_scale_factor,
+            self.width // pipe.vae_scale_factor,
+        )
+        latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_options = (
+            {"generator": generators}
+            if "generator" in inspect.signature(scheduler.step).parameters
+            else {}
+        )
+        conditioning = torch.cat([negative, positive]).to(device=device, dtype=dtype)
+        guidance = torch.tensor([c.cfg_scale for c in cells], device=device, dtype=dtype)
+        guidance = guidance.view(-1, 1, 1, 1)
+        with torch.inference_mode():
+            for timestep in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+                noise = pipe.unet(
+                    model_input, timestep, encoder_hidden_states=conditioning, return_dict=False
+                )[0]
+                noise_uncond, noise_text = noise.chunk(2)
+                noise = noise_uncond + guidance * (noise_text - noise_uncond)
+                if self.guidance_rescale > 0:
+                    noise = rescale_noise_cfg(noise, noise_text, self.guidance_rescale)
+                latents = scheduler.step(
+                    noise, timestep, latents, **step_options, return_dict=False
+                )[0]
+            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
+        return pipe.image_processor.postprocess(decoded[0], output_type="pil")
+
+
+def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    import torch
+
+    return torch.cat(list(tensors))
+
+
+def load_pipeline(
+    base_model_uri: str, loras: Sequence[LoraSource], *, device: torch.device, dtype: torch.dtype
+) -> StableDiffusionPipeline:
+    """The base model with each LoRA loaded as its adapter, on ``device``, progress bars off."""
+    from lorapipe import models
+
+    pipe = models.load_base_model(base_model_uri, torch_dtype=dtype)
+    for lora in loras:
+        lora_format.load_into_pipeline(pipe, lora.weights_uri, adapter_name=lora.adapter)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def device_and_dtype(device_name: str, dtype_name: str) -> tuple[torch.device, torch.dtype]:
+    import torch
+
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as error:
+        raise ConfigError(
+            f"device '{device_name}' is not a torch device; use cpu or cuda"
+        ) from error
+    if dtype_name == "auto":
+        dtype_name = "float32" if device.type == "cpu" else "float16"
+    return device, getattr(torch, dtype_name)
+
+
+def render_to_files(
+    renderer: GridRenderer,
+    cells: Sequence[Cell],
+    context: ParameterContext,
+    scorer: image_metrics.ClipScorer | None,
+    directory: Path,
+) -> list[dict[str, Any]]:
+    """Render every cell into ``directory/images`` as PNG with its parameters; return the index
+    rows (parameters and metrics) in grid order."""
+    rows = {}
+    with tqdm(total=len(cells), unit="image", desc="generate", mininterval=1.0) as progress:
+        for batch, images in renderer.render(cells):
+            texts = [cell.parsed.plain_text for cell in batch]
+            clip_scores = scorer.score(images, texts) if scorer else [None] * len(batch)
+            for cell, image, clip_score in zip(batch, images, clip_scores, strict=True):
+                parameters = a1111_parameters(cell, context)
+                save_png(image, directory / IMAGES_DIR / cell.file_name, parameters)
+                metrics = {**image_metrics.compute_metrics(image), "clip_score": clip_score}
+                rows[cell.file_name] = index_row(cell, context, parameters, metrics)
+            progress.update(len(batch))
+    return [rows[cell.file_name] for cell in cells]

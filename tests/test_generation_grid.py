@@ -1,0 +1,60 @@
+"""The grid: every combination in order, LoRA scales in the tags, negatives per cell, and
+the LoRA tag checks."""
+
+from __future__ import annotations
+
+import pytest
+from generation_helpers import grid
+
+from lorapipe.errors import PromptError
+from lorapipe.generation.grid import check_lora_tags, scaled_lora_tags
+from lorapipe.prompts.syntax import LoraTag, parse_prompt
+
+# --------------------------------------------------------------------------- the grid
+
+
+def test_the_grid_is_every_combination_in_order() -> None:
+    cells = grid(
+        prompts=["a <lora:film_style:0.7>", "b <lora:film_style:0.7>"],
+        negative_presets=["portrait", "landscape"],
+        lora_scales=[0.5, 1.0],
+        cfg_scales=[7, 9],
+        seeds=[1, 2, 3],
+    )
+    assert len(cells) == 2 * 2 * 2 * 2 * 3
+    first = cells[0]
+    assert (first.prompt_index, first.negative_preset, first.lora_scale) == (0, "portrait", 0.5)
+    assert (first.cfg_scale, first.seed) == (7, 1)
+    assert [c.seed for c in cells[:4]] == [1, 2, 3, 1]
+    assert cells[-1].file_name == "p02_landscape_lora1_cfg9_seed3.png"
+
+
+def test_a_grid_lora_scale_replaces_the_tag_weight_and_keeps_a_split_ratio() -> None:
+    assert scaled_lora_tags([LoraTag("a", 0.7, 0.7)], 0.5) == (LoraTag("a", 0.5, 0.5),)
+    assert scaled_lora_tags([LoraTag("a", 0.5, 1.0)], 0.6) == (LoraTag("a", 0.3, 0.6),)
+    assert scaled_lora_tags([LoraTag("a", 0.8, 0.0)], 0.4) == (LoraTag("a", 0.4, 0.0),)
+    assert scaled_lora_tags([LoraTag("a", 0.5, 1.0)], None) == (LoraTag("a", 0.5, 1.0),)
+    (cell,) = grid(prompts=["rain, <lora:film_style:0.7>"], lora_scales=[0.4])
+    assert cell.prompt == "rain, <lora:film_style:0.4>"
+    assert cell.loras == (LoraTag("film_style", 0.4, 0.4),)
+
+
+def test_each_cells_negative_follows_its_lora_scale() -> None:
+    cells = grid(
+        prompts=["city <lora:film_style:1>"],
+        negative_presets=["landscape"],
+        lora_scales=[0.5, 0.7, 1.0],
+    )
+    lean, normal, strong = (cell.negative for cell in cells)
+    assert "anime" not in lean.terms and "anime" in normal.terms
+    assert strong.terms == (*normal.terms, "garish colors")
+    no_lora = grid(prompts=["city"], negative_presets=["landscape"], lora_scales=[0.5])
+    assert no_lora[0].negative.terms == normal.terms  # no LoRA in the prompt: no adjustment
+
+
+def test_lora_tags_must_name_a_loaded_lora_and_unused_loras_are_flagged() -> None:
+    prompts = [parse_prompt("a <lora:film_style:1>")]
+    with pytest.raises(PromptError, match="prompt 1: <lora:film_style:...> names a LoRA the job"):
+        check_lora_tags(prompts, [])
+    (lint,) = check_lora_tags(prompts, ["film_style", "other"])
+    assert "LoRA 'other' is loaded but no prompt has <lora:other:...>" in lint.message

@@ -1,0 +1,139 @@
+"""Batched rendering that matches the diffusers pipeline image for image."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from generation_helpers import grid
+from PIL import Image
+
+from lorapipe.generation.grid import Cell
+from lorapipe.generation.rendering import GridRenderer
+from lorapipe.generation.samplers import make_scheduler
+
+# Images are compared as 8-bit pixels: batched and one-off runs may differ by float rounding in
+# the UNet's matrix products, which moves a pixel by at most one level.
+PIXEL_TOLERANCE = 1
+STEPS = 4
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def renderer(pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8) -> GridRenderer:
+    return GridRenderer(
+        pipe,
+        adapters={"film_style": "lora_0"},
+        sampler=sampler,
+        steps=STEPS,
+        width=64,
+        height=64,
+        batch_size=batch_size,
+    )
+
+
+def render_all(grid_renderer: GridRenderer, cells: list[Cell]) -> dict[Cell, Image.Image]:
+    return {
+        cell: image
+        for batch, images in grid_renderer.render(cells)
+        for cell, image in zip(batch, images, strict=True)
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def test_each_image_equals_a_one_off_diffusers_pipeline_call(pipe) -> None:
+    cells = grid(
+        prompts=["red dog, <lora:film_style:0.7>", "(blue:1.3) sky BREAK star"],
+        negative_presets=["portrait"],
+        cfg_scales=[7, 9.5],
+        seeds=[1, 2],
+        sampler="DPM++ 2M Karras",
+    )
+    grid_renderer = renderer(pipe)
+    batched = render_all(grid_renderer, cells)
+    pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
+    for cell in cells:
+        grid_renderer.apply_loras(cell.loras)
+        positive, negative = grid_renderer.conditioning(cell)
+        one_off = pipe(
+            prompt_embeds=positive,
+            negative_prompt_embeds=negative,
+            guidance_scale=cell.cfg_scale,
+            num_inference_steps=STEPS,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(cell.seed),
+        ).images[0]
+        assert max_difference(batched[cell], one_off) <= PIXEL_TOLERANCE, cell.label
+
+
+def test_an_image_does_not_depend_on_its_batch_even_with_an_ancestral_sampler(pipe) -> None:
+    cells = grid(
+        prompts=["red dog, <lora:film_style:0.7>", "blue sky <lora:film_style:0.7>"],
+        cfg_scales=[7, 11],
+        seeds=[1, 2],
+        sampler="Euler a",
+    )
+    all_at_once = render_all(renderer(pipe, "Euler a", batch_size=8), cells)
+    one_by_one = render_all(renderer(pipe, "Euler a", batch_size=1), cells)
+    in_threes = render_all(renderer(pipe, "Euler a", batch_size=3), cells)
+    for cell in cells:
+        assert max_difference(all_at_once[cell], one_by_one[cell]) <= PIXEL_TOLERANCE
+        assert max_difference(all_at_once[cell], in_threes[cell]) <= PIXEL_TOLERANCE
+    assert max_difference(all_at_once[cells[0]], all_at_once[cells[1]]) > 10  # seeds differ
+
+
+def test_batches_mix_prompts_and_cfg_but_not_lora_weights(pipe) -> None:
+    cells = grid(
+        prompts=["red dog <lora:film_style:1>", "blue sky <lora:film_style:1>"],
+        lora_scales=[0.5, 1.0],
+        cfg_scales=[7, 9],
+        seeds=[1],
+    )
+    sizes = [len(batch) for batch, _ in renderer(pipe, batch_size=3).render(cells)]
+    assert sizes == [3, 1, 3, 1]  # 4 images at LoRA 0.5, then 4 at LoRA 1
+
+
+def test_conditioning_is_encoded_once_per_distinct_text(pipe, monkeypatch) -> None:
+    grid_renderer = renderer(pipe)
+    encoded: list[str] = []
+    encode = grid_renderer.encoder.encode
+    monkeypatch.setattr(
+        grid_renderer.encoder, "encode", lambda p: encoded.append(p.source) or encode(p)
+    )
+    cells = grid(
+        prompts=["red dog", "blue sky"],
+        negative_presets=["portrait", "landscape"],
+        cfg_scales=[7, 9],
+        seeds=[1, 2, 3],
+    )
+    render_all(grid_renderer, cells)
+    assert len(cells) == 24
+    assert sorted(encoded) == sorted(
+        ["red dog", "blue sky", ""] + [cells[0].negative.text, cells[6].negative.text]
+    )
+
+
+def test_lora_weights_reach_unet_and_text_encoder_separately(pipe) -> None:
+    cells = grid(
+        prompts=[
+            "red dog",
+            "red dog <lora:film_style:0>",
+            "red dog <lora:film_style:1>",
+            "red dog <lora:film_style:0:1>",
+            "red dog <lora:film_style:1:0>",
+        ],
+        negative_presets=["none"],
+    )
+    images = list(render_all(renderer(pipe), cells).values())
+    no_lora, zero, full, unet_only, text_only = images
+    assert max_difference(no_lora, zero) <= PIXEL_TOLERANCE
+    for a, b in [(no_lora, full), (full, unet_only), (full, text_only), (unet_only, text_only)]:
+        assert max_difference(a, b) > 10
