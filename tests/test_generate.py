@@ -66,9 +66,9 @@ def test_a_grid_that_cannot_run_is_a_one_line_config_error(values: dict, message
 
 
 def test_a_misspelled_job_key_gets_a_suggestion() -> None:
-    with pytest.raises(ConfigError, match="key 'cfg_scale' is unknown; did you mean 'cfg_scales'"):
+    with pytest.raises(ConfigError, match="unknown key 'cfg_scale'; did you mean 'cfg_scales'"):
         config_values({"cfg_scale": [7]}, "job.yaml")
-    with pytest.raises(ConfigError, match="seeds must be whole numbers"):
+    with pytest.raises(ConfigError, match="key 'seeds' must be a whole number"):
         config_values({"seeds": [1.5]}, "job.yaml")
 
 

@@ -206,7 +206,9 @@ def read_mapping(path: str) -> tuple[dict[str, Any], dict[str, str]]:
     if document is None:
         raise ConfigError(f"{path}: the file is empty; write 'key: value' lines, e.g. 'epochs: 10'")
     if not isinstance(values, dict) or not isinstance(document, yaml.MappingNode):
-        raise ConfigError(f"{path}: expected 'key: value' lines, e.g. 'learning_rate: 1e-4'")
+        raise ConfigError(
+            f"{path}: expected 'key: value' lines (a mapping), e.g. 'learning_rate: 1e-4'"
+        )
     origins: dict[str, str] = {}
     first_line: dict[str, int] = {}
     for key_node, _ in document.value:
@@ -241,6 +243,13 @@ def check_value(item: Option, value: Any, origin: str) -> Any:
     if item.spec.ignore_case and isinstance(value, str):
         value = value.strip().lower()
     return value
+
+
+def plain(source: str | Where) -> Where:
+    """``where`` for messages that read "<where> KEY ...": "job.yaml line 3: seeds", "--seeds"."""
+    if isinstance(source, str):
+        return lambda key: f"{source}: {key}"
+    return lambda key: source(key).replace(f"key '{key}'", key)
 
 
 def check_fields(config: object, where: Where | None = None) -> None:
@@ -294,12 +303,12 @@ def coerce(value: Any, hint: Any, origin: str, *, separator: str | None = ",") -
     container = typing.get_origin(hint)
     if container in (list, tuple):
         item = typing.get_args(hint)[0]
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple):
+        if isinstance(value, Mapping):
             raise ConfigError(f"{origin} must be a list, e.g. [a, b], got {value!r}")
+        items = value if isinstance(value, list | tuple) else [value]
         if separator:
             items = [
-                part.strip()
+                part.strip() if isinstance(part, str) else part
                 for entry in items
                 for part in (entry.split(separator) if isinstance(entry, str) else [entry])
                 if not (isinstance(part, str) and not part.strip())

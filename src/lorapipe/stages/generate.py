@@ -36,23 +36,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from lorapipe import config as config_options
 from lorapipe import image_metrics, store
+from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.generation.grid import check_lora_tags, count_prompt_tokens, plan_grid
 from lorapipe.generation.index import write_index
@@ -85,56 +87,109 @@ OUTPUT_MARKERS = ("report.json", "index.parquet")  # an older output that may be
 
 @dataclass
 class GenerateConfig:
-    """One generation job. Every field is a job-file key and a CLI flag (``--lora-scale`` etc.
-    repeat for list fields)."""
+    """One generation job. Every field is a job-file key and a CLI flag (list flags repeat:
+    ``--seed 1 --seed 2`` or ``--seeds 1 2``)."""
 
-    # A1111-syntax prompts; <lora:NAME:w> refers to a LoRA in `loras`
-    prompts: list[str] = field(default_factory=list)
-    # LoRA name -> diffusers or kohya .safetensors, or a directory holding one (local or s3://)
-    loras: dict[str, str] = field(default_factory=dict)
-    # presets (landscape, portrait, product, none), layers, or layers joined by "+" (base+style);
-    # the default is the base layer, which the article says every task needs
-    negative_presets: list[str] = field(default_factory=lambda: ["base"])
-    # terms appended to every negative prompt
-    negative_extra: str = ""
-    # grid LoRA scales, each replacing the weights in the prompts' <lora:> tags;
-    # None: the weights as written
-    lora_scales: list[float] | None = None
-    # classifier-free guidance scales (the article recommends 7-11)
-    cfg_scales: list[float] = field(default_factory=lambda: [7.0])
-    seeds: list[int] = field(default_factory=lambda: [1])
-    # an A1111 sampler name (see SAMPLERS)
-    sampler: str = "DPM++ 2M Karras"
-    steps: int = 20
-    # image size in pixels (multiples of 8); None: the model's native size
-    width: int | None = None
-    height: int | None = None
-    # 0 = off; 0.5-0.7 counters the overexposure of high LoRA scales / CFG (diffusers' option)
-    guidance_rescale: float = 0.0
-    # WebUI's "Clip skip": 1 = last CLIP layer
-    clip_skip: int = 1
-    # images per UNet call
-    batch_size: int = 8
-    # apply the LoRA-scale rule to negatives (lean below 0.6, stronger above 0.9)
-    adapt_negatives: bool = True
-    # drop negative terms that the prompt itself asks for ("soft focus" in both)
-    drop_conflicting_negatives: bool = True
-    # your YAML of negative layers/presets/related/rules, merged over lorapipe's
-    negative_prompts_file: str | None = None
-    # extra layers {name: [terms]} and presets {name: [layers]}, merged last
-    layers: dict[str, list[str]] = field(default_factory=dict)
-    presets: dict[str, list[str]] = field(default_factory=dict)
-    # a local transformers CLIP model directory: adds a CLIP score per image
-    clip_model: str | None = None
-    # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    device: str = "auto"
-    # "auto" (float16 on GPU, float32 on CPU), "float32", "float16", "bfloat16"
-    dtype: str = "auto"
-    # longest side of an image in the contact sheets, pixels
-    sheet_cell_size: int = 256
+    COMMAND: ClassVar[str] = "generate"
 
-    def validate(self, source: str = "the job") -> None:
+    prompts: list[str] = option(
+        default_factory=list,
+        help="A1111-syntax prompts; `<lora:NAME:w>` refers to a LoRA in `loras`",
+        aliases=("prompt",),
+        separator=None,
+    )
+    loras: dict[str, str] = option(
+        default_factory=dict,
+        help="LoRA name -> diffusers or kohya .safetensors, or a directory holding one (local "
+        "or `s3://`); on the command line `--lora [NAME=]URI` (NAME defaults to the file stem)",
+        flag=False,
+    )
+    trained_lora: str | None = option(
+        None,
+        help="`lorapipe select`'s output directory: its LoRA joins `loras`, and every prompt that "
+        "does not use it gets `<lora:NAME:1>` appended, so the grid's LoRA scales reach it",
+    )
+    negative_presets: list[str] = option(
+        default_factory=lambda: ["base"],
+        help="presets (landscape, portrait, product, none), layers, or layers joined by `+` "
+        "(base+style); the base layer is what the article says every task needs",
+        aliases=("negative_preset",),
+    )
+    negative_extra: str = option("", help="terms appended to every negative prompt")
+    lora_scales: list[float] | None = option(
+        None,
+        help="grid LoRA scales, each replacing the weights in the prompts' `<lora:>` tags",
+        aliases=("lora_scale",),
+        default_text="none (the weights as written)",
+        minimum=-10.0,
+        maximum=10.0,
+    )
+    cfg_scales: list[float] = option(
+        default_factory=lambda: [7.0],
+        help="classifier-free guidance scales (the article recommends 7-11)",
+        aliases=("cfg_scale",),
+        minimum=1.0,
+        maximum=100.0,
+    )
+    seeds: list[int] = option(
+        default_factory=lambda: [1], help="seeds of the grid", aliases=("seed",), minimum=0
+    )
+    sampler: str = option("DPM++ 2M Karras", help="an A1111 sampler name", choices=tuple(SAMPLERS))
+    steps: int = option(20, help="sampling steps", minimum=1, maximum=1000)
+    width: int | None = option(
+        None,
+        help="image width in pixels, a multiple of 8",
+        default_text="the model's native size",
+    )
+    height: int | None = option(
+        None,
+        help="image height in pixels, a multiple of 8",
+        default_text="the model's native size",
+    )
+    guidance_rescale: float = option(
+        0.0,
+        help="`0`: off; 0.5-0.7 counters the overexposure of high LoRA scales / CFG (diffusers' "
+        "option)",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    clip_skip: int = option(1, help="WebUI's Clip skip: 1 = last CLIP layer", minimum=1, maximum=12)
+    batch_size: int = option(8, help="images per UNet call", minimum=1, maximum=4096)
+    adapt_negatives: bool = option(
+        True,
+        help="apply the LoRA-scale rule to negatives (lean below 0.6, stronger above 0.9)",
+    )
+    drop_conflicting_negatives: bool = option(
+        True, help='drop negative terms that the prompt itself asks for ("soft focus" in both)'
+    )
+    negative_prompts_file: str | None = option(
+        None, help="your YAML of negative layers/presets/related/rules, merged over lorapipe's"
+    )
+    layers: dict[str, list[str]] = option(
+        default_factory=dict,
+        help="extra negative layers `{name: [terms]}`, merged last (job file only)",
+        flag=False,
+    )
+    presets: dict[str, list[str]] = option(
+        default_factory=dict,
+        help="extra negative presets `{name: [layers]}`, merged last (job file only)",
+        flag=False,
+    )
+    clip_model: str | None = option(
+        None, help="a local transformers CLIP model directory: adds a CLIP score per image"
+    )
+    device: str = option("auto", help="`auto` (cuda if available), `cpu`, `cuda`, `cuda:1`, ...")
+    dtype: str = option("auto", help="`auto` is float16 on GPU, float32 on CPU", choices=DTYPES)
+    sheet_cell_size: int = option(
+        256,
+        help="longest side of an image in the contact sheets, pixels",
+        minimum=16,
+        maximum=2048,
+    )
+
+    def validate(self, source: str | Where = "the job") -> None:
         """Raise ConfigError (one line naming the key) for anything that cannot run."""
+        where = config_options.plain(source)
         for key, what in (
             ("prompts", "prompt"),
             ("negative_presets", "negative preset (e.g. base, portrait or none)"),
@@ -142,118 +197,111 @@ class GenerateConfig:
             ("seeds", "seed"),
         ):
             if not getattr(self, key):
-                raise ConfigError(f"{source}: {key} is empty; give at least one {what}")
+                raise ConfigError(f"{where(key)} is empty; give at least one {what}")
         if self.lora_scales is not None and not self.lora_scales:
             raise ConfigError(
-                f"{source}: lora_scales is empty; give scales or leave the key out to use the "
+                f"{where('lora_scales')} is empty; give scales or leave the key out to use the "
                 "weights written in the <lora:> tags"
             )
         if self.sampler not in SAMPLERS:
             raise ConfigError(
-                f"{source}: sampler '{self.sampler}' is unknown; use one of {', '.join(SAMPLERS)}"
+                f"{where('sampler')} '{self.sampler}' is unknown; use one of {', '.join(SAMPLERS)}"
             )
-        _check_range(source, "steps", self.steps, 1, 1000)
-        _check_range(source, "batch_size", self.batch_size, 1, 4096)
-        _check_range(source, "clip_skip", self.clip_skip, 1, 12)
-        _check_range(source, "guidance_rescale", self.guidance_rescale, 0.0, 1.0)
-        _check_range(source, "sheet_cell_size", self.sheet_cell_size, 16, 2048)
-        for cfg in self.cfg_scales:
-            _check_range(source, "cfg_scales", cfg, 1.0, 100.0)
-        for scale in self.lora_scales or []:
-            _check_range(source, "lora_scales", scale, -10.0, 10.0)
+        for item in config_options.options(type(self)):
+            spec = item.spec
+            if spec.minimum is None or spec.maximum is None:
+                continue
+            value = getattr(self, item.name)
+            for single in value if isinstance(value, list) else [value]:
+                if single is not None:
+                    _check_range(where, item.name, single, spec.minimum, spec.maximum)
         for seed in self.seeds:
-            _check_range(source, "seeds", seed, 0, 2**63 - 1)
+            _check_range(where, "seeds", seed, 0, 2**63 - 1)
         for key in ("prompts", "negative_presets", "lora_scales", "cfg_scales", "seeds"):
             values = getattr(self, key) or []
             repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
             if repeated is not None:
-                raise ConfigError(f"{source}: {key} lists {repeated!r} twice; keep one")
+                raise ConfigError(f"{where(key)} lists {repeated!r} twice; keep one")
         for key in ("width", "height"):
             value = getattr(self, key)
             if value is not None and (value < 8 or value % 8):
-                raise ConfigError(f"{source}: {key} {value} must be a positive multiple of 8")
+                raise ConfigError(f"{where(key)} {value} must be a positive multiple of 8")
         if self.dtype not in DTYPES:
-            raise ConfigError(f"{source}: dtype '{self.dtype}' is unknown; use {', '.join(DTYPES)}")
+            raise ConfigError(
+                f"{where('dtype')} '{self.dtype}' is unknown; use {', '.join(DTYPES)}"
+            )
 
 
-def _check_range(source: str, key: str, value: float, low: float, high: float) -> None:
+def _check_range(where: Where, key: str, value: float, low: float, high: float) -> None:
     if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
-        raise ConfigError(f"{source}: {key} value {value!r} must be between {low} and {high}")
+        raise ConfigError(f"{where(key)} value {value!r} must be between {low} and {high}")
 
 
 # --------------------------------------------------------------------------- job files
 
-JOB_KEYS = {f.name for f in dataclasses.fields(GenerateConfig)} | {"base_model"}
-
 
 def load_job(uri: str) -> tuple[dict[str, Any], str | None]:
     """(config values, base_model or None) from a YAML or JSON job file, local or s3://."""
-    text = store.read_text(uri)
-    try:
-        data = json.loads(text) if uri.endswith(".json") else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        mark = getattr(error, "problem_mark", None)
-        line = getattr(error, "lineno", None) or (mark.line + 1 if mark else "?")
-        raise InputError(f"{uri} line {line}: not valid YAML/JSON; fix the syntax there") from error
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise InputError(f"{uri}: a job file is a mapping of keys (prompts:, seeds:, ...)")
-    values = config_values(data, uri)
-    base_model = values.pop("base_model", None)
-    return values, base_model
+    data, origins = config_options.read_mapping(uri)
+    base_model = data.pop("base_model", None)
+    if base_model is not None and not isinstance(base_model, str):
+        raise ConfigError(f"{origins['base_model']} must be a string, got {base_model!r}")
+    return config_values(data, origins), base_model
 
 
-def config_values(data: Mapping[str, Any], source: str) -> dict[str, Any]:
-    """Check keys and types of job values (a job file or flags) and normalize them."""
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in JOB_KEYS:
-            close = difflib.get_close_matches(str(key), sorted(JOB_KEYS), n=1)
-            hint = f"did you mean '{close[0]}'?" if close else f"use {', '.join(sorted(JOB_KEYS))}"
-            raise ConfigError(f"{source}: key '{key}' is unknown; {hint}")
-        values[key] = _coerce(key, value, source)
+def job_values_from_text(text: str, source: str) -> dict[str, Any]:
+    """The checked values of job YAML given as text (a pipeline parameter); empty: none."""
+    if not text.strip():
+        return {}
+    with tempfile.TemporaryDirectory(prefix="lorapipe-job-") as tmp:
+        job_file = Path(tmp) / f"{source}.yaml"
+        job_file.write_text(text, encoding="utf-8")
+        values, _ = load_job(str(job_file))
     return values
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    where = f"{source}: {key}"
-    if key in ("prompts", "negative_presets"):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
-            raise ConfigError(f"{where} must be a list of strings")
-        return list(items)
-    if key in ("cfg_scales", "lora_scales", "seeds"):
-        if value is None and key == "lora_scales":
-            return None
-        items = value if isinstance(value, list) else [value]
-        kind = int if key == "seeds" else float
-        if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in items):
-            raise ConfigError(f"{where} must be a list of numbers, e.g. [1, 2, 3]")
-        if kind is int and not all(float(v).is_integer() for v in items):
-            raise ConfigError(f"{where} must be whole numbers")
-        return [kind(v) for v in items]
-    if key in ("loras", "layers", "presets"):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping of name: value")
-        return {str(k): (str(v) if key == "loras" else v) for k, v in value.items()}
-    if key in ("adapt_negatives", "drop_conflicting_negatives"):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false")
-        return value
-    if key in ("steps", "batch_size", "clip_skip", "sheet_cell_size", "width", "height"):
-        if value is None and key in ("width", "height"):
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be a whole number")
-        return value
-    if key == "guidance_rescale":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where} must be a number")
-        return float(value)
-    if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{where} must be a string")
-    return value
+def config_values(data: Mapping[str, Any], source: str | Mapping[str, str]) -> dict[str, Any]:
+    """Check keys and types of job values (a job file or flags) and normalize them;
+    ``source`` names where they came from (a label, or ``{key: origin}``)."""
+    known = {item.name: item for item in config_options.options(GenerateConfig)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        origin = source.get(key, key) if isinstance(source, Mapping) else f"{source}: key '{key}'"
+        if key not in known:
+            raise config_options.unknown_key(key, known, origin, GenerateConfig)
+        values[key] = config_options.check_value(known[key], value, origin)
+    return values
+
+
+def with_trained_lora(config: GenerateConfig) -> GenerateConfig:
+    """``trained_lora`` resolved: its LoRA in ``loras`` and in every prompt."""
+    if not config.trained_lora:
+        return config
+    name, lora_file = chosen_lora(config.trained_lora)
+    return dataclasses.replace(
+        config,
+        prompts=[with_lora_tag(prompt, name) for prompt in config.prompts],
+        loras={**config.loras, name: lora_file},
+        trained_lora=None,
+    )
+
+
+def chosen_lora(lora_path: str) -> tuple[str, str]:
+    """(name, kohya file) of the LoRA that ``select`` wrote to ``lora_path``."""
+    report_uri = store.join(lora_path, "report.json")
+    if not store.exists(report_uri):
+        raise InputError(f"{lora_path}: no report.json; give the output of lorapipe select")
+    files = json.loads(store.read_text(report_uri))["files"]
+    kohya = store.join(lora_path, files["kohya"])
+    return Path(files["kohya"]).stem, kohya
+
+
+def with_lora_tag(prompt: str, name: str) -> str:
+    """The prompt with ``<lora:name:1>`` appended unless it already uses that LoRA, so a
+    grid's LoRA scales always reach the LoRA just trained."""
+    if re.search(rf"<lora:{re.escape(name)}:", prompt):
+        return prompt
+    return f"{prompt}, <lora:{name}:1>"
 
 
 # --------------------------------------------------------------------------- run
@@ -265,6 +313,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     from lorapipe import __version__, models
 
     config.validate()
+    config = with_trained_lora(config)
     started = time.monotonic()
     # 1. the grid: prompts parsed and checked, every cell with its negative prompt
     library = NegativeLibrary.load(
@@ -426,36 +475,9 @@ def _publish(staging: Path, output_uri: str) -> None:
 
 # --------------------------------------------------------------------------- command line
 
-# CLI flag (argparse dest) -> config field, for flags whose name differs from the field
-LIST_FLAGS = {
-    "prompt": "prompts",
-    "negative_preset": "negative_presets",
-    "lora_scale": "lora_scales",
-    "cfg_scale": "cfg_scales",
-    "seed": "seeds",
-}
-SCALAR_FLAGS = (
-    "negative_extra",
-    "sampler",
-    "steps",
-    "width",
-    "height",
-    "guidance_rescale",
-    "clip_skip",
-    "batch_size",
-    "adapt_negatives",
-    "drop_conflicting_negatives",
-    "negative_prompts_file",
-    "clip_model",
-    "device",
-    "dtype",
-    "sheet_cell_size",
-)
-
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    defaults = GenerateConfig()
-    parser.add_argument("--job", help="YAML or JSON job file: GenerateConfig keys + base_model")
+    parser.add_argument("--job", help="YAML or JSON job file: the options below + base_model")
     parser.add_argument("--base-model", help="diffusers model directory, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
     parser.add_argument(
@@ -465,50 +487,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="a LoRA file or select's output directory; NAME is what <lora:NAME:w> uses "
         "(default: the file stem). Repeatable",
     )
-    parser.add_argument("--prompt", action="append", help="an A1111 prompt. Repeatable")
-    parser.add_argument(
-        "--negative-preset",
-        action="append",
-        help="preset, layer or layers joined by + (default base). Repeatable",
-    )
-    parser.add_argument("--negative-extra", help="terms appended to every negative prompt")
-    parser.add_argument(
-        "--lora-scale", action="append", type=float, help="replaces <lora:> weights. Repeatable"
-    )
-    parser.add_argument("--cfg-scale", action="append", type=float, help="Repeatable")
-    parser.add_argument("--seed", action="append", type=int, help="Repeatable")
-    parser.add_argument(
-        "--sampler", help=f"A1111 name (default {defaults.sampler}): {', '.join(SAMPLERS)}"
-    )
-    parser.add_argument("--steps", type=int, help=f"default {defaults.steps}")
-    parser.add_argument("--width", type=int, help="default: the model's native size")
-    parser.add_argument("--height", type=int, help="default: the model's native size")
-    parser.add_argument("--guidance-rescale", type=float, help="0-1 (default 0: off)")
-    parser.add_argument("--clip-skip", type=int, help="WebUI's Clip skip (default 1)")
-    parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
-    parser.add_argument(
-        "--adapt-negatives",
-        action=argparse.BooleanOptionalAction,
-        help="lean negatives below LoRA scale 0.6, stronger above 0.9 (default on)",
-    )
-    parser.add_argument(
-        "--drop-conflicting-negatives",
-        action=argparse.BooleanOptionalAction,
-        help="drop negative terms the prompt asks for (default on)",
-    )
-    parser.add_argument("--negative-prompts-file", help="your layers/presets YAML")
-    parser.add_argument("--clip-model", help="local CLIP model directory for a CLIP score")
-    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=DTYPES, help="default auto")
-    parser.add_argument("--sheet-cell-size", type=int, help="thumbnail size in contact sheets")
+    config_options.add_arguments(parser, GenerateConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[GenerateConfig, str]:
     """The job file's values with the flags given on top; (config, base model URI)."""
     values, base_model = load_job(args.job) if args.job else ({}, None)
-    flags = {field_name: getattr(args, dest) for dest, field_name in LIST_FLAGS.items()}
-    flags |= {name: getattr(args, name) for name in SCALAR_FLAGS}
-    values |= config_values({k: v for k, v in flags.items() if v is not None}, "command line")
+    flags = config_options.overrides_from_args(args, GenerateConfig)
+    values |= config_values(flags, {key: "--" + key.replace("_", "-") for key in flags})
     loras = dict(values.get("loras", {}))
     for text in args.lora or []:
         name, uri = parse_lora_flag(text)
