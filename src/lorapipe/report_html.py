@@ -13,12 +13,9 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
-
-if TYPE_CHECKING:
-    from lorapipe.demo_checks import Claim
 
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
@@ -226,23 +223,3 @@ def _reproduce(command: str, job_text: str) -> str:
         return ""
     job = f"<p>job.yaml:</p><pre>{_e(job_text)}</pre>" if job_text else ""
     return f"<h2>Reproduce</h2><pre>{_e(command)}</pre>{job}"
-
-
-def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
-    """``report_html`` with a "What this run shows" table (claim, measured, threshold,
-    PASS/FAIL) right under its title: the demo's measured claims, first thing a reader sees."""
-    rows = "".join(
-        f"<tr><td>{_e(claim.claim)}</td><td>{_e(claim.measured)}</td>"
-        f"<td>{_e(claim.threshold)}</td>"
-        f'<td class="{"pass" if claim.passed else "fail"}">'
-        f"{'PASS' if claim.passed else 'FAIL'}</td></tr>"
-        for claim in claims
-    )
-    section = (
-        "<h2>What this run shows</h2>"
-        "<p class=\"muted\">Measured on this run's outputs against the world's ground truth "
-        "(lorapipe.demo_checks).</p>"
-        "<table><tr><th>claim</th><th>measured</th><th>needs</th><th></th></tr>"
-        f"{rows}</table>"
-    )
-    return report_html.replace("</h1>", "</h1>\n" + section, 1)

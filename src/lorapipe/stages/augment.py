@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,9 +30,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from lorapipe import store
-from lorapipe.captions import find_mention, matching_pattern, split_caption, swap_left_right
+from lorapipe.captions import split_caption, swap_left_right
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
 from lorapipe.errors import DatasetError
+from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 
 log = logging.getLogger(__name__)
 
@@ -42,68 +42,13 @@ PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # a re-encoded JPEG/WebP copy: visually lossless, so mirroring adds no visible artifacts
 LOSSY_QUALITY = 95
 
-# Tags (glob patterns, Danbooru spelling) that make a mirrored copy wrong.
-TEXT_TAGS = (
-    "text",
-    "* text",
-    "text *",
-    "*logo",
-    "logo *",
-    "*watermark",
-    "signature",
-    "artist name",
-    "character name",
-    "copyright name",
-    "circle name",
-    "*username",
-    "web address",
-    "dated",
-    "numbered",
-    "* writing",
-    "speech bubble",
-    "sound effects",
-    "subtitled",
-    "comic",
-    "4koma",
-    "clock",
-    "* clock",
-)
-ASYMMETRY_TAGS = (
-    "asymmetrical *",
-    "mismatched *",
-    "single glove",
-    "single *glove",
-    "single earring",
-    "single thighhigh",
-    "single kneehigh",
-    "single sock",
-    "single sleeve",
-    "single detached sleeve",
-    "single leg pantyhose",
-    "single pauldron",
-    "single gauntlet",
-    "single wing",
-    "single bare shoulder",
-    "single mechanical arm",
-    "side ponytail",
-    "side braid",
-    "side bun",
-    "one side up",
-    "hair over one eye",
-    "eyepatch",
-    "heterochromia",
-    "mole under eye",
-    "scar across eye",
-)
-DEFAULT_SKIP_TAGS = TEXT_TAGS + ASYMMETRY_TAGS
-
 
 @dataclass
 class AugmentConfig:
     """Which images ``lorapipe augment`` mirrors."""
 
     # an image with a tag matching one of these glob patterns is not mirrored (see
-    # TEXT_TAGS and ASYMMETRY_TAGS); setting it replaces the whole default list
+    # lorapipe.flip_rules); setting it replaces the whole default list
     skip_tags: tuple[str, ...] = DEFAULT_SKIP_TAGS
     # patterns added to skip_tags, e.g. ("holding sword",)
     extra_skip_tags: tuple[str, ...] = field(default=())
@@ -152,22 +97,6 @@ def run(dataset_uri: str, output_uri: str, config: AugmentConfig | None = None) 
         output_uri,
     )
     return report
-
-
-def flip_blocker(record: ImageRecord, patterns: Sequence[str]) -> str | None:
-    """Why the image must not be mirrored (``tag 'signature' matches 'signature'``), or None.
-
-    Tags are matched whole; the caption is searched for mentions, so a hand-written
-    "a watermark in the corner" counts as well as the tag ``watermark``."""
-    for tag in record.tags:
-        pattern = matching_pattern(tag, patterns)
-        if pattern:
-            return f"tag '{tag}' matches '{pattern}'"
-    mention = find_mention(record.caption, patterns)
-    if mention:
-        phrase, pattern = mention
-        return f"caption mentions '{phrase}' (matches '{pattern}')"
-    return None
 
 
 def mirror_record(record: ImageRecord) -> ImageRecord:
