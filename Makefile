@@ -61,10 +61,10 @@ tiny-model: $(STAMP)
 
 # the demo's committed assets, retrained from scratch (about 30 and 2 minutes on 2 cores)
 world-model: $(STAMP)
-	$(BIN)/python -m lorapipe.world_model --out assets/world-sd
+	$(BIN)/python -m lorapipe.demo.world_model --out assets/world-sd
 
 world-tagger: $(STAMP)
-	$(BIN)/python -m lorapipe.world_tagger --out assets/world-tagger
+	$(BIN)/python -m lorapipe.demo.world_tagger --out assets/world-tagger
 
 clean:
 	rm -rf $(VENV) runs models .pytest_cache

@@ -60,8 +60,9 @@ def main() -> None:
 def compare(args: argparse.Namespace, workdir: Path) -> None:
     from PIL import Image
 
+    from lorapipe.demo.tiny_model import build_sd, describe
     from lorapipe.generation.infotext import parse_parameters
-    from lorapipe.models import build_sd, describe, load_base_model
+    from lorapipe.models import load_base_model
     from lorapipe.stages.generate import GenerateConfig, run
 
     model = build_sd(workdir / "model", seed=0, preset=args.preset)

@@ -67,7 +67,8 @@ def main() -> None:
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> None:
-    from lorapipe.models import build_sd, describe, load_base_model
+    from lorapipe.demo.tiny_model import build_sd, describe
+    from lorapipe.models import load_base_model
 
     model = build_sd(workdir / "model", seed=0, preset=args.preset)
     pipe = load_base_model(str(model))

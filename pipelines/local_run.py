@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lorapipe import store
-from lorapipe.demo_checks import Claim, RunOutputs, check_run
+from lorapipe.demo.claims import Claim, RunOutputs, add_claims_section, check_run
 from lorapipe.errors import PipelineRunError
-from lorapipe.report_html import add_claims_section
 from pipelines.lora_training import PIPELINE_NAME
 
 
@@ -33,16 +32,16 @@ class LocalRun:
 def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None) -> LocalRun:
     """Run the DAG on this machine.
 
-    Without ``data_uri``/``base_model_uri`` the demo runs (``lorapipe.demo``): the world's
-    sample images, base model and tagger; afterwards its claims are measured
-    (``lorapipe.demo_checks``), written to ``demo_checks.json`` and shown at the top of the
+    Without ``data_uri``/``base_model_uri`` the demo runs (``lorapipe.demo.inputs``): the
+    world's sample images, base model and tagger; afterwards its claims are measured
+    (``lorapipe.demo.claims``), written to ``demo_checks.json`` and shown at the top of the
     report. With ``s3_prefix`` (``s3://bucket/path``), the inputs are uploaded there and
     checkpoints and the LoRA are mirrored and published there, through the S3 endpoint and
     credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, ...).
     """
     from kfp import local
 
-    from lorapipe import demo
+    from lorapipe.demo import inputs as demo
     from pipelines.lora_training import lora_training
 
     demo_folder = None

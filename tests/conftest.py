@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD 1.x diffusers pipeline with random weights, built once per test session."""
-    from lorapipe.models import build_sd
+    from lorapipe.demo.tiny_model import build_sd
 
     return build_sd(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0, preset="tiny")
 

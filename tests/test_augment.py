@@ -14,8 +14,9 @@ from PIL import Image
 from lorapipe.cli import main as cli_main
 from lorapipe.dataset import DatasetWriter, ImageRecord, decode_image, read_records
 from lorapipe.errors import DatasetError
+from lorapipe.flip_rules import DEFAULT_SKIP_TAGS
 from lorapipe.stages import augment
-from lorapipe.stages.augment import DEFAULT_SKIP_TAGS, AugmentConfig
+from lorapipe.stages.augment import AugmentConfig
 
 
 def image_record(

@@ -42,7 +42,7 @@ def test_a_lorapipe_error_is_one_line_and_exit_2(
     def refuse(*args: object, **kwargs: object) -> Path:
         raise ModelError("base model 'x' does not exist; give a diffusers-format model directory")
 
-    monkeypatch.setattr("lorapipe.models.build_sd", refuse)
+    monkeypatch.setattr("lorapipe.demo.tiny_model.build_sd", refuse)
     assert main(["tiny-model", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err
     assert err == (
@@ -55,7 +55,7 @@ def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def refuse(*args: object, **kwargs: object) -> Path:
         raise ModelError("nope")
 
-    monkeypatch.setattr("lorapipe.models.build_sd", refuse)
+    monkeypatch.setattr("lorapipe.demo.tiny_model.build_sd", refuse)
     with pytest.raises(ModelError):
         main(["--debug", "tiny-model", str(tmp_path / "m")])
 
@@ -77,7 +77,7 @@ def test_ingest_tag_augment_run_one_after_the_other_on_an_s3_prefix(
 
     from lorapipe import store
     from lorapipe.dataset import read_records
-    from lorapipe.demo import write_sample_folder
+    from lorapipe.demo.inputs import write_sample_folder
 
     raw = f"{s3_bucket}/raw"
     store.put_dir(write_sample_folder(tmp_path / "raw", count=9), raw)

@@ -126,7 +126,7 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
     import yaml
 
     from lorapipe import trainjob
-    from lorapipe.demo import write_sample_folder
+    from lorapipe.demo.inputs import write_sample_folder
     from lorapipe.stages import ingest
 
     dataset = tmp_path / "dataset"

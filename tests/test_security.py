@@ -248,7 +248,7 @@ def test_no_secret_in_any_output_object_or_log_of_a_run_on_s3(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    from lorapipe.demo import write_sample_folder
+    from lorapipe.demo.inputs import write_sample_folder
 
     bucket = distinctive_credentials
     caplog.set_level(logging.INFO)

@@ -24,7 +24,7 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # command name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": (
-        "lorapipe.models",
+        "lorapipe.demo.tiny_model",
         "write the tiny offline SD pipeline used by tests and the demo",
     ),
     "ingest": (

@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
@@ -32,10 +31,11 @@ from tqdm import tqdm
 
 from lorapipe import config as config_options
 from lorapipe import store
-from lorapipe.captions import find_mention, matching_pattern, swap_left_right
+from lorapipe.captions import swap_left_right
 from lorapipe.config import option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
 from lorapipe.errors import DatasetError
+from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 
 log = logging.getLogger(__name__)
 
@@ -43,61 +43,6 @@ FLIP_SUFFIX = "-flip"
 PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 # a re-encoded JPEG/WebP copy: visually lossless, so mirroring adds no visible artifacts
 LOSSY_QUALITY = 95
-
-# Tags (glob patterns, Danbooru spelling) that make a mirrored copy wrong.
-TEXT_TAGS = (
-    "text",
-    "* text",
-    "text *",
-    "*logo",
-    "logo *",
-    "*watermark",
-    "signature",
-    "artist name",
-    "character name",
-    "copyright name",
-    "circle name",
-    "*username",
-    "web address",
-    "dated",
-    "numbered",
-    "* writing",
-    "speech bubble",
-    "sound effects",
-    "subtitled",
-    "comic",
-    "4koma",
-    "clock",
-    "* clock",
-)
-ASYMMETRY_TAGS = (
-    "asymmetrical *",
-    "mismatched *",
-    "single glove",
-    "single *glove",
-    "single earring",
-    "single thighhigh",
-    "single kneehigh",
-    "single sock",
-    "single sleeve",
-    "single detached sleeve",
-    "single leg pantyhose",
-    "single pauldron",
-    "single gauntlet",
-    "single wing",
-    "single bare shoulder",
-    "single mechanical arm",
-    "side ponytail",
-    "side braid",
-    "side bun",
-    "one side up",
-    "hair over one eye",
-    "eyepatch",
-    "heterochromia",
-    "mole under eye",
-    "scar across eye",
-)
-DEFAULT_SKIP_TAGS = TEXT_TAGS + ASYMMETRY_TAGS
 
 
 @dataclass
@@ -160,22 +105,6 @@ def run(dataset_uri: str, output_uri: str, config: AugmentConfig | None = None) 
         output_uri,
     )
     return report
-
-
-def flip_blocker(record: ImageRecord, patterns: Sequence[str]) -> str | None:
-    """Why the image must not be mirrored (``tag 'signature' matches 'signature'``), or None.
-
-    Tags are matched whole; the caption is searched for mentions, so a hand-written
-    "a watermark in the corner" counts as well as the tag ``watermark``."""
-    for tag in record.tags:
-        pattern = matching_pattern(tag, patterns)
-        if pattern:
-            return f"tag '{tag}' matches '{pattern}'"
-    mention = find_mention(record.caption, patterns)
-    if mention:
-        phrase, pattern = mention
-        return f"caption mentions '{phrase}' (matches '{pattern}')"
-    return None
 
 
 def mirror_record(record: ImageRecord) -> ImageRecord:

@@ -32,13 +32,26 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lorapipe import config, store
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import TrainConfig, check_values, load_config
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lorapipe.train_config import TargetModules
+    from lorapipe.training.batches import TrainingBatches
+    from lorapipe.training.data import Example, SamplePlan
+    from lorapipe.training.encoders import EncodeEveryStep, LatentCache
+    from lorapipe.training.validation import ValidationLoss, Validator
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +145,7 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     return report
 
 
-def _accelerator(config: TrainConfig) -> Any:
+def _accelerator(config: TrainConfig) -> Accelerator:
     """accelerate's view of the processes (from accelerate launch or torchrun's environment);
     CPU processes talk over gloo. Only the main process logs and shows progress bars."""
     import torch
@@ -150,7 +163,9 @@ def _accelerator(config: TrainConfig) -> Any:
     return accelerator
 
 
-def _sync_gradients(accelerator: Any, models: list, *, last: bool) -> ExitStack:
+def _sync_gradients(
+    accelerator: Accelerator, models: list[torch.nn.Module], *, last: bool
+) -> ExitStack:
     """Gradients are all-reduced between processes only on the last micro-step of a step."""
     stack = ExitStack()
     if not last:
@@ -218,20 +233,20 @@ class OutputPaths:
 class Models:
     """The base model's parts (frozen) with LoRA adapters added."""
 
-    unet: Any
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    noise_scheduler: Any  # DDPM with the base model's schedule and prediction type
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler  # with the base model's schedule and prediction type
     model_dir: Path
-    targets: Any  # train_config.TargetModules: what got adapters
+    targets: TargetModules  # what got adapters
     resolution: int
     latent_shape: tuple[int, int, int]  # of one image's latents at ``resolution``
     latent_scale: float
-    weight_dtype: Any  # of the frozen weights: float16/bfloat16 under mixed precision
+    weight_dtype: torch.dtype  # of the frozen weights: float16/bfloat16 under mixed precision
 
 
-def load_models(config: TrainConfig, accelerator: Any) -> Models:
+def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
     """The base model (local or s3://) on the accelerator's device, frozen, with adapters."""
     import torch
     from diffusers import DDPMScheduler
@@ -276,15 +291,15 @@ def load_models(config: TrainConfig, accelerator: Any) -> Models:
 
 @dataclasses.dataclass
 class TrainingData:
-    train_examples: list
-    val_examples: list
-    latents: Any  # encoders.LatentCache or encoders.EncodeEveryStep
-    plan: Any  # data.SamplePlan
+    train_examples: list[Example]
+    val_examples: list[Example]
+    latents: LatentCache | EncodeEveryStep
+    plan: SamplePlan
     total_steps: int
 
 
 def load_data(
-    config: TrainConfig, models: Models, paths: OutputPaths, accelerator: Any
+    config: TrainConfig, models: Models, paths: OutputPaths, accelerator: Accelerator
 ) -> TrainingData:
     """The examples, split into training and held-out, their latents cached, and the plan of
     which process trains on which samples at each step."""
@@ -315,11 +330,11 @@ def load_data(
 def latent_source(
     config: TrainConfig,
     models: Models,
-    train_examples: list,
-    val_examples: list,
+    train_examples: list[Example],
+    val_examples: list[Example],
     cache_root: Path,
-    accelerator: Any,
-) -> Any:
+    accelerator: Accelerator,
+) -> LatentCache | EncodeEveryStep:
     """A filled ``LatentCache`` (each image, and each training image's mirror if flip_aug may use
     it, encoded once; the processes share the work), or the per-step encoder when caching is off
     or crops are random."""
@@ -345,8 +360,12 @@ def latent_source(
 
 
 def batch_makers(
-    config: TrainConfig, models: Models, data: TrainingData, text_encoder: Any, accelerator: Any
-) -> tuple[Any, Any]:
+    config: TrainConfig,
+    models: Models,
+    data: TrainingData,
+    text_encoder: torch.nn.Module,
+    accelerator: Accelerator,
+) -> tuple[TrainingBatches, Validator]:
     """(``TrainingBatches``, ``Validator``) sharing one caption encoder. Captions are encoded once
     each when the text encoder is frozen and captions are fixed (no shuffle; dropout only adds
     the empty caption)."""
@@ -385,7 +404,9 @@ def batch_makers(
 # --------------------------------------------------------------------------- optimisation
 
 
-def make_optimizer(config: TrainConfig, models: Models, total_steps: int) -> tuple[Any, Any]:
+def make_optimizer(
+    config: TrainConfig, models: Models, total_steps: int
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """(optimizer, learning-rate scheduler) over the LoRA parameters: AdamW, AdamW8bit
     (bitsandbytes) or SGD with momentum 0.9; the text encoder's at ``text_encoder_lr``."""
     import torch
@@ -414,7 +435,7 @@ def make_optimizer(config: TrainConfig, models: Models, total_steps: int) -> tup
     return optimizer, lr_scheduler
 
 
-def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> Any:
+def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> torch.optim.Optimizer:
     try:
         import bitsandbytes
     except ImportError:
@@ -425,11 +446,13 @@ def _adamw_8bit(groups: list[dict[str, Any]], weight_decay: float) -> Any:
     return bitsandbytes.optim.AdamW8bit(groups, weight_decay=weight_decay)
 
 
-def _trainable(model: Any) -> list:
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def prepare_models(accelerator: Any, models: Models, optimizer: Any) -> tuple[Any, Any, Any]:
+def prepare_models(
+    accelerator: Accelerator, models: Models, optimizer: torch.optim.Optimizer
+) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
     """(unet, text_encoder, optimizer) as this process runs them: the trained models wrapped for
     gradient all-reduce when there are several processes."""
     if models.targets.text_encoder:
@@ -438,7 +461,7 @@ def prepare_models(accelerator: Any, models: Models, optimizer: Any) -> tuple[An
     return unet, models.text_encoder, optimizer
 
 
-def validate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> Any:
+def validate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> ValidationLoss | None:
     """Compute the validation loss of a checkpoint again (``ValidationLoss``, or None without
     held-out images): the number in its record.json, to the last bit, for the same config."""
     from lorapipe.training.checkpoints import load_training_state

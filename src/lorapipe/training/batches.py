@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +18,10 @@ from lorapipe.train_config import TrainConfig
 from lorapipe.training.data import Example, Sample, draw, training_caption
 from lorapipe.training.encoders import sample_latents
 from lorapipe.training.objective import min_snr_weights, prediction_target
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
 
 
 @dataclass(frozen=True)
@@ -39,10 +43,10 @@ class TrainingBatches:
         [list[tuple[Example, bool, tuple[float, float] | None]]], torch.Tensor
     ]
     encode_captions: Callable[[Sequence[str]], torch.Tensor]
-    noise_scheduler: Any
+    noise_scheduler: DDPMScheduler
     latent_shape: tuple[int, int, int]
     latent_scale: float
-    accelerator: Any
+    accelerator: Accelerator
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         config, device = self.config, self.accelerator.device

@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,15 @@ from lorapipe import store
 from lorapipe.errors import TrainingError
 from lorapipe.training.lora import lora_parameters, save_lora_weights
 from lorapipe.training.progress import LOSS_LOG_NAME
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
+    from torch.optim.lr_scheduler import LRScheduler
+    from transformers import CLIPTextModel
+
+    from lorapipe.training.progress import RunningLoss
+    from lorapipe.training.validation import ValidationLoss
 
 log = logging.getLogger(__name__)
 
@@ -295,13 +304,13 @@ class Checkpointer:
     output: Path
     mirrors: list[str]
     keep_last_n: int
-    accelerator: Any
-    unet: Any  # unwrapped, with adapters
-    text_encoder: Any | None  # unwrapped, with adapters; None when it is not trained
+    accelerator: Accelerator
+    unet: UNet2DConditionModel  # unwrapped, with adapters
+    text_encoder: CLIPTextModel | None  # unwrapped, with adapters; None when it is not trained
     lora_record: dict[str, Any]  # lora_config.json
-    optimizer: Any
-    lr_scheduler: Any
-    running_loss: Any  # progress.RunningLoss
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: LRScheduler
+    running_loss: RunningLoss
     plan: dict[str, int]  # data.SamplePlan.signature
     last: str | None = None  # the newest complete checkpoint of this run
     elapsed_before: float = 0.0  # training seconds of earlier attempts
@@ -361,7 +370,7 @@ class Checkpointer:
             self.accelerator.num_processes,
         )
 
-    def save(self, step: int, epoch: int, validation: Any) -> None:
+    def save(self, step: int, epoch: int, validation: ValidationLoss | None) -> None:
         """Write ``checkpoint-<step>`` with a record of the losses since the last one and the
         ``ValidationLoss`` (or None), mirror it and prune old ones."""
         from accelerate.utils import gather_object

@@ -34,7 +34,7 @@ from lorapipe import store
 from lorapipe.captions import split_caption, swap_left_right
 from lorapipe.dataset import INFO_NAME, ImageRecord, read_records
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.stages.augment import DEFAULT_SKIP_TAGS, flip_blocker
+from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 from lorapipe.train_config import TrainConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

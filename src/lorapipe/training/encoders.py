@@ -19,13 +19,17 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from lorapipe.training.data import Example, load_pixels
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ def latent_mean(parameters: torch.Tensor, scale: float) -> torch.Tensor:
     return parameters.float().chunk(2, dim=1)[0] * scale
 
 
-def encode_pixels(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
+def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """The VAE's latent distribution parameters for a batch of pixel tensors."""
     with torch.no_grad():
         pixels = pixels.to(device=vae.device, dtype=vae.dtype)
@@ -72,7 +76,7 @@ class LatentCache:
     Only centre crops are cached: a random crop is different every time it is drawn.
     """
 
-    def __init__(self, directory: Path, vae: Any, vae_id: str, resolution: int) -> None:
+    def __init__(self, directory: Path, vae: AutoencoderKL, vae_id: str, resolution: int) -> None:
         self.directory = directory
         self.vae = vae
         self.vae_id = vae_id
@@ -123,7 +127,7 @@ class LatentCache:
 class EncodeEveryStep:
     """The uncached path: load, crop and VAE-encode the images of every batch."""
 
-    def __init__(self, vae: Any, resolution: int) -> None:
+    def __init__(self, vae: AutoencoderKL, resolution: int) -> None:
         self.vae = vae
         self.resolution = resolution
 
@@ -142,7 +146,9 @@ class EncodeEveryStep:
 class CaptionEncoder:
     """Captions to text-encoder hidden states, remembered per caption when ``cache`` is on."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, *, cache: bool) -> None:
+    def __init__(
+        self, tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, *, cache: bool
+    ) -> None:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.cache: dict[str, torch.Tensor] | None = {} if cache else None

@@ -12,19 +12,23 @@ from __future__ import annotations
 import collections
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lorapipe.errors import ConfigError
 from lorapipe.train_config import TargetModules, TrainConfig, resolve_target_modules, short_name
 
+if TYPE_CHECKING:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
 log = logging.getLogger(__name__)
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 
-def adaptable_layers(model: Any) -> list[str]:
+def adaptable_layers(model: torch.nn.Module) -> list[str]:
     """Paths of the layers a LoRA can adapt (Linear and Conv2d)."""
     return [
         name
@@ -33,7 +37,9 @@ def adaptable_layers(model: Any) -> list[str]:
     ]
 
 
-def add_adapters(config: TrainConfig, unet: Any, text_encoder: Any) -> TargetModules:
+def add_adapters(
+    config: TrainConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel
+) -> TargetModules:
     """Add LoRA adapters to the UNet, and to the text encoder when ``train_text_encoder``; only
     their parameters are trainable. Logs how many layers of which names got one."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -67,7 +73,7 @@ def add_adapters(config: TrainConfig, unet: Any, text_encoder: Any) -> TargetMod
     return targets
 
 
-def _log_adapters(model_name: str, model: Any) -> None:
+def _log_adapters(model_name: str, model: torch.nn.Module) -> None:
     if model is None:
         log.info("LoRA on the %s: none", model_name)
         return
@@ -78,7 +84,9 @@ def _log_adapters(model_name: str, model: Any) -> None:
     log.debug("LoRA layers of the %s: %s", model_name, ", ".join(adapted))
 
 
-def lora_parameters(unet: Any, text_encoder: Any | None) -> dict[str, torch.nn.Parameter]:
+def lora_parameters(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None
+) -> dict[str, torch.nn.Parameter]:
     """The trainable parameters, named ``unet.<name>`` / ``text_encoder.<name>``."""
     named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     if text_encoder is not None:
@@ -88,7 +96,9 @@ def lora_parameters(unet: Any, text_encoder: Any | None) -> dict[str, torch.nn.P
     return named
 
 
-def save_lora_weights(directory: Path, unet: Any, text_encoder: Any | None) -> None:
+def save_lora_weights(
+    directory: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None
+) -> None:
     """``pytorch_lora_weights.safetensors`` as ``StableDiffusionPipeline.save_lora_weights``
     writes it, with each LoraConfig in the header so ``load_lora_weights`` applies the trained
     alpha."""

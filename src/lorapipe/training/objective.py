@@ -8,18 +8,24 @@ weight of low-noise timesteps, whose easy targets otherwise dominate the gradien
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers.training_utils import compute_snr
 
 from lorapipe.errors import ModelError
 
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler
+
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def prediction_target(
-    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    noise_scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
 ) -> torch.Tensor:
     """What the UNet should predict for ``latents`` noised with ``noise`` at ``timesteps``."""
     prediction_type = noise_scheduler.config.prediction_type
@@ -38,7 +44,9 @@ def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
-def min_snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+def min_snr_weights(
+    noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
     """Per-sample loss weights min(SNR, gamma) / SNR for epsilon targets, and
     min(SNR, gamma) / (SNR + 1) for velocity targets, whose loss already carries SNR + 1."""
     snr = compute_snr(noise_scheduler, timesteps)

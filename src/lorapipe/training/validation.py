@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import gather_object
@@ -23,9 +23,13 @@ from lorapipe.training.data import Example, validation_noise
 from lorapipe.training.encoders import latent_mean
 from lorapipe.training.objective import per_sample_mse, prediction_target
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
 
 @contextmanager
-def eval_mode(*modules: Any) -> Iterator[None]:
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
     """Put ``modules`` in eval mode (no dropout) for the block, then back as they were."""
     was_training = [module.training for module in modules]
     for module in modules:
@@ -51,10 +55,10 @@ class Validator:
     timesteps: Sequence[int]
     latent_parameters: Callable[[list[tuple[Example, bool, None]]], torch.Tensor]
     encode_captions: Callable[[Sequence[str]], torch.Tensor]
-    noise_scheduler: Any
+    noise_scheduler: DDPMScheduler
     latent_scale: float
 
-    def __call__(self, unet: Any, accelerator: Any) -> ValidationLoss | None:
+    def __call__(self, unet: torch.nn.Module, accelerator: Accelerator) -> ValidationLoss | None:
         """The validation loss of ``unet``, computed by all processes together (call it in
         ``eval_mode``)."""
         if not self.examples:
@@ -72,7 +76,7 @@ class Validator:
         }
         return ValidationLoss(math.fsum(by_timestep.values()) / len(by_timestep), by_timestep)
 
-    def _losses(self, unet: Any, example: Example) -> list[float]:
+    def _losses(self, unet: torch.nn.Module, example: Example) -> list[float]:
         """The loss of one image at each validation timestep."""
         count = len(self.timesteps)
         parameters = self.latent_parameters([(example, False, None)])

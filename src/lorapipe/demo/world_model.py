@@ -1,4 +1,4 @@
-"""Pretrain the small base model of the procedural world (``lorapipe.world``).
+"""Pretrain the small base model of the procedural world (``lorapipe.demo.world``).
 
 The demo needs a base model that actually draws: a LoRA can only be seen to learn a style, and
 a negative prompt to remove a defect, if the model without them makes recognisable images. This
@@ -17,7 +17,7 @@ preset: 64 px images, 8x8x4 latents), so it loads through the normal base-model 
 3. train the UNet and the text encoder together on the frozen VAE's latents (epsilon
    prediction, 10% empty captions so classifier-free guidance works).
 
-    python -m lorapipe.world_model --out models/world-sd [--scenes 3000] [--seed 0]
+    python -m lorapipe.demo.world_model --out models/world-sd [--scenes 3000] [--seed 0]
 
 The same arguments give the same weights (one thread order aside).
 """
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lorapipe import world
-from lorapipe.models import build_sd
+from lorapipe.demo import world
+from lorapipe.demo.tiny_model import build_sd
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lorapipe import demo_checks, world
-from lorapipe.demo import PLANTED_FILES
+from lorapipe.demo import claims, world
+from lorapipe.demo.inputs import PLANTED_FILES
 
 SCENE = world.Scene("circle", "red", 1, "middle", "white")
 
@@ -39,13 +39,13 @@ def test_the_style_claim_needs_a_clear_gain_at_0_8_and_a_rising_curve(tmp_path: 
 
     cells = [{"lora_scale": scale} for scale in (0.0, 0.8) for _ in range(3)]
     index = pq.read_table(_generated(tmp_path / "a", cells, learned) / "index.parquet")
-    claim = demo_checks.check_style(index.to_pylist(), tmp_path / "a")
+    claim = claims.check_style(index.to_pylist(), tmp_path / "a")
     assert claim.passed, claim.line()
 
     nothing = _generated(
         tmp_path / "b", cells, lambda row: world.render(SCENE, 64, seed=row["seed"])
     )
-    claim = demo_checks.check_style(pq.read_table(nothing / "index.parquet").to_pylist(), nothing)
+    claim = claims.check_style(pq.read_table(nothing / "index.parquet").to_pylist(), nothing)
     assert not claim.passed and "style score by LoRA scale" in claim.measured
 
 
@@ -69,7 +69,7 @@ def test_the_negative_claims_compare_only_cells_whose_negative_names_the_defect(
         if cell["negative_preset"] == "none":
             cell["negative_prompt"] = ""
     generated = _generated(tmp_path, cells, spoiled_without_negative)
-    blur, watermark = demo_checks.check_negatives(
+    blur, watermark = claims.check_negatives(
         pq.read_table(generated / "index.parquet").to_pylist(), generated
     )
     assert blur.passed and "over 4 image pairs" in blur.measured, blur.line()
@@ -79,7 +79,7 @@ def test_the_negative_claims_compare_only_cells_whose_negative_names_the_defect(
 
 def _blur_claim(
     tmp_path: Path, *, seeds: int, render: Callable[[dict], Image.Image]
-) -> demo_checks.Claim:
+) -> claims.Claim:
     """The blur claim on ``seeds`` image pairs at LoRA scale 0.8, empty negative against the
     preset naming "blurry", each image drawn by ``render``."""
     cells = [
@@ -88,7 +88,7 @@ def _blur_claim(
         for seed in range(seeds)
     ]
     generated = _generated(tmp_path, cells, render)
-    blur, _ = demo_checks.check_negatives(
+    blur, _ = claims.check_negatives(
         pq.read_table(generated / "index.parquet").to_pylist(), generated
     )
     return blur
@@ -123,11 +123,11 @@ def test_a_negative_that_helps_some_images_and_hurts_as_many_shows_nothing(
 
 def test_ingest_must_drop_every_planted_file_and_no_scene() -> None:
     dropped = [{"file": name, "reason": "r"} for name in PLANTED_FILES]
-    assert demo_checks.check_ingest({"dropped_files": dropped}, {"filmstyle_00.png"}).passed
-    short = demo_checks.check_ingest({"dropped_files": dropped[1:]}, {"filmstyle_00.png"})
+    assert claims.check_ingest({"dropped_files": dropped}, {"filmstyle_00.png"}).passed
+    short = claims.check_ingest({"dropped_files": dropped[1:]}, {"filmstyle_00.png"})
     assert not short.passed
     lost = dropped + [{"file": "filmstyle_00.png", "reason": "near_duplicate"}]
-    claim = demo_checks.check_ingest({"dropped_files": lost}, {"filmstyle_00.png"})
+    claim = claims.check_ingest({"dropped_files": lost}, {"filmstyle_00.png"})
     assert not claim.passed and "also dropped filmstyle_00.png" in claim.measured
 
 
@@ -140,11 +140,11 @@ def test_selection_is_checked_against_the_losses_training_recorded(
         record = {"step": step, "val_loss": loss}
         (tmp_path / f"checkpoint-{step}" / "record.json").write_text(json.dumps(record))
     selection = {"chosen": {"step": chosen_step}, "epsilon": 0.01}
-    claim = demo_checks.check_selection(tmp_path, selection)
+    claim = claims.check_selection(tmp_path, selection)
     assert claim.passed is passed
     assert "minimum at step 150" in claim.measured
 
 
 def test_a_claim_reads_as_one_line_with_its_verdict_and_threshold() -> None:
-    claim = demo_checks.Claim("the LoRA learned the style", "0.1 -> 1.2", ">= 0.5", True)
+    claim = claims.Claim("the LoRA learned the style", "0.1 -> 1.2", ">= 0.5", True)
     assert claim.line() == "PASS the LoRA learned the style: 0.1 -> 1.2 (needs >= 0.5)"

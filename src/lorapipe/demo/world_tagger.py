@@ -1,4 +1,4 @@
-"""Train a small DeepDanbooru tagger on the procedural world (``lorapipe.world``).
+"""Train a small DeepDanbooru tagger on the procedural world (``lorapipe.demo.world``).
 
 The demo needs a tagger whose tags can be scored against the world's ground truth: released
 DeepDanbooru models tag anime art and know nothing of "two red circles on the left, grainy".
@@ -18,7 +18,7 @@ Training images are rendered at 128 px and go through the tag stage's own prepro
 and inference see the same pixels. Held-out scenes are another seed's, rendered at 512 px
 (the size users give the pipeline) and scored through the real load path.
 
-    python -m lorapipe.world_tagger --out models/world-tagger [--seed 0]
+    python -m lorapipe.demo.world_tagger --out models/world-tagger [--seed 0]
 
 Default config: about 2 minutes on 2 cores, a 510 KB model file, held-out micro F1 0.92 at
 threshold 0.5 (300 scenes at 512 px). The same seed gives the same weights as far as
@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lorapipe import world
 from lorapipe.captions import normalize_tag
+from lorapipe.demo import world
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.stages.tag import DeepDanbooruTagger, _import_deepdanbooru
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lorapipe import demo, world
+from lorapipe.demo import inputs, world
 from lorapipe.errors import InputError
 from lorapipe.stages.ingest import perceptual_hash
 
@@ -19,17 +19,17 @@ from lorapipe.stages.ingest import perceptual_hash
 def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_and_three_files_to_drop(
     tmp_path: Path,
 ) -> None:
-    folder = demo.write_sample_folder(tmp_path / "raw", count=6)
+    folder = inputs.write_sample_folder(tmp_path / "raw", count=6)
     with (folder / "metadata.csv").open(encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
     assert len(rows) == 6
-    truth = json.loads(demo.truth_file(folder).read_text())
+    truth = json.loads(inputs.truth_file(folder).read_text())
     assert set(truth) == {row["filename"] for row in rows}
     for index, row in enumerate(rows):
-        assert row["text"].startswith(f"{demo.TRIGGER}, ")
-        assert demo.TRIGGER in truth[row["filename"]]["tags"]
+        assert row["text"].startswith(f"{inputs.TRIGGER}, ")
+        assert inputs.TRIGGER in truth[row["filename"]]["tags"]
         # like scraped images: a watermark on every third, which its caption does not mention
-        watermarked = index % demo.WATERMARK_EVERY == 0
+        watermarked = index % inputs.WATERMARK_EVERY == 0
         assert ("watermark" in truth[row["filename"]]["tags"]) == watermarked
         assert "watermark" not in row["text"]
         with Image.open(folder / row["filename"]) as image:
@@ -38,21 +38,21 @@ def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_
             assert (world.watermark_score(image) > 0.02) == watermarked
     assert {path.name for path in folder.iterdir()} == {
         "metadata.csv",
-        *demo.PLANTED_FILES,
+        *inputs.PLANTED_FILES,
         *(row["filename"] for row in rows),
     }
 
 
 def test_no_two_demo_scenes_are_near_duplicates_to_ingest(tmp_path: Path) -> None:
-    folder = demo.write_sample_folder(tmp_path / "raw")
+    folder = inputs.write_sample_folder(tmp_path / "raw")
     hashes = [perceptual_hash(Image.open(path)) for path in sorted(folder.glob("filmstyle_*"))]
-    assert len(hashes) == demo.DEMO_IMAGES
+    assert len(hashes) == inputs.DEMO_IMAGES
     distances = [bin(a ^ b).count("1") for a, b in itertools.combinations(hashes, 2)]
     assert min(distances) > 6  # ingest's default near-duplicate distance
 
 
 def test_the_inputs_are_the_committed_world_model_and_tagger(tmp_path: Path) -> None:
-    folder, model, tagger = demo.prepare_inputs(tmp_path)
+    folder, model, tagger = inputs.prepare_inputs(tmp_path)
     assert (model / "model_index.json").is_file()
     assert (tagger / "project.json").is_file()
     assert folder == tmp_path / "raw-images"
@@ -61,6 +61,6 @@ def test_the_inputs_are_the_committed_world_model_and_tagger(tmp_path: Path) -> 
 def test_without_the_committed_assets_the_error_says_how_to_rebuild_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(demo, "WORLD_MODEL", tmp_path / "missing")
-    with pytest.raises(InputError, match="python -m lorapipe.world_model --out"):
-        demo.prepare_inputs(tmp_path)
+    monkeypatch.setattr(inputs, "WORLD_MODEL", tmp_path / "missing")
+    with pytest.raises(InputError, match="python -m lorapipe.demo.world_model --out"):
+        inputs.prepare_inputs(tmp_path)

@@ -1,7 +1,7 @@
 """What ``make run`` must show, measured on its outputs: each claim a number and a threshold.
 
-The demo runs on the procedural world (``lorapipe.demo``), where everything has a ground truth,
-so the pipeline's effects are measured rather than eyeballed:
+The demo runs on the procedural world (``lorapipe.demo.inputs``), where everything has a ground
+truth, so the pipeline's effects are measured rather than eyeballed:
 
 - ingest drops exactly the planted bad files;
 - the tagger's tags match the world's ground-truth tags on the demo images, which it never saw
@@ -14,14 +14,15 @@ so the pipeline's effects are measured rather than eyeballed:
 
 The thresholds are set below what the committed world model measures (README, "What the demo
 shows"), with room for thread-order noise, and far above what a model that learned nothing
-reaches.
+reaches. ``add_claims_section`` puts the measured claims at the top of the run's HTML report.
 """
 
 from __future__ import annotations
 
+import html
 import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +31,10 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lorapipe import world
 from lorapipe.dataset import read_records
-from lorapipe.demo import PLANTED_FILES
-from lorapipe.world_tagger import micro_f1
+from lorapipe.demo import world
+from lorapipe.demo.inputs import PLANTED_FILES
+from lorapipe.demo.world_tagger import micro_f1
 
 MIN_TAGGER_F1 = 0.8
 STYLE_SCALE = 0.8
@@ -66,7 +67,7 @@ class RunOutputs:
     training: Path  # the train stage's output (checkpoint-*/record.json)
     selection_report: Path  # select's report.json
     generated: Path  # generate's output directory (index.parquet, images/)
-    truth: Path  # the demo folder's ground truth (demo.truth_file)
+    truth: Path  # the demo folder's ground truth (inputs.truth_file)
 
 
 def check_run(outputs: RunOutputs) -> list[Claim]:
@@ -229,3 +230,26 @@ def _mean_by(
     for row in rows:
         values.setdefault(row[key], []).append(_score(row, generated, statistic))
     return {group: float(np.mean(scores)) for group, scores in values.items()}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
+    """``report_html`` with a "What this run shows" table (claim, measured, threshold,
+    PASS/FAIL) right under its title: the demo's measured claims, first thing a reader sees."""
+    rows = "".join(
+        f"<tr><td>{html.escape(claim.claim)}</td><td>{html.escape(claim.measured)}</td>"
+        f"<td>{html.escape(claim.threshold)}</td>"
+        f'<td class="{"pass" if claim.passed else "fail"}">'
+        f"{'PASS' if claim.passed else 'FAIL'}</td></tr>"
+        for claim in claims
+    )
+    section = (
+        "<h2>What this run shows</h2>"
+        "<p class=\"muted\">Measured on this run's outputs against the world's ground truth "
+        "(lorapipe.demo.claims).</p>"
+        "<table><tr><th>claim</th><th>measured</th><th>needs</th><th></th></tr>"
+        f"{rows}</table>"
+    )
+    return report_html.replace("</h1>", "</h1>\n" + section, 1)

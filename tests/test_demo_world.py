@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter, ImageOps
 
-from lorapipe import world
-from lorapipe.world import Scene
+from lorapipe.demo import world
+from lorapipe.demo.world import Scene
 
 SCORES = {
     "blurry": world.blur_score,

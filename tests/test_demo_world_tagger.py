@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lorapipe import world
-from lorapipe.errors import ConfigError, InputError
-from lorapipe.world_tagger import (
+from lorapipe.demo import world
+from lorapipe.demo.world_tagger import (
     TaggerConfig,
     evaluate,
     main,
@@ -18,6 +17,7 @@ from lorapipe.world_tagger import (
     tag_vocabulary,
     train_tagger,
 )
+from lorapipe.errors import ConfigError, InputError
 
 pytest.importorskip("deepdanbooru")
 pytest.importorskip("tensorflow")
@@ -102,7 +102,7 @@ def test_a_bad_config_is_refused_before_training(
 
 def test_the_committed_tagger_tags_held_out_scenes() -> None:
     """The demo's tagger (``make world-tagger``), on scenes of a seed it never trained on."""
-    from lorapipe.demo import WORLD_TAGGER
+    from lorapipe.demo.inputs import WORLD_TAGGER
 
     held_out = world.sample_scenes(60, seed=11, styled_fraction=0.3, defect_rate=0.4)
     report = evaluate(WORLD_TAGGER, held_out, seed=11)

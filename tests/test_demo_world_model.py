@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lorapipe.demo.world_model import PretrainConfig, pretrain
 from lorapipe.models import load_base_model
-from lorapipe.world_model import PretrainConfig, pretrain
 
 
 def test_pretraining_writes_a_diffusers_model_with_its_measured_latent_scale(
@@ -30,7 +30,7 @@ def test_the_vae_sees_the_scenes_under_random_colour_casts_and_light() -> None:
     """So the VAE can draw colour grades the UNet never saw (the LoRA's style among them)."""
     import torch
 
-    from lorapipe.world_model import random_colour_and_light
+    from lorapipe.demo.world_model import random_colour_and_light
 
     grey = torch.zeros(64, 3, 16, 16)
     cast = random_colour_and_light(grey, torch.Generator().manual_seed(0))
@@ -45,7 +45,7 @@ def test_the_vae_sees_the_scenes_under_random_colour_casts_and_light() -> None:
 
 def test_only_some_captions_name_their_defects() -> None:
     """Like web captions: a negative prompt naming a defect has something to remove."""
-    from lorapipe.world_model import render_scenes
+    from lorapipe.demo.world_model import render_scenes
 
     config = PretrainConfig(
         scenes=200, defect_rate=1.0, watermark_rate=0.0, defect_caption_rate=0.5
@@ -60,8 +60,8 @@ def test_only_some_captions_name_their_defects() -> None:
 def test_a_share_of_scenes_carries_a_stock_photo_watermark_often_unnamed() -> None:
     """The base model must draw the watermark unasked at times, as web-trained models do, so
     that "watermark" in a negative prompt removes something."""
-    from lorapipe import world
-    from lorapipe.world_model import render_scenes
+    from lorapipe.demo import world
+    from lorapipe.demo.world_model import render_scenes
 
     config = PretrainConfig(scenes=200, defect_rate=0.0, watermark_rate=0.3)
     images, captions = render_scenes(config)
@@ -79,8 +79,8 @@ def test_the_vae_loss_weighs_objects_above_the_plain_background() -> None:
     import numpy as np
     import torch
 
-    from lorapipe import world
-    from lorapipe.world_model import detail_weights
+    from lorapipe.demo import world
+    from lorapipe.demo.world_model import detail_weights
 
     scene = world.Scene("square", "red", 1, "middle", "grey")
     pixels = np.array(world.render(scene, 64, seed=0))

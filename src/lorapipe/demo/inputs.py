@@ -1,16 +1,16 @@
 """The inputs of ``make run``: the world's base model and tagger, and a folder of raw images.
 
 The folder is what a user hands the pipeline: ``DEMO_IMAGES`` captioned 512 px scenes of the
-procedural world (``lorapipe.world``) in the ``filmstyle`` style, a lora-scripts
+procedural world (``lorapipe.demo.world``) in the ``filmstyle`` style, a lora-scripts
 ``metadata.csv``, and three files that ingest must drop (an exact duplicate, a truncated JPEG
 and an image below 512 px). Like a scraped set, every ``WATERMARK_EVERY``-th image carries a
 stock-photo watermark its caption does not mention, so the LoRA learns to draw it and the
 negative prompt has something to remove. The base model and the tagger were trained on the
-world without the style (``lorapipe.world_model``, ``lorapipe.world_tagger``) and are
+world without the style (``lorapipe.demo.world_model``, ``lorapipe.demo.world_tagger``) and are
 committed under ``assets/``, so the run shows a LoRA learning something the base model cannot
 draw.
 ``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores; what the run must
-show is checked by ``lorapipe.demo_checks``.
+show is checked by ``lorapipe.demo.claims``.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from lorapipe import world
+from lorapipe.demo import world
 from lorapipe.errors import InputError
 
 TRIGGER = world.STYLE
 DEMO_IMAGES = 40
 DEMO_SEED = 7
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
+ASSETS = Path(__file__).resolve().parents[3] / "assets"
 WORLD_MODEL = ASSETS / "world-sd"
 WORLD_TAGGER = ASSETS / "world-tagger"
 PLANTED_FILES = ("copy_of_first.png", "truncated.jpg", "too_small.png")
@@ -116,6 +116,6 @@ def prepare_inputs(out: str | Path) -> tuple[Path, Path, Path]:
         if not asset.is_dir():
             raise InputError(
                 f"{asset} is missing: the demo needs the committed world assets; run from a "
-                f"lorapipe checkout or rebuild it with python -m lorapipe.{script} --out {asset}"
+                f"lorapipe checkout or rebuild it with python -m lorapipe.demo.{script} --out {asset}"
             )
     return write_sample_folder(Path(out) / "raw-images"), WORLD_MODEL, WORLD_TAGGER

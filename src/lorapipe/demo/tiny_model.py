@@ -1,0 +1,362 @@
+"""``lorapipe tiny-model``: SD 1.x pipelines with random weights, built offline.
+
+``build_sd`` writes a complete SD 1.x pipeline with random weights in one of four sizes. The
+"tiny" one is what tests use; "world" is the architecture of the demo's base model
+(``lorapipe.demo.world_model`` trains it from these random weights); "bench" keeps SD-1.5's
+block layout at reduced width so benchmark ratios mean something on a CPU; "sd15" is the full
+SD-1.5 architecture for GPU benchmarks. They are ordinary diffusers directories: they load
+through ``lorapipe.models`` and nothing in lorapipe special-cases them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lorapipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
+
+log = logging.getLogger(__name__)
+
+# Words the generated tokenizer knows as whole tokens; everything else falls back to bytes.
+TOKENIZER_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "in",
+    "on",
+    "at",
+    "with",
+    "and",
+    "photo",
+    "photograph",
+    "portrait",
+    "landscape",
+    "street",
+    "city",
+    "night",
+    "rain",
+    "neon",
+    "light",
+    "lights",
+    "film",
+    "grain",
+    "style",
+    "lora",
+    "woman",
+    "man",
+    "cat",
+    "dog",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "background",
+    "sky",
+    "water",
+    "tree",
+    "house",
+    "car",
+    "flying",
+    "cyberpunk",
+    "vintage",
+    "low",
+    "high",
+    "quality",
+    "worst",
+    "best",
+    "blurry",
+    "noisy",
+    "grainy",
+    "overexposed",
+    "underexposed",
+    "bad",
+    "anatomy",
+    "extra",
+    "limbs",
+    "hands",
+    "fingers",
+    "face",
+    "painting",
+    "illustration",
+    "cartoon",
+    "anime",
+    "render",
+    "watermark",
+    "logo",
+    "text",
+]
+
+
+@dataclass(frozen=True)
+class SDPreset:
+    """Sizes of one SD 1.x architecture variant."""
+
+    unet_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    unet_attention_heads: int
+    cross_attention_dim: int
+    vae_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    text_layers: int
+    text_heads: int
+    text_intermediate: int
+    text_vocab_size: int
+    resolution: int
+    unet_norm_groups: int = 32
+    down_blocks: tuple[str, ...] = field(default=())
+    up_blocks: tuple[str, ...] = field(default=())
+
+
+PRESETS: dict[str, SDPreset] = {
+    "tiny": SDPreset(
+        unet_channels=(32, 64),
+        unet_layers_per_block=1,
+        unet_attention_heads=4,
+        cross_attention_dim=32,
+        vae_channels=(16, 32, 32, 32),
+        vae_layers_per_block=1,
+        vae_norm_groups=16,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=64,
+        text_vocab_size=0,
+        resolution=64,
+        down_blocks=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_blocks=("UpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    # the procedural world's base model (lorapipe.demo.world_model): 64 px, 8x8x4 latents
+    "world": SDPreset(
+        unet_channels=(32, 64, 64),
+        unet_layers_per_block=1,
+        unet_attention_heads=8,
+        cross_attention_dim=64,
+        vae_channels=(16, 32, 64, 64),
+        vae_layers_per_block=1,
+        vae_norm_groups=16,
+        text_layers=2,
+        text_heads=4,
+        text_intermediate=128,
+        text_vocab_size=0,
+        resolution=64,
+        down_blocks=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_blocks=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    ),
+    "bench": SDPreset(
+        unet_channels=(64, 128, 256, 256),
+        unet_layers_per_block=2,
+        unet_attention_heads=8,
+        cross_attention_dim=256,
+        vae_channels=(32, 64, 128, 128),
+        vae_layers_per_block=2,
+        vae_norm_groups=32,
+        text_layers=4,
+        text_heads=4,
+        text_intermediate=1024,
+        text_vocab_size=0,
+        resolution=256,
+    ),
+    "sd15": SDPreset(
+        unet_channels=(320, 640, 1280, 1280),
+        unet_layers_per_block=2,
+        unet_attention_heads=8,
+        cross_attention_dim=768,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_norm_groups=32,
+        text_layers=12,
+        text_heads=12,
+        text_intermediate=3072,
+        text_vocab_size=49408,
+        resolution=512,
+    ),
+}
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD15_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") -> Path:
+    """Write an SD 1.x diffusers pipeline with random weights to ``path`` and return it.
+
+    The same seed gives byte-identical weight files. The directory appears complete or not at
+    all: it is built under a temporary name and renamed into place.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown model preset '{preset}'; use one of {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}.") as tmp:
+        tokenizer = _build_tokenizer(Path(tmp) / "tokenizer-src")
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=spec.resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=spec.unet_channels,
+            layers_per_block=spec.unet_layers_per_block,
+            down_block_types=spec.down_blocks or SD15_DOWN_BLOCKS,
+            up_block_types=spec.up_blocks or SD15_UP_BLOCKS,
+            cross_attention_dim=spec.cross_attention_dim,
+            attention_head_dim=spec.unet_attention_heads,
+            norm_num_groups=spec.unet_norm_groups,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=spec.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            layers_per_block=spec.vae_layers_per_block,
+            norm_num_groups=spec.vae_norm_groups,
+            sample_size=spec.resolution,
+            scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=max(len(tokenizer), spec.text_vocab_size),
+                hidden_size=spec.cross_attention_dim,
+                intermediate_size=spec.text_intermediate,
+                num_hidden_layers=spec.text_layers,
+                num_attention_heads=spec.text_heads,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                projection_dim=spec.cross_attention_dim,
+            )
+        )
+        scheduler = PNDMScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            steps_offset=1,
+            set_alpha_to_one=False,
+        )
+        pipeline = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        staged = Path(tmp) / "pipeline"
+        pipeline.save_pretrained(staged, safe_serialization=True)
+        for vocabulary_file in ("vocab.json", "merges.txt"):  # for slow-tokenizer readers
+            shutil.copy(Path(tmp) / "tokenizer-src" / vocabulary_file, staged / "tokenizer")
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staged, destination)
+    log.info("wrote %s SD pipeline (seed %d) to %s", preset, seed, destination)
+    return destination
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable character table (byte-level BPE alphabet)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    table = {byte: chr(byte) for byte in printable}
+    extra = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _build_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer from a locally generated vocabulary: every byte character (with and
+    without the end-of-word marker ``</w>``), merges that make whole tokens of common prompt
+    words, and CLIP's special tokens."""
+    from transformers import CLIPTokenizer
+
+    alphabet = list(_byte_to_unicode().values())
+    vocab_tokens = alphabet + [f"{char}</w>" for char in alphabet]
+    merges: list[tuple[str, str]] = []
+    for word in TOKENIZER_WORDS:
+        pieces = list(word[:-1]) + [f"{word[-1]}</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            pair = (merged, piece)
+            merged += piece
+            if pair not in merges:
+                merges.append(pair)
+                vocab_tokens.append(merged)
+    vocab_tokens = list(dict.fromkeys(vocab_tokens)) + ["<|startoftext|>", "<|endoftext|>"]
+
+    directory.mkdir(parents=True)
+    vocab_file = directory / "vocab.json"
+    merges_file = directory / "merges.txt"
+    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab_tokens)}))
+    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "model_max_length": 77,
+            }
+        )
+    )
+    return CLIPTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="where to write the pipeline (replaced if present)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="tiny", help="architecture size (default tiny)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    path = build_sd(args.directory, seed=args.seed, preset=args.preset)
+    print(path)
+    return 0
+
+
+def describe(pipeline: Any) -> dict[str, int]:
+    """Parameter counts per component, for logs and benchmark headers."""
+    return {
+        name: sum(p.numel() for p in getattr(pipeline, name).parameters())
+        for name in ("unet", "vae", "text_encoder")
+    }
