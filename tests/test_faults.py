@@ -27,8 +27,8 @@ from test_train import flags, write_folder
 
 from lorapipe import store
 from lorapipe.dataset import DatasetWriter, ImageRecord, read_info
-from lorapipe.pipeline_steps import publish
 from lorapipe.stages import augment, ingest, select
+from lorapipe.stages.select import publish
 from lorapipe.stages.train import run
 from lorapipe.train_config import TrainConfig
 from lorapipe.training.checkpoints import COMPLETE_MARKER

@@ -11,9 +11,17 @@ import pytest
 from PIL import Image
 
 from lorapipe import cli, lora_format, store
-from lorapipe.errors import ConfigError
+from lorapipe.errors import ConfigError, InputError
 from lorapipe.generation.infotext import parse_parameters
-from lorapipe.stages.generate import GenerateConfig, config_values, load_job, run
+from lorapipe.stages.generate import (
+    GenerateConfig,
+    chosen_lora,
+    config_values,
+    load_job,
+    run,
+    with_lora_tag,
+    with_trained_lora,
+)
 
 # --------------------------------------------------------------------------- the job
 
@@ -189,3 +197,43 @@ def test_generate_reads_a_kohya_lora_from_s3_and_writes_to_s3(
     names = {uri.removeprefix(out + "/") for uri in store.list_uris(out)}
     assert {"index.parquet", "report.html", "job.yaml", "sheets/p01_base.png"} <= names
     assert "images/p01_base_lora-tagged_cfg7_seed3.png" in names
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a street at dusk", "a street at dusk, <lora:filmstyle:1>"),
+        ("a street, <lora:filmstyle:0.7>", "a street, <lora:filmstyle:0.7>"),
+        ("a street, <lora:other:0.5>", "a street, <lora:other:0.5>, <lora:filmstyle:1>"),
+    ],
+)
+def test_review_prompts_always_use_the_lora_just_trained(prompt: str, expected: str) -> None:
+    assert with_lora_tag(prompt, "filmstyle") == expected
+
+
+def _selected_lora(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
+    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
+    (folder / "report.json").write_text(json.dumps({"files": files}))
+    return folder
+
+
+def test_the_grid_loads_the_kohya_file_select_wrote(tmp_path: Path) -> None:
+    lora = _selected_lora(tmp_path / "lora")
+    assert chosen_lora(str(lora)) == ("filmstyle", str(lora / "filmstyle.safetensors"))
+
+
+def test_a_trained_lora_joins_the_job_and_every_prompt(tmp_path: Path) -> None:
+    lora = _selected_lora(tmp_path / "lora")
+    config = with_trained_lora(
+        GenerateConfig(prompts=["a street", "a car, <lora:filmstyle:0.5>"], trained_lora=str(lora))
+    )
+    assert config.prompts == ["a street, <lora:filmstyle:1>", "a car, <lora:filmstyle:0.5>"]
+    assert config.loras == {"filmstyle": str(lora / "filmstyle.safetensors")}
+
+
+def test_a_folder_that_select_did_not_write_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="no report.json; give the output of lorapipe select"):
+        chosen_lora(str(tmp_path))

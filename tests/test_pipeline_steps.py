@@ -1,5 +1,6 @@
-"""What the Kubeflow components do, tested without KFP (the whole DAG runs in
-test_pipeline_local_run.py)."""
+"""What the Kubeflow components hand their stages, tested without KFP (the whole DAG runs in
+test_pipeline_local_run.py). What the stages then do (publishing, the LoRA tag, the TrainJob)
+is tested with the stages."""
 
 from __future__ import annotations
 
@@ -9,59 +10,11 @@ from pathlib import Path
 import pytest
 
 from lorapipe import pipeline_steps, store
-from lorapipe.errors import ConfigError, InputError
-
-
-@pytest.mark.parametrize(
-    ("prompt", "expected"),
-    [
-        ("a street at dusk", "a street at dusk, <lora:filmstyle:1>"),
-        ("a street, <lora:filmstyle:0.7>", "a street, <lora:filmstyle:0.7>"),
-        ("a street, <lora:other:0.5>", "a street, <lora:other:0.5>, <lora:filmstyle:1>"),
-    ],
-)
-def test_review_prompts_always_use_the_lora_just_trained(prompt: str, expected: str) -> None:
-    assert pipeline_steps.with_lora_tag(prompt, "filmstyle") == expected
-
-
-def _selected_lora(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
-    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
-    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
-    (folder / "report.json").write_text(json.dumps({"files": files}))
-    return folder
-
-
-def test_the_grid_loads_the_kohya_file_select_wrote(tmp_path: Path) -> None:
-    lora = _selected_lora(tmp_path / "lora")
-    assert pipeline_steps.chosen_lora(str(lora)) == (
-        "filmstyle",
-        str(lora / "filmstyle.safetensors"),
-    )
-
-
-def test_a_folder_that_select_did_not_write_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(InputError, match="no report.json; give the output of lorapipe select"):
-        pipeline_steps.chosen_lora(str(tmp_path))
-
-
-def test_publishing_writes_a_run_scoped_copy_then_moves_latest(
-    tmp_path: Path, s3_bucket: str
-) -> None:
-    lora = _selected_lora(tmp_path / "lora")
-    first = pipeline_steps.publish(str(lora), f"{s3_bucket}/loras", "run/1 (retry)")
-    second = pipeline_steps.publish(str(lora), f"{s3_bucket}/loras", "run-2")
-
-    assert first == f"{s3_bucket}/loras/run-1-retry"
-    assert store.read_bytes(f"{first}/filmstyle.safetensors") == b"kohya"
-    assert store.is_complete(first) and store.is_complete(second)
-    latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
-    assert latest == {"run_id": "run-2", "uri": second}
+from lorapipe.errors import ConfigError
 
 
 def test_an_empty_required_parameter_names_itself(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="pipeline parameter input_uri is empty"):
+    with pytest.raises(ConfigError, match="pipeline parameter data_uri is empty"):
         pipeline_steps.ingest("", str(tmp_path / "out"), str(tmp_path / "report.md"))
 
 
@@ -95,7 +48,7 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
         str(tmp_path / "dataset"),
         str(tmp_path / "training"),
         base_model_uri=str(tiny_model_dir),
-        config_yaml="{output_dir: /elsewhere, lora_rank: 8, learning_rate: 5e-4}",
+        training_config="{output_dir: /elsewhere, lora_rank: 8, learning_rate: 5e-4}",
         num_gpus=4,
         checkpoint_mirror_uri="s3://bucket/checkpoints",
         run_id="run 7",
@@ -153,7 +106,7 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
         str(dataset),
         str(tmp_path / "training"),
         base_model_uri=str(tiny_model_dir),
-        config_yaml="{lora_rank: 8}",
+        training_config="{lora_rank: 8}",
         num_gpus=4,
         num_nodes=2,
         checkpoint_mirror_uri=f"{s3_bucket}/checkpoints",
@@ -174,8 +127,8 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
 
 
 def test_multi_node_training_needs_an_s3_mirror(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="num_nodes 2 needs checkpoint_mirror_uri on S3"):
+    with pytest.raises(ConfigError, match="num_nodes 2 needs checkpoint_mirror on S3"):
         pipeline_steps.train(
-            str(tmp_path), str(tmp_path / "out"), base_model_uri="m", config_yaml="",
+            str(tmp_path), str(tmp_path / "out"), base_model_uri="m", training_config="",
             num_nodes=2, checkpoint_mirror_uri="", run_id="r", trainer_image="i",
         )  # fmt: skip

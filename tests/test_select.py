@@ -15,7 +15,7 @@ from safetensors import safe_open
 from lorapipe import lora_format, store
 from lorapipe.cli import main as cli
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.stages.select import CheckpointLosses, SelectConfig, choose_checkpoint, run
+from lorapipe.stages.select import CheckpointLosses, SelectConfig, choose_checkpoint, publish, run
 
 
 def _losses(*rows: tuple[int, float | None, float]) -> list[CheckpointLosses]:
@@ -327,6 +327,45 @@ def test_cli_selects_and_errors_in_one_line(training_output, tmp_path: Path, cap
     assert cli(["select", str(tmp_path / "nothing"), "--out", str(tmp_path / "b")]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("lorapipe select: error:") and "\n" not in error
+
+
+def test_cli_publishes_like_the_pipeline_step(training_output, tmp_path: Path, s3_bucket) -> None:
+    """`lorapipe select --publish-uri` does what the select component does: the LoRA goes to
+    <publish_uri>/<run id>/ and latest.json points at it."""
+    root, _ = training_output
+    argv = ["select", str(root), "--out", str(tmp_path / "a"), "--output_name", "film"]
+    publish = ["--publish-uri", f"{s3_bucket}/loras", "--pipeline-run-id", "run 5"]
+    assert cli([*argv, *publish]) == 0
+
+    latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
+    assert latest == {"run_id": "run 5", "uri": f"{s3_bucket}/loras/run-5"}
+    assert (
+        store.read_bytes(f"{s3_bucket}/loras/run-5/film.safetensors")
+        == (tmp_path / "a" / "film.safetensors").read_bytes()
+    )
+
+
+def _selected_lora(folder: Path) -> Path:
+    folder.mkdir()
+    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
+    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
+    (folder / "report.json").write_text(json.dumps({"files": files}))
+    return folder
+
+
+def test_publishing_writes_a_run_scoped_copy_then_moves_latest(
+    tmp_path: Path, s3_bucket: str
+) -> None:
+    lora = _selected_lora(tmp_path / "lora")
+    first = publish(str(lora), f"{s3_bucket}/loras", "run/1 (retry)")
+    second = publish(str(lora), f"{s3_bucket}/loras", "run-2")
+
+    assert first == f"{s3_bucket}/loras/run-1-retry"
+    assert store.read_bytes(f"{first}/filmstyle.safetensors") == b"kohya"
+    assert store.is_complete(first) and store.is_complete(second)
+    latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
+    assert latest == {"run_id": "run-2", "uri": second}
 
 
 def test_select_reads_and_writes_s3(training_output, s3_bucket: str) -> None:

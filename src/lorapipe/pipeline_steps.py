@@ -22,19 +22,19 @@ Metrics = dict[str, float]
 
 
 def ingest(
-    input_uri: str,
+    data_uri: str,
     dataset_path: str,
     report_path: str,
     *,
     metadata_uri: str = "",
     min_size: int = 512,
 ) -> Metrics:
-    """Decode and clean the raw images at ``input_uri`` into the dataset at ``dataset_path``."""
+    """Decode and clean the raw images at ``data_uri`` into the dataset at ``dataset_path``."""
     from lorapipe.stages import ingest as stage
 
     values = {"metadata": metadata_uri or None, "min_size": min_size}
     settings = _from_parameters(stage.IngestConfig, values, {"metadata": "metadata_uri"})
-    report = stage.run(_required("input_uri", input_uri), dataset_path, settings)
+    report = stage.run(_required("data_uri", data_uri), dataset_path, settings)
     _copy_report(dataset_path, report_path)
     return metrics_for_kfp(stage.metrics(report))
 
