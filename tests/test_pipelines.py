@@ -72,6 +72,24 @@ def test_kfp_loads_the_committed_yaml_back_as_the_pipeline_with_its_parameters()
     assert {name.removeprefix("exec-").split("-")[0] for name in executors} == STAGE_COMPONENTS
 
 
+def test_every_pipeline_parameter_has_the_description_the_kfp_ui_shows(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(parameters) == set(lora_training.lora_training.component_spec.inputs)
+    for name, parameter in parameters.items():
+        assert len(parameter.get("description", "")) > 20, name
+    # a stage's key is described by the stage's own help text, the one `--help` prints
+    assert parameters["min_size"]["description"].startswith("Drop images whose shorter side")
+    assert "(lorapipe select --epsilon)" in parameters["epsilon"]["description"]
+
+
+def test_parameters_carry_the_stage_key_names_and_the_old_names_still_work() -> None:
+    names = set(lora_training.lora_training.component_spec.inputs)
+    assert {"min_size", "threshold", "merge", "epsilon", "job_yaml"} <= names
+    renamed = pipelines_cli.parse_params(["min_image_size=768", "selection_epsilon=0.05"], None)
+    assert renamed == {"min_size": 768, "epsilon": 0.05}
+
+
 def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
     components = spec["components"]

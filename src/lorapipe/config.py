@@ -513,7 +513,9 @@ def reference_table(config_class: type) -> str:
         allowed = allowed_text(item)
         if allowed:
             meaning += f" ({allowed})"
-        rows.append(f"| `{item.name}` | `{default_text(item)}` | {meaning.replace('|', '/')} |")
+        default = default_text(item)
+        default = default if item.spec.default_text else f"`{default}`"
+        rows.append(f"| `{item.name}` | {default} | {meaning.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
 
 
