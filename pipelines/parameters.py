@@ -12,7 +12,7 @@ import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
-from lorapipe import config
+from lorapipe import config, config_reference
 from lorapipe.errors import ConfigError
 
 F = TypeVar("F", bound=Callable[..., object])
@@ -72,7 +72,9 @@ def parameter_help(name: str) -> str:
     if name not in STAGE_KEYS:
         raise ConfigError(f"pipeline parameter '{name}' has no description; add it to {__name__}")
     command, key = STAGE_KEYS[name]
-    (item,) = [o for o in config.options(config.stage_configs()[command]) if o.name == key]
+    (item,) = [
+        o for o in config.options(config_reference.stage_configs()[command]) if o.name == key
+    ]
     text = item.spec.help.replace("`", "")
     return f"{text[0].upper()}{text[1:]} (lorapipe {command} --{key.replace('_', '-')})."
 

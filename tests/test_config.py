@@ -11,11 +11,9 @@ from typing import ClassVar
 
 import pytest
 
-from lorapipe import cli, config
+from lorapipe import cli, config, config_reference
 from lorapipe.config import option
 from lorapipe.errors import ConfigError
-
-README = Path(__file__).parents[1] / "README.md"
 
 
 @dataclass
@@ -133,14 +131,14 @@ def test_help_says_meaning_default_and_allowed_values(capsys: pytest.CaptureFixt
 # --------------------------------------------------------------------------- every stage
 
 
-@pytest.mark.parametrize("command", sorted(config.stage_configs()))
+@pytest.mark.parametrize("command", sorted(config_reference.stage_configs()))
 def test_every_stage_help_describes_every_option(
     command: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for item in config.options(config.stage_configs()[command]):
+    for item in config.options(config_reference.stage_configs()[command]):
         if not item.spec.flag:
             continue
         assert item.spec.help, f"{command}: {item.name} has no help text"
@@ -160,11 +158,3 @@ def test_kohya_spellings_reach_the_training_config(tmp_path: Path) -> None:
     loaded = train.load_config(args.config, config.overrides_from_args(args, train.TrainConfig))
     assert (loaded.train_data_dir, loaded.flip_aug, loaded.lora_rank) == ("D", True, 8)
     assert loaded.learning_rate == pytest.approx(5e-5)
-
-
-@pytest.mark.parametrize("command", sorted(config.stage_configs()))
-def test_readme_config_reference_is_the_help_text(command: str) -> None:
-    tables = config.readme_tables(README.read_text(encoding="utf-8"))
-    assert command in tables, f"README has no <!-- config:{command} --> table"
-    expected = config.reference_table(config.stage_configs()[command])
-    assert tables[command] == expected, "run `python -m lorapipe.config README.md`"

@@ -11,8 +11,8 @@ text, and optionally choices, bounds and extra flag spellings. From that one dec
 - the command-line flags, in both spellings (``--train-data-dir`` and ``--train_data_dir``, as
   kohya and lora-scripts users type them), whose ``--help`` says what each means, its default
   and its allowed values;
-- README's config reference tables (``python -m lorapipe.config README.md`` rewrites them; a
-  test checks they agree with the fields).
+- README's config reference tables (:func:`reference_table`; ``lorapipe.config_reference``
+  writes them into README, and a test checks they agree with the fields).
 
 A config class may define ``validate(where)`` for rules across fields; ``where(key)`` says where
 the key was set ("config.yaml line 3: key 'epochs'", "--epochs" or "key 'epochs'").
@@ -24,8 +24,6 @@ import argparse
 import dataclasses
 import difflib
 import math
-import re
-import sys
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -517,63 +515,3 @@ def reference_table(config_class: type) -> str:
         default = default if item.spec.default_text else f"`{default}`"
         rows.append(f"| `{item.name}` | {default} | {meaning.replace('|', '/')} |")
     return "\n".join(rows) + "\n"
-
-
-def stage_configs() -> dict[str, type]:
-    """Each stage's config class, by command name (what README documents)."""
-    from lorapipe.stages.augment import AugmentConfig
-    from lorapipe.stages.generate import GenerateConfig
-    from lorapipe.stages.ingest import IngestConfig
-    from lorapipe.stages.select import SelectConfig
-    from lorapipe.stages.tag import TagConfig
-    from lorapipe.train_config import TrainConfig
-
-    return {
-        "ingest": IngestConfig,
-        "tag": TagConfig,
-        "augment": AugmentConfig,
-        "train": TrainConfig,
-        "select": SelectConfig,
-        "generate": GenerateConfig,
-    }
-
-
-def _marker(command: str) -> re.Pattern[str]:
-    return re.compile(
-        rf"(<!-- config:{command} -->\n)(.*?)(<!-- /config:{command} -->)", flags=re.DOTALL
-    )
-
-
-def readme_tables(readme: str) -> dict[str, str]:
-    """{command: the table README holds between its ``<!-- config:COMMAND -->`` markers}."""
-    found = {}
-    for command in stage_configs():
-        match = _marker(command).search(readme)
-        if match:
-            found[command] = match.group(2)
-    return found
-
-
-def rewrite_readme(readme: str) -> str:
-    """README with every config table regenerated from the fields' help text."""
-    for command, config_class in stage_configs().items():
-        table = reference_table(config_class)
-        readme, count = _marker(command).subn(
-            lambda m, t=table: m.group(1) + t + m.group(3), readme
-        )
-        if not count:
-            raise ConfigError(f"README has no <!-- config:{command} --> section; add the markers")
-    return readme
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m lorapipe.config README.md``: rewrite README's config tables in place."""
-    arguments = list(sys.argv[1:] if argv is None else argv)
-    path = Path(arguments[0] if arguments else "README.md")
-    path.write_text(rewrite_readme(path.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"rewrote the config tables of {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
