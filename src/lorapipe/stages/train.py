@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from lorapipe import config, store
+from lorapipe import config as config_options
+from lorapipe import store
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import TrainConfig, check_values, load_config
 
@@ -560,12 +561,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="YAML file of config keys (the seed's my_film_config.yaml works as is)"
     )
-    config.add_arguments(parser, TrainConfig)
+    config_options.add_arguments(parser, TrainConfig)
     parser.epilog = "Every config key is also a flag, which overrides the file."
 
 
 def main(args: argparse.Namespace) -> int:
-    train_config = load_config(args.config, config.overrides_from_args(args, TrainConfig))
+    train_config = load_config(args.config, config_options.overrides_from_args(args, TrainConfig))
     code = train(train_config)
     if code == 0 and os.environ.get("RANK", "0") == "0":
         print(train_config.output_dir)
