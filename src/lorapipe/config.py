@@ -301,9 +301,13 @@ def coerce(value: Any, hint: Any, origin: str, *, separator: str | None = ",") -
     container = typing.get_origin(hint)
     if container in (list, tuple):
         item = typing.get_args(hint)[0]
-        if isinstance(value, Mapping):
+        single_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(value, list | tuple):
+            items = value
+        elif isinstance(value, str) or (single_number and item in (int, float)):
+            items = [value]  # one value for a list of them: `seeds: 4`, `prompts: a cat`
+        else:
             raise ConfigError(f"{origin} must be a list, e.g. [a, b], got {value!r}")
-        items = value if isinstance(value, list | tuple) else [value]
         if separator:
             items = [
                 part.strip() if isinstance(part, str) else part
