@@ -255,8 +255,12 @@ def publish(lora_path: str, publish_uri: str, run_id: str) -> str:
     Runs never overwrite each other's files; whoever reads ``latest.json`` finds a complete
     upload, because the pointer is written only after every file (and the manifest) is there.
     """
+    from lorapipe.stages.select import OUTPUT_KIND
+
     run_prefix = store.join(publish_uri, _safe_run_id(run_id))
-    store.put_dir(lora_path, run_prefix)
+    with store.staged_output(run_prefix, OUTPUT_KIND) as staging:
+        ignore = shutil.ignore_patterns(store.MANIFEST_NAME)  # publishing writes its own
+        shutil.copytree(lora_path, staging, ignore=ignore, dirs_exist_ok=True)
     pointer = {"run_id": run_id, "uri": run_prefix}
     store.write_text(store.join(publish_uri, "latest.json"), json.dumps(pointer, indent=2) + "\n")
     log.info("published the LoRA to %s", run_prefix)
