@@ -11,7 +11,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lorapipe.checkpoint_layout import CheckpointLosses
+from lorapipe.checkpoint_layout import CheckpointLosses, checkpoint_name
 from lorapipe.selection_rule import METRIC_LABELS, Selection
 
 LOSS_CURVE_SIZE = (1000, 560)  # pixels
@@ -64,7 +64,8 @@ def draw_loss_curve(
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(
-        f"loss by step; chosen: checkpoint-{selection.step} ({METRIC_LABELS[selection.metric]})"
+        f"loss by step; chosen: {checkpoint_name(selection.step)} "
+        f"({METRIC_LABELS[selection.metric]})"
     )
     axes.grid(True, color="#e4e4e4")
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)

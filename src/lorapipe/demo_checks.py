@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lorapipe import world
+from lorapipe.checkpoint_layout import complete_checkpoints, read_record
 from lorapipe.dataset import read_records
 from lorapipe.demo import PLANTED_FILES
 from lorapipe.world_tagger import micro_f1
@@ -63,7 +64,7 @@ class RunOutputs:
 
     ingest_report: Path  # ingest's report.json
     tagged_dataset: Path | None  # the tag stage's dataset; None when it did not run
-    training: Path  # the train stage's output (checkpoint-*/record.json)
+    training: Path  # the train stage's output (checkpoint_layout)
     selection_report: Path  # select's report.json
     generated: Path  # generate's output directory (index.parquet, images/)
     truth: Path  # the demo folder's ground truth (demo.truth_file)
@@ -136,9 +137,7 @@ def check_selection(training: Path, selection: dict[str, Any]) -> Claim:
     selection epsilon of the lowest one training recorded."""
     val_loss_by_step = {
         record["step"]: record["val_loss"]
-        for record in (
-            json.loads(path.read_text()) for path in training.glob("checkpoint-*/record.json")
-        )
+        for record in map(read_record, complete_checkpoints(str(training)).values())
     }
     best_step = min(val_loss_by_step, key=val_loss_by_step.__getitem__)
     chosen_step = selection["chosen"]["step"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lorapipe.checkpoint_layout import CheckpointLosses
+from lorapipe.checkpoint_layout import RECORD_NAME, CheckpointLosses, checkpoint_name
 from lorapipe.errors import InputError
 
 DEFAULT_EPSILON = 0.01
@@ -87,7 +87,7 @@ def choose_checkpoint(
             + (
                 "train with validation images or use --metric auto"
                 if metric == "val_loss"
-                else "the training output's record.json files are unusable"
+                else f"the training output's {RECORD_NAME} files are unusable"
             )
         )
     if skipped:
@@ -108,14 +108,14 @@ def choose_checkpoint(
     )
     if chosen.step == best.step:
         reason = (
-            f"checkpoint-{chosen.step} has the lowest {label} ({value:.5g}) and no earlier "
+            f"{checkpoint_name(chosen.step)} has the lowest {label} ({value:.5g}) and no earlier "
             f"checkpoint comes within {tolerance} of it."
         )
     else:
         gain = (value - minimum) / abs(minimum) if minimum else 0.0
         reason = (
-            f"checkpoint-{chosen.step} is the earliest checkpoint within {tolerance} of the lowest "
-            f"{label} ({minimum:.5g} at checkpoint-{best.step}): its {value:.5g} is only "
+            f"{checkpoint_name(chosen.step)} is the earliest checkpoint within {tolerance} of the lowest "
+            f"{label} ({minimum:.5g} at {checkpoint_name(best.step)}): its {value:.5g} is only "
             f"{gain:.2%} higher, so the extra training after it is not worth the risk of overfitting."
         )
     return Selection(

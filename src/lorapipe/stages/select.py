@@ -43,6 +43,7 @@ from lorapipe.checkpoint_layout import (
     LORA_CONFIG_NAME,
     TRAINING_REPORT_NAME,
     CheckpointLosses,
+    checkpoint_name,
     find_checkpoints,
     read_json,
     read_losses,
@@ -141,7 +142,7 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         _write_json(staging / report["files"]["metrics"], _kfp_metrics(report["metrics"]))
         _write_json(staging / "report.json", report)
         (staging / "report.md").write_text(render_markdown(report))
-    log.info("selected checkpoint-%d: %s", selection.step, selection.reason)
+    log.info("selected %s: %s", checkpoint_name(selection.step), selection.reason)
     return report
 
 
@@ -367,7 +368,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md: the choice and why, the table behind it, the plot and how to use the files."""
     chosen_step = report["chosen"]["step"]
     lines = [
-        f"# LoRA selection: checkpoint-{chosen_step}",
+        f"# LoRA selection: {checkpoint_name(chosen_step)}",
         "",
         f"**Rule:** {report['rule']} (epsilon = {report['epsilon']:g}).",
         "",
@@ -392,8 +393,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report["incomplete_checkpoints"]:
         lines += [
             "",
-            "Ignored (incomplete, no `_COMPLETE` marker): "
-            + ", ".join(f"checkpoint-{c['step']}" for c in report["incomplete_checkpoints"]),
+            f"Ignored (incomplete, no `{COMPLETE_MARKER}` marker): "
+            + ", ".join(checkpoint_name(c["step"]) for c in report["incomplete_checkpoints"]),
         ]
     lora = report["lora"]
     lines += [

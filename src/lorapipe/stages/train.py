@@ -37,12 +37,11 @@ from typing import Any
 import yaml
 
 from lorapipe import store
+from lorapipe.checkpoint_layout import TRAINING_REPORT_NAME
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import FIELD_NAMES, TrainConfig, check_values, load_config
 
 log = logging.getLogger(__name__)
-
-TRAINING_REPORT_NAME = "training_report.json"
 
 
 def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]:

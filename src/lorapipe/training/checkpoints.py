@@ -138,7 +138,7 @@ def find_resume_point(resume: str, output: Path, mirrors: Iterable[str]) -> Path
     if not resume:
         if candidates:
             raise TrainingError(
-                f"{output} already holds checkpoints (the newest is checkpoint-{max(candidates)}); "
+                f"{output} already holds checkpoints (the newest is {checkpoint_name(max(candidates))}); "
                 "continue that run with --resume latest, or give a new output_dir"
             )
         return None
