@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lorapipe import world
-from lorapipe.checkpoint_layout import complete_checkpoints, read_record
+from lorapipe.checkpoint_layout import find_checkpoints, read_record
 from lorapipe.dataset import read_records
 from lorapipe.demo import PLANTED_FILES
 from lorapipe.world_tagger import micro_f1
@@ -137,7 +137,8 @@ def check_selection(training: Path, selection: dict[str, Any]) -> Claim:
     selection epsilon of the lowest one training recorded."""
     val_loss_by_step = {
         record["step"]: record["val_loss"]
-        for record in map(read_record, complete_checkpoints(str(training)).values())
+        for found in find_checkpoints(str(training))
+        for record in map(read_record, found.values())
     }
     best_step = min(val_loss_by_step, key=val_loss_by_step.__getitem__)
     chosen_step = selection["chosen"]["step"]
