@@ -27,7 +27,8 @@ def test_rewriting_fills_the_marked_tables_and_refuses_a_readme_without_them() -
     )
     rewritten = config_reference.rewrite_readme(marked)
     assert (
-        "STALE ROW" not in rewritten and "| `lora_rank` | `16` | LoRA rank r (at least 1) |" in rewritten
+        "STALE ROW" not in rewritten
+        and "| `lora_rank` | `16` | LoRA rank r (at least 1) |" in rewritten
     )
     with pytest.raises(ConfigError, match="README has no <!-- config:ingest --> section"):
         config_reference.rewrite_readme("# no tables here\n")

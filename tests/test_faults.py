@@ -25,13 +25,13 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train import flags, write_folder
 
+from lorapipe import checkpoint_layout as layout
 from lorapipe import store
 from lorapipe.dataset import DatasetWriter, ImageRecord, read_info
 from lorapipe.stages import augment, ingest, select
 from lorapipe.stages.select import publish
 from lorapipe.stages.train import run
 from lorapipe.train_config import TrainConfig
-from lorapipe.training.checkpoints import COMPLETE_MARKER
 
 pytestmark = pytest.mark.faults
 
@@ -76,9 +76,9 @@ def train_process(config: TrainConfig, **popen: object) -> subprocess.Popen:
 
 def assert_only_complete_checkpoints_listed_complete(output: str) -> dict[int, str]:
     """Every checkpoint ``select`` calls complete has its marker and all of its files."""
-    complete, _ = select.find_checkpoints(output)
+    complete, _ = layout.find_checkpoints(output)
     for step, uri in complete.items():
-        assert store.exists(store.join(uri, COMPLETE_MARKER)), (step, uri)
+        assert store.exists(store.join(uri, layout.COMPLETE_MARKER)), (step, uri)
         for name in (LORA_FILE, "record.json", "lora_config.json", "training_state/state.json"):
             assert store.exists(store.join(uri, name)), f"{uri} is listed complete without {name}"
     return complete
@@ -107,7 +107,7 @@ def test_training_killed_again_and_again_resumes_from_s3_to_the_uninterrupted_lo
     while kills < KILLS:
         attempts += 1
         assert attempts <= 2 * KILLS, f"only {kills} kills landed in {attempts - 1} attempts"
-        start = max(select.find_checkpoints(mirror)[0], default=0)
+        start = max(layout.find_checkpoints(mirror)[0], default=0)
         process = train_process(resumed)
         deadline = time.monotonic() + 300
         # wait for progress (a checkpoint past the resume point), then kill at a random moment:
@@ -231,7 +231,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_last_on
         preexec_fn=_limit_file_size(64 * 1024),
     )
     assert_one_line_disk_full_error(process, "train")
-    complete, incomplete = select.find_checkpoints(str(output))
+    complete, incomplete = layout.find_checkpoints(str(output))
     assert sorted(complete) == [4] and not incomplete
     assert tree_digest(output / "checkpoint-4") == before
     assert not list(output.glob(".staging-*"))

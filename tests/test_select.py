@@ -403,3 +403,18 @@ def test_the_diffusers_file_carries_alpha_for_diffusers(training_output, tmp_pat
         adapter = json.loads(handle.metadata()["lora_adapter_metadata"])
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)
     assert (adapter["text_encoder.r"], adapter["text_encoder.lora_alpha"]) == (4, 8.0)
+
+
+def test_select_replaces_its_older_output_but_nothing_else(training_output, tmp_path: Path) -> None:
+    root, _ = training_output
+    out = tmp_path / "selected"
+    run(str(root), str(out), SelectConfig(output_name="first"))
+    run(str(root), str(out), SelectConfig(output_name="second"))
+    assert (out / "second.safetensors").is_file() and not (out / "first.safetensors").exists()
+    assert not list(tmp_path.glob(".selected.*"))  # no staging left
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"...")
+    with pytest.raises(ConfigError, match="holds files that are not a lorapipe select output"):
+        run(str(root), str(tmp_path / "photos"))
+    assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]

@@ -284,3 +284,98 @@ def _current_umask() -> int:
     current = os.umask(0)
     os.umask(current)
     return current
+
+
+# --------------------------------------------------------------------------- staged outputs
+
+KIND = store.OutputKind(name="a test output", markers=("report.json",))
+
+
+def _write_output(staging: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_text(text)
+
+
+def _files(uri: str) -> dict[str, str]:
+    base = uri.rstrip("/") + "/"
+    return {
+        u.removeprefix(base): store.read_text(u)
+        for u in store.list_uris(uri)
+        if not u.endswith(store.MANIFEST_NAME)
+    }
+
+
+def test_a_staged_output_appears_whole_and_replaces_an_older_one(base_uri: str) -> None:
+    uri = store.join(base_uri, "out")
+    with store.staged_output(uri, KIND) as staging:
+        _write_output(staging, {"report.json": "1", "old.txt": "x", "sub/a.txt": "a"})
+        assert not store.list_uris(uri)  # nothing is visible before the block ends
+    assert _files(uri) == {"report.json": "1", "old.txt": "x", "sub/a.txt": "a"}
+
+    with store.staged_output(uri, KIND) as staging:
+        _write_output(staging, {"report.json": "2", "sub/a.txt": "b"})
+    assert _files(uri) == {"report.json": "2", "sub/a.txt": "b"}  # old.txt is gone
+    if store.is_s3(uri):
+        assert store.is_complete(uri)
+
+
+def test_a_failed_output_publishes_nothing_and_leaves_no_staging(
+    base_uri: str, tmp_path: Path
+) -> None:
+    uri = store.join(base_uri, "out")
+    with store.staged_output(uri, KIND) as staging:
+        _write_output(staging, {"report.json": "1"})
+    with pytest.raises(RuntimeError, match="crashed"), store.staged_output(uri, KIND) as staging:
+        _write_output(staging, {"report.json": "2"})
+        raise RuntimeError("crashed")
+    assert _files(uri) == {"report.json": "1"}
+    assert not staging.exists()
+    if not store.is_s3(uri):
+        assert sorted(p.name for p in Path(base_uri).iterdir()) == ["out"]
+
+
+def test_something_else_at_the_destination_is_never_replaced(base_uri: str) -> None:
+    uri = store.join(base_uri, "photos")
+    store.write_text(store.join(uri, "cat.jpg"), "meow")
+    with pytest.raises(StorageError, match="holds files that are not a test output"):
+        store.make_staging_dir(uri, KIND)
+    assert _files(uri) == {"cat.jpg": "meow"}
+
+
+def test_a_local_file_at_the_destination_is_refused_with_the_kinds_error(tmp_path: Path) -> None:
+    from lorapipe.errors import ConfigError
+
+    (tmp_path / "out").write_text("x")
+    kind = store.OutputKind(name="a generate output", markers=("a", "b"), error=ConfigError)
+    with pytest.raises(ConfigError, match="is a file; give a folder"):
+        store.make_staging_dir(str(tmp_path / "out"), kind)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "a").write_text("only one marker")
+    with pytest.raises(ConfigError, match="not a generate output"):
+        store.make_staging_dir(str(tmp_path / "half"), kind)
+
+
+def test_on_s3_the_written_last_file_goes_after_the_manifest(
+    s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kind = store.OutputKind(name="an indexed output", markers=("index",), written_last="index")
+    uri = f"{s3_bucket}/indexed"
+    with store.staged_output(uri, kind) as staging:
+        _write_output(staging, {"index": "1", "part": "1"})
+
+    order: list[str] = []
+    real_write, real_upload = store.write_bytes, store.upload_file
+    monkeypatch.setattr(store, "write_bytes", lambda u, d: (order.append(u), real_write(u, d)))
+    monkeypatch.setattr(store, "upload_file", lambda p, u: (order.append(u), real_upload(p, u)))
+    with store.staged_output(uri, kind) as staging:
+        _write_output(staging, {"index": "2", "part": "2"})
+    assert [u.rsplit("/", 1)[-1] for u in order] == ["part", store.MANIFEST_NAME, "index"]
+    assert _files(uri) == {"index": "2", "part": "2"}
+    manifest = json.loads(store.read_text(f"{uri}/{store.MANIFEST_NAME}"))
+    assert sorted(manifest["files"]) == ["part"]
+
+    store.delete(f"{uri}/index")  # a replacement interrupted after the old index went
+    with store.staged_output(uri, kind) as staging:
+        _write_output(staging, {"index": "3", "part": "3"})
+    assert _files(uri) == {"index": "3", "part": "3"}

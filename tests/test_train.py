@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
+from lorapipe import checkpoint_layout as layout
 from lorapipe import cli, store
 from lorapipe.dataset import DatasetWriter, ImageRecord
 from lorapipe.stages import select
@@ -161,12 +162,12 @@ def test_checkpoints_have_the_layout_select_reads(
         str(images), str(output), dataclasses.replace(config, target_modules=["q_proj", "v_proj"])
     )
 
-    complete, incomplete = select.find_checkpoints(str(output))
+    complete, incomplete = layout.find_checkpoints(str(output))
     assert sorted(complete) == [2, 4] and not incomplete
     record = json.loads((output / "checkpoint-4" / "record.json").read_text())
     assert record["step"] == 4 and record["epoch"] == 2 and record["samples_seen"] == 8
     assert set(record["val_loss_by_timestep"]) == {"100", "300", "500", "700", "900"}
-    assert select.read_losses(complete[4], 4).val_loss == pytest.approx(record["val_loss"])
+    assert layout.read_losses(complete[4], 4).val_loss == pytest.approx(record["val_loss"])
     modules = select.load_checkpoint_lora(complete[4])
     assert {name.rsplit(".", 1)[-1] for name in modules} == {"to_q", "to_v"}  # the seed's names
     assert all(m.rank == 16 and m.alpha == 16.0 for m in modules.values())
@@ -183,6 +184,22 @@ def test_checkpoints_have_the_layout_select_reads(
         "4",
     ]
     assert list((output / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow  # two trainings and two selections: ~45 s on 2 cores
+def test_keep_last_n_does_not_change_what_select_chooses(
+    images: Path, config: TrainConfig, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(config, max_train_steps=8)
+    chosen = {}
+    for keep_last_n in (0, 1):
+        output = tmp_path / f"keep-{keep_last_n}"
+        run(str(images), str(output), dataclasses.replace(config, keep_last_n=keep_last_n))
+        report = select.run(str(output), str(tmp_path / f"selected-{keep_last_n}"))
+        chosen[keep_last_n] = report["chosen"]["step"], report["chosen"]["value"]
+    assert sorted(layout.complete_checkpoints(str(tmp_path / "keep-0"))) == [2, 4, 6, 8]
+    assert 8 in layout.complete_checkpoints(str(tmp_path / "keep-1"))
+    assert chosen[1] == chosen[0]
 
 
 def test_validation_loss_of_a_checkpoint_is_the_same_when_computed_again(
@@ -326,7 +343,7 @@ def test_resume_from_the_s3_mirror_after_the_local_disk_is_lost(
 
     run(str(images), output, dataclasses.replace(config, resume="latest"))
     run(str(images), str(tmp_path / "straight"), config)
-    complete, _ = select.find_checkpoints(output)
+    complete, _ = layout.find_checkpoints(output)
     assert sorted(complete) == [2, 4]
     with store.local_file(f"{output}/checkpoint-4/pytorch_lora_weights.safetensors") as path:
         assert_same_lora(load_file(path), lora(tmp_path / "straight", 4))
@@ -348,7 +365,7 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("lorapipe train: error: step ")
     assert "the training loss is nan" in error or "the training loss is inf" in error
-    complete, _ = select.find_checkpoints(str(tmp_path / "out"))
+    complete, _ = layout.find_checkpoints(str(tmp_path / "out"))
     assert complete and error.endswith(
         f"resume from the last good checkpoint, {complete[max(complete)]}"
     )
@@ -385,7 +402,7 @@ def test_the_seed_yaml_runs_as_written(images: Path, tiny_model_dir: Path, tmp_p
 
     output = tmp_path / "output" / "film_style_lora"
     assert "LoRA on 16 UNet layers: to_q (8), to_v (8)" in stderr
-    assert sorted(select.find_checkpoints(str(output))[0]) == [40]  # 7 images / 4 = 2 steps x 20
+    assert sorted(layout.find_checkpoints(str(output))[0]) == [40]  # 7 images / 4 = 2 steps x 20
     assert json.loads((output / "checkpoint-40" / "lora_config.json").read_text()) == {
         "rank": 16,
         "alpha": 32.0,

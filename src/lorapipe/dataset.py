@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,6 +39,17 @@ SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = "lorapipe.schema_version"
 INFO_NAME = "_dataset.json"
 SHARD_NAME = "part-{index:05d}.parquet"
+# only an older dataset (or nothing) is replaced; on S3 _dataset.json is swapped last
+OUTPUT_KIND = store.OutputKind(
+    name="a lorapipe dataset",
+    markers=(INFO_NAME,),
+    error=DatasetError,
+    refusal=(
+        "'{uri}' exists and is not a lorapipe dataset; write the dataset to a new or "
+        "empty folder (lorapipe only replaces an older dataset)"
+    ),
+    written_last=INFO_NAME,
+)
 
 SCHEMA = pa.schema(
     [
@@ -128,7 +136,7 @@ class DatasetWriter:
         self.uri = uri
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = row_group_rows
-        self._staging_dir = _make_staging_dir(uri)
+        self._staging_dir = store.make_staging_dir(uri, OUTPUT_KIND)
         self._buffer: list[ImageRecord] = []
         self._shard: pq.ParquetWriter | None = None
         self._shard_name = ""
@@ -224,77 +232,10 @@ class DatasetWriter:
         shutil.rmtree(self._staging_dir, ignore_errors=True)
 
 
-def _make_staging_dir(uri: str) -> Path:
-    """A private directory for the shards: a hidden sibling of a local destination (so that
-    publishing is a rename on one filesystem), a temp directory for S3."""
-    if store.is_s3(uri):
-        return Path(tempfile.mkdtemp(prefix="lorapipe-dataset-"))
-    destination = _local_path(uri)
-    if destination.exists() and not _replaceable(destination):
-        raise DatasetError(
-            f"'{uri}' exists and is not a lorapipe dataset; write the dataset to a new or "
-            "empty folder (lorapipe only replaces an older dataset)"
-        )
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging_dir = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging_dir.mkdir()
-    return staging_dir
-
-
-def _replaceable(destination: Path) -> bool:
-    """An empty folder or an existing dataset may be replaced; anything else is the user's."""
-    if not destination.is_dir():
-        return False
-    return (destination / INFO_NAME).is_file() or not any(destination.iterdir())
-
-
 def _publish(staging_dir: Path, uri: str, info: DatasetInfo) -> None:
-    if store.is_s3(uri):
-        _publish_s3(staging_dir, uri, info)
-    else:
-        _publish_local(staging_dir, _local_path(uri), info)
-
-
-def _publish_local(staging_dir: Path, destination: Path, info: DatasetInfo) -> None:
-    """Rename the finished staging directory into place, moving an older dataset aside first
-    and deleting it only once the new one is there."""
+    """``_dataset.json`` goes in last: a directory without it is not (yet) a dataset."""
     (staging_dir / INFO_NAME).write_text(info.to_json(), encoding="utf-8")
-    if not destination.exists():
-        os.rename(staging_dir, destination)
-        return
-    if not _replaceable(destination):
-        raise DatasetError(
-            f"'{destination}' appeared while the dataset was written and is not a lorapipe "
-            "dataset; write the dataset to a new or empty folder"
-        )
-    retired = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.old"
-    os.rename(destination, retired)
-    try:
-        os.rename(staging_dir, destination)
-    except OSError:
-        os.rename(retired, destination)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _publish_s3(staging_dir: Path, uri: str, info: DatasetInfo) -> None:
-    """Upload the shards (manifest last), then ``_dataset.json``; then drop shards of an older
-    dataset that the new one does not reuse. The old ``_dataset.json`` goes first, so no reader
-    ever pairs it with new shards."""
-    info_uri = store.join(uri, INFO_NAME)
-    if store.exists(info_uri):
-        store.delete(info_uri)
-    store.put_dir(str(staging_dir), uri)
-    store.write_text(info_uri, info.to_json())
-    for object_uri in store.list_uris(uri):
-        name = object_uri.rsplit("/", 1)[-1]
-        is_old_shard = name.startswith("part-") and name.endswith(".parquet")
-        if is_old_shard and name not in info.shards and object_uri == store.join(uri, name):
-            store.delete(object_uri)
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
+    store.publish_dir(staging_dir, uri, OUTPUT_KIND)
 
 
 # --------------------------------------------------------------------------- reading

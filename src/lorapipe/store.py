@@ -10,6 +10,9 @@ live on a laptop disk, in MinIO inside the cluster or on AWS S3 without the stag
   or absent (a failed multipart upload is aborted by boto3's transfer manager).
 - A "directory" written with :func:`put_dir` gets ``_MANIFEST.json`` LAST, listing every file
   with size and sha256, so readers can tell a complete directory from a partial one.
+- A stage's output directory is published whole with :func:`staged_output` (or
+  :func:`make_staging_dir` + :func:`publish_dir`): readers never see a half-written output, and
+  only an older output of the same :class:`OutputKind` is ever replaced.
 - Errors are one line, typed, and never contain credentials.
 """
 
@@ -24,6 +27,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,6 +38,7 @@ from lorapipe.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     EndpointUnreachableError,
+    LorapipeError,
     ObjectNotFoundError,
     StorageError,
 )
@@ -446,6 +451,126 @@ def local_dir(uri: str | os.PathLike) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="lorapipe-") as tmp:
         get_dir(uri, tmp)
         yield Path(tmp)
+
+
+# --------------------------------------------------------------------------- staged outputs
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What a stage's output directory is, so that an older output of the same kind, and
+    nothing else (a user's photos, another stage's output), is ever replaced."""
+
+    name: str  # for messages, e.g. "a lorapipe dataset"
+    markers: tuple[str, ...]  # files every output of this kind has
+    error: type[LorapipeError] = StorageError
+    refusal: str = (
+        "'{uri}' holds files that are not {name}; write to a new or empty folder "
+        "(lorapipe replaces only an older output of the same kind)"
+    )
+    # a file that readers key on: on S3 the older output's copy is deleted first and the new
+    # one written after everything else (and after the manifest), so no reader pairs it with
+    # the other version's files
+    written_last: str | None = None
+
+
+def check_replaceable(dest_uri: str, kind: OutputKind) -> None:
+    """Raise ``kind.error`` unless ``dest_uri`` is absent, empty or an older output of
+    ``kind``: all its markers present (on S3 an interrupted replacement also counts: its
+    manifest and every marker but ``written_last``)."""
+    dest_uri = str(dest_uri)
+    if is_s3(dest_uri):
+        base = dest_uri.rstrip("/") + "/"
+        names = {uri.removeprefix(base) for uri in list_uris(dest_uri)}
+        others = [m for m in kind.markers if m != kind.written_last]
+        recognised = set(kind.markers) <= names or (
+            kind.written_last is not None and {MANIFEST_NAME, *others} <= names
+        )
+    else:
+        destination = _local(dest_uri)
+        if destination.exists() and not destination.is_dir():
+            raise kind.error(f"'{dest_uri}' is a file; give a folder")
+        names = set(os.listdir(destination)) if destination.is_dir() else set()
+        recognised = all((destination / m).is_file() for m in kind.markers)
+    if names and not recognised:
+        raise kind.error(kind.refusal.format(uri=dest_uri, name=kind.name))
+
+
+def make_staging_dir(dest_uri: str, kind: OutputKind) -> Path:
+    """A private directory to assemble an output in, after checking that ``dest_uri`` may be
+    replaced: a hidden sibling of a local destination (publishing is then a rename on one
+    filesystem), a temporary directory for S3."""
+    dest_uri = str(dest_uri)
+    check_replaceable(dest_uri, kind)
+    if is_s3(dest_uri):
+        return Path(tempfile.mkdtemp(prefix="lorapipe-output-"))
+    destination = _local(dest_uri)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    return staging
+
+
+def publish_dir(staging: Path, dest_uri: str, kind: OutputKind) -> None:
+    """Publish the assembled ``staging`` directory as the output at ``dest_uri``.
+
+    Local: ``staging`` (from :func:`make_staging_dir`) is renamed into place; an older output
+    is moved aside first and deleted only once the new one is there. S3: every file is
+    uploaded, the manifest after them (``written_last`` after that), then objects of the older
+    output that the new one does not have are deleted. ``staging`` is consumed locally and
+    left to the caller on S3.
+    """
+    dest_uri = str(dest_uri)
+    check_replaceable(dest_uri, kind)  # again: something may have appeared meanwhile
+    if is_s3(dest_uri):
+        _publish_s3(staging, dest_uri, kind)
+        return
+    destination = _local(dest_uri)
+    if not destination.exists():
+        os.rename(staging, destination)
+        return
+    retired = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.old"
+    os.rename(destination, retired)
+    try:
+        os.rename(staging, destination)
+    except OSError:
+        os.rename(retired, destination)
+        raise
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def _publish_s3(staging: Path, dest_uri: str, kind: OutputKind) -> None:
+    last = staging / kind.written_last if kind.written_last else None
+    if last is not None and last.is_file():
+        last_uri = join(dest_uri, kind.written_last)
+        delete(last_uri)
+        with tempfile.TemporaryDirectory(prefix="lorapipe-last-") as aside:
+            held = Path(aside) / last.name
+            shutil.move(last, held)
+            try:
+                put_dir(staging, dest_uri)
+                upload_file(held, last_uri)
+            finally:
+                shutil.move(held, last)
+    else:
+        put_dir(staging, dest_uri)
+    new = {join(dest_uri, p.relative_to(staging).as_posix()) for p in staging.rglob("*")}
+    new.add(join(dest_uri, MANIFEST_NAME))
+    for uri in list_uris(dest_uri):
+        if uri not in new:
+            delete(uri)
+
+
+@contextlib.contextmanager
+def staged_output(dest_uri: str, kind: OutputKind) -> Iterator[Path]:
+    """A local directory to write an output into; published whole at ``dest_uri`` when the
+    block succeeds, removed either way (see :func:`publish_dir`)."""
+    staging = make_staging_dir(dest_uri, kind)
+    try:
+        yield staging
+        publish_dir(staging, dest_uri, kind)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def safe_name(text: str, default: str = "manual") -> str:

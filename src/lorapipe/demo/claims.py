@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lorapipe.checkpoint_layout import find_checkpoints, read_record
 from lorapipe.dataset import read_records
 from lorapipe.demo import world
 from lorapipe.demo.inputs import PLANTED_FILES
@@ -64,7 +65,7 @@ class RunOutputs:
 
     ingest_report: Path  # ingest's report.json
     tagged_dataset: Path | None  # the tag stage's dataset; None when it did not run
-    training: Path  # the train stage's output (checkpoint-*/record.json)
+    training: Path  # the train stage's output (checkpoint_layout)
     selection_report: Path  # select's report.json
     generated: Path  # generate's output directory (index.parquet, images/)
     truth: Path  # the demo folder's ground truth (inputs.truth_file)
@@ -137,9 +138,8 @@ def check_selection(training: Path, selection: dict[str, Any]) -> Claim:
     selection epsilon of the lowest one training recorded."""
     val_loss_by_step = {
         record["step"]: record["val_loss"]
-        for record in (
-            json.loads(path.read_text()) for path in training.glob("checkpoint-*/record.json")
-        )
+        for found in find_checkpoints(str(training))
+        for record in map(read_record, found.values())
     }
     best_step = min(val_loss_by_step, key=val_loss_by_step.__getitem__)
     chosen_step = selection["chosen"]["step"]

@@ -39,12 +39,9 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import re
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,6 +80,12 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OUTPUT_MARKERS = ("report.json", "index.parquet")  # an older output that may be replaced
+OUTPUT_KIND = store.OutputKind(
+    "a lorapipe generate output",
+    OUTPUT_MARKERS,
+    ConfigError,
+    refusal="--out '{uri}' holds files that are not {name}; give a new or empty folder",
+)
 
 
 @dataclass
@@ -367,8 +370,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     if config.clip_model:
         scorer = image_metrics.ClipScorer(config.clip_model, device=str(device))
 
-    staging = _staging_dir(output_uri)
-    try:
+    with store.staged_output(output_uri, OUTPUT_KIND) as staging:
         # 5. images, contact sheets, index and job file, into a private staging directory
         (staging / IMAGES_DIR).mkdir()
         (staging / SHEETS_DIR).mkdir()
@@ -399,78 +401,9 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
             seconds=time.monotonic() - started,
         )
         write_reports(staging, report, sheets, job_text)
-        # 7. publish the whole output at once
-        _publish(staging, output_uri)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        # 7. the whole output is published at once when the block ends
     log.info("wrote %d images to %s in %.1f s", len(rows), output_uri, report["seconds"])
     return report
-
-
-# --------------------------------------------------------------------------- publishing
-
-
-def _local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
-
-
-def _staging_dir(output_uri: str) -> Path:
-    """A private directory for the outputs: a hidden sibling of a local destination (so that
-    publishing is a rename), a temporary directory for S3."""
-    _check_replaceable(output_uri)
-    if store.is_s3(output_uri):
-        return Path(tempfile.mkdtemp(prefix="lorapipe-generate-"))
-    destination = _local_path(output_uri)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    return staging
-
-
-def _check_replaceable(output_uri: str) -> None:
-    """An output may replace nothing, an empty folder or an older generate output."""
-    if store.is_s3(output_uri):
-        existing = store.list_uris(output_uri)
-        is_output = store.exists(store.join(output_uri, OUTPUT_MARKERS[0]))
-    else:
-        destination = _local_path(output_uri)
-        if destination.exists() and not destination.is_dir():
-            raise ConfigError(f"--out '{output_uri}' is a file; give a folder")
-        existing = list(destination.iterdir()) if destination.is_dir() else []
-        is_output = all((destination / name).is_file() for name in OUTPUT_MARKERS)
-    if existing and not is_output:
-        raise ConfigError(
-            f"--out '{output_uri}' holds files that are not a lorapipe generate output; "
-            "give a new or empty folder"
-        )
-
-
-def _publish(staging: Path, output_uri: str) -> None:
-    """Local: rename into place (an older output is moved aside first and deleted after).
-    S3: upload with the manifest last, then delete objects the new output does not have."""
-    if store.is_s3(output_uri):
-        store.put_dir(staging, output_uri)
-        keep = {
-            store.join(output_uri, p.relative_to(staging).as_posix())
-            for p in staging.rglob("*")
-            if p.is_file()
-        } | {store.join(output_uri, store.MANIFEST_NAME)}
-        for uri in store.list_uris(output_uri):
-            if uri not in keep:
-                store.delete(uri)
-        return
-    destination = _local_path(output_uri)
-    if not destination.exists():
-        os.rename(staging, destination)
-        return
-    retired = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.old"
-    os.rename(destination, retired)
-    try:
-        os.rename(staging, destination)
-    except OSError:
-        os.rename(retired, destination)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- command line

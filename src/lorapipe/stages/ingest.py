@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
 import hashlib
 import io
@@ -60,14 +59,14 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from lorapipe import config as config_options
-from lorapipe import store
+from lorapipe import metadata_csv, store
 from lorapipe.config import Where, option
 from lorapipe.dataset import DatasetWriter, ImageRecord
 from lorapipe.errors import DatasetError, InputError
+from lorapipe.metadata_csv import METADATA_CSV
 
 log = logging.getLogger(__name__)
 
-METADATA_CSV = "metadata.csv"
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 REPORT_FILES = ("report.json", "report.md")
 # Pillow's own limit: about 89 megapixels, a 256 MiB RGB buffer
@@ -422,10 +421,10 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
     if located is None:
         return _Captions()
     uri, label = located
-    rows = parse_metadata(store.read_bytes(uri), label)
+    rows = metadata_csv.parse(store.read_bytes(uri), label)
     captions = _Captions(source=label, rows=len(rows))
     known = source.known()
-    for line, filename, text in rows:
+    for line, filename, text in ((row.line, row.filename, row.text) for row in rows):
         entry = {"line": line, "filename": filename}
         name = _clean_name(filename)
         why = _unsafe_name(filename)
@@ -440,53 +439,6 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
         else:
             captions.by_name[name] = text
     return captions
-
-
-def parse_metadata(data: bytes, label: str) -> list[tuple[int, str, str]]:
-    """(line, filename, text) of each row of a lora-scripts ``metadata.csv``: UTF-8 with or
-    without BOM, a ``filename,text`` header in any case, quoted fields with commas, quotes and
-    newlines. A file that is not UTF-8 or has no filename column is an InputError."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise InputError(
-            f"{label} line {line}: not UTF-8 (byte 0x{data[error.start]:02x}); "
-            "save the file as UTF-8"
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = [name.strip().lower() for name in next(reader, [])]
-        filename_column = _column(header, "filename", "file_name")
-        if filename_column is None:
-            found = ", ".join(header) or "nothing"
-            raise InputError(
-                f"{label} line 1: no 'filename' column in the header (found: {found}); "
-                "the first line must be filename,text"
-            )
-        text_column = _column(header, "text", "caption")
-        if text_column is None:
-            log.warning("%s has no 'text' column; every caption will be empty", label)
-        rows = []
-        last_line = reader.line_num
-        for row in reader:
-            line, last_line = last_line + 1, reader.line_num
-            if not any(cell.strip() for cell in row):
-                continue
-            filename = row[filename_column].strip() if len(row) > filename_column else ""
-            caption = ""
-            if text_column is not None and len(row) > text_column:
-                caption = row[text_column].strip()
-            rows.append((line, filename, caption))
-    except csv.Error as error:
-        raise InputError(
-            f"{label} line {reader.line_num}: {error}; check the quoting of that row"
-        ) from None
-    return rows
-
-
-def _column(header: list[str], *names: str) -> int | None:
-    return next((header.index(name) for name in names if name in header), None)
 
 
 # --------------------------------------------------------------------------- decoding

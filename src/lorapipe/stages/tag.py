@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import itertools
 import json
@@ -53,10 +52,10 @@ from lorapipe.captions import (
 from lorapipe.config import Where, option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
 from lorapipe.errors import ConfigError, DatasetError, ModelError, ObjectNotFoundError
+from lorapipe.metadata_csv import METADATA_CSV, MetadataWriter
 
 log = logging.getLogger(__name__)
 
-METADATA_CSV = "metadata.csv"
 FILE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 TAG_CATEGORY_FILES = {"general": "tags-general.txt", "character": "tags-character.txt"}
 # DeepDanbooru's own default input size, for a model whose input shape leaves it open
@@ -139,18 +138,16 @@ def run(dataset_uri: str, output_uri: str, config: TagConfig) -> dict:
         csv_path = Path(staging_dir) / METADATA_CSV
         with (
             DatasetWriter(output_uri) as writer,
-            csv_path.open("w", encoding="utf-8", newline="") as csv_file,
+            MetadataWriter(csv_path) as metadata,
             tqdm(total=total, desc="tag", unit="image", disable=None) as progress,
         ):
-            metadata = csv.writer(csv_file, lineterminator="\n")
-            metadata.writerow(["filename", "text"])
             records = read_records(dataset_uri, batch_rows=config.batch_size)
             for batch in _batches(records, config.batch_size):
                 scores = tagger.predict([decode_image(record) for record in batch])
                 for record, image_scores in zip(batch, scores, strict=True):
                     tagged = _tag_record(record, tagger.scored_tags(image_scores), rules, config)
                     writer.write(tagged)
-                    metadata.writerow([metadata_filename(tagged), tagged.caption])
+                    metadata.write(metadata_filename(tagged), tagged.caption)
                     stats.add(record, tagged)
                 progress.update(len(batch))
         store.upload_file(str(csv_path), store.join(output_uri, METADATA_CSV))

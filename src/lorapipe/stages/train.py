@@ -38,6 +38,7 @@ import yaml
 
 from lorapipe import config as config_options
 from lorapipe import store
+from lorapipe.checkpoint_layout import TRAINING_REPORT_NAME
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import TrainConfig, check_values, load_config
 
@@ -55,8 +56,6 @@ if TYPE_CHECKING:
     from lorapipe.training.validation import ValidationLoss, Validator
 
 log = logging.getLogger(__name__)
-
-TRAINING_REPORT_NAME = "training_report.json"
 
 
 def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]:

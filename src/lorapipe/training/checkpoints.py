@@ -1,13 +1,6 @@
 """Checkpoints: never half-written, mirrored to S3, pruned without losing the best, resumable.
 
-Layout (what ``lorapipe select`` reads)::
-
-    checkpoint-<step>/
-      pytorch_lora_weights.safetensors   the LoRA, as StableDiffusionPipeline.save_lora_weights writes it
-      lora_config.json                   rank, alpha, target modules per model
-      record.json                        step, epoch, training and validation losses
-      training_state/                    what resuming needs (below)
-      _COMPLETE                          written last
+The layout (what ``lorapipe select`` reads) is ``lorapipe.checkpoint_layout``'s.
 
 A checkpoint is assembled in a hidden directory next to the others, given ``_COMPLETE``, then
 renamed into place, so a crash at any moment leaves either a complete checkpoint or none. A
@@ -26,7 +19,6 @@ import base64
 import json
 import logging
 import random
-import re
 import shutil
 import tempfile
 import time
@@ -40,7 +32,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lorapipe import store
+from lorapipe.checkpoint_layout import (
+    COMPLETE_MARKER,
+    LORA_CONFIG_NAME,
+    OPTIMIZER_NAME,
+    RECORD_NAME,
+    STAGING_PREFIX,
+    STATE_DIR,
+    STATE_NAME,
+    TRAINABLE_NAME,
+    checkpoint_name,
+    complete_checkpoints,
+    read_losses,
+)
 from lorapipe.errors import TrainingError
+from lorapipe.selection_rule import DEFAULT_EPSILON, steps_to_keep
 from lorapipe.training.lora import lora_parameters, save_lora_weights
 from lorapipe.training.progress import LOSS_LOG_NAME
 
@@ -54,21 +60,6 @@ if TYPE_CHECKING:
     from lorapipe.training.validation import ValidationLoss
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT_DIR = re.compile(r"checkpoint-(\d+)")
-COMPLETE_MARKER = "_COMPLETE"
-RECORD_NAME = "record.json"
-LORA_CONFIG_NAME = "lora_config.json"
-STATE_DIR = "training_state"
-TRAINABLE_NAME = "trainable.safetensors"
-OPTIMIZER_NAME = "optimizer.pt"
-STATE_NAME = "state.json"
-STAGING_PREFIX = ".staging-checkpoint-"
-
-
-def checkpoint_name(step: int) -> str:
-    return f"checkpoint-{step}"
-
 
 # --------------------------------------------------------------------------- writing
 
@@ -118,55 +109,27 @@ def _remove_mirrored(mirror_uri: str, step: int) -> None:
         store.delete(uri)
 
 
-# --------------------------------------------------------------------------- finding
-
-
-def complete_checkpoints(output: Path) -> dict[int, Path]:
-    """{step: directory} of the complete checkpoints in a local output directory."""
-    found = {}
-    for directory in output.glob("checkpoint-*"):
-        match = CHECKPOINT_DIR.fullmatch(directory.name)
-        if match and (directory / COMPLETE_MARKER).is_file():
-            found[int(match.group(1))] = directory
-    return dict(sorted(found.items()))
-
-
-def mirrored_checkpoints(mirror_uri: str) -> dict[int, str]:
-    """{step: uri} of the complete checkpoints under an s3:// mirror."""
-    found = {}
-    base = mirror_uri.rstrip("/") + "/"
-    for uri in store.list_uris(mirror_uri):
-        parts = uri.removeprefix(base).split("/")
-        match = CHECKPOINT_DIR.fullmatch(parts[0])
-        if match and parts[1:] == [COMPLETE_MARKER]:
-            found[int(match.group(1))] = store.join(mirror_uri, parts[0])
-    return dict(sorted(found.items()))
-
-
-def read_record(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / RECORD_NAME).read_text())
-
-
-def best_by_validation(checkpoints: dict[int, Path]) -> int | None:
-    """The step with the lowest validation loss (the earliest among equals), if any has one."""
-    losses = {step: read_record(path).get("val_loss") for step, path in checkpoints.items()}
-    scored = [(loss, step) for step, loss in losses.items() if loss is not None]
-    return min(scored)[1] if scored else None
+# --------------------------------------------------------------------------- pruning
 
 
 def prune(output: Path, keep_last_n: int, mirrors: Iterable[str]) -> list[int]:
     """Delete all but the newest ``keep_last_n`` checkpoints, locally and on the mirrors, never
-    the best by validation loss. Returns the deleted steps."""
-    checkpoints = complete_checkpoints(output)
+    one that ``lorapipe select`` could choose at its default epsilon (``selection_rule``).
+    Returns the deleted steps."""
+    checkpoints = {step: Path(uri) for step, uri in complete_checkpoints(str(output)).items()}
     if keep_last_n <= 0 or len(checkpoints) <= keep_last_n:
         return []
-    keep = set(list(checkpoints)[-keep_last_n:]) | {best_by_validation(checkpoints)}
+    losses = [read_losses(path, step) for step, path in checkpoints.items()]
+    keep = set(list(checkpoints)[-keep_last_n:]) | steps_to_keep(losses, epsilon=DEFAULT_EPSILON)
     deleted = [step for step in checkpoints if step not in keep]
     for step in deleted:
         _remove_checkpoint(checkpoints[step])
         for mirror_uri in mirrors:
             _remove_mirrored(mirror_uri, step)
     return deleted
+
+
+# --------------------------------------------------------------------------- resuming
 
 
 def find_resume_point(resume: str, output: Path, mirrors: Iterable[str]) -> Path | None:
@@ -177,12 +140,14 @@ def find_resume_point(resume: str, output: Path, mirrors: Iterable[str]) -> Path
     candidates: dict[int, str | Path] = {}
     if resume in ("", "latest"):
         for mirror_uri in mirrors:
-            candidates.update(mirrored_checkpoints(mirror_uri))
-        candidates.update(complete_checkpoints(output))
+            candidates.update(complete_checkpoints(mirror_uri))
+        candidates.update(
+            {step: Path(uri) for step, uri in complete_checkpoints(str(output)).items()}
+        )
     if not resume:
         if candidates:
             raise TrainingError(
-                f"{output} already holds checkpoints (the newest is checkpoint-{max(candidates)}); "
+                f"{output} already holds checkpoints (the newest is {checkpoint_name(max(candidates))}); "
                 "continue that run with --resume latest, or give a new output_dir"
             )
         return None

@@ -17,7 +17,6 @@ handles it and however often training is interrupted: 2 processes at batch b tra
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import hashlib
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from lorapipe import store
+from lorapipe import metadata_csv, store
 from lorapipe.captions import split_caption, swap_left_right
 from lorapipe.dataset import INFO_NAME, ImageRecord, read_records
 from lorapipe.errors import ConfigError, InputError
@@ -117,7 +116,10 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
     root = folder.resolve()
     examples = []
     seen: set[str] = set()
-    for line, filename, caption in _metadata_rows(metadata):
+    for row in metadata_csv.read(metadata):
+        line, filename, caption = row.line, row.filename, row.text
+        if not filename:
+            raise InputError(f"{metadata} line {line}: no filename")
         path = (folder / filename).resolve()
         if not path.is_relative_to(root) or path.is_symlink():
             raise InputError(
@@ -149,30 +151,6 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
             )
         )
     return examples
-
-
-def _metadata_rows(metadata: Path) -> list[tuple[int, str, str]]:
-    """(line, filename, caption) of a lora-scripts metadata.csv with a filename,text header."""
-    with metadata.open(encoding="utf-8-sig", newline="") as file:
-        reader = csv.reader(file)
-        header = [name.strip().lower() for name in next(reader, [])]
-        columns = {name: index for index, name in enumerate(header)}
-        filename_column = columns.get("filename", columns.get("file_name"))
-        text_column = columns.get("text", columns.get("caption"))
-        if filename_column is None or text_column is None:
-            raise InputError(
-                f"{metadata} line 1: the header must name the columns 'filename' and 'text' "
-                f"(found {', '.join(header) or 'nothing'})"
-            )
-        rows = []
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) <= filename_column:
-                raise InputError(f"{metadata} line {reader.line_num}: no filename")
-            text = row[text_column].strip() if len(row) > text_column else ""
-            rows.append((reader.line_num, row[filename_column].strip(), text))
-    return rows
 
 
 def split_validation(
