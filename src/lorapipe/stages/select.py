@@ -53,6 +53,7 @@ from lorapipe.checkpoint_layout import (
 from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError, LoraFormatError
 from lorapipe.selection_rule import (
+    DEFAULT_EPSILON,
     METRICS,
     Selection,
     choose_checkpoint,
@@ -75,7 +76,7 @@ class SelectConfig:
     COMMAND: ClassVar[str] = "select"
 
     epsilon: float = option(
-        0.01,
+        DEFAULT_EPSILON,
         help="relative tolerance: a loss <= lowest x (1 + epsilon) counts as as good as the "
         "lowest, and the earliest such checkpoint wins",
         minimum=0,
