@@ -176,3 +176,13 @@ def write_training_output(
         (root / "training_report.json").write_text(json.dumps(report))
     (root / "loss_log.csv").write_text("step,epoch,loss,lr\n1,1,0.5,0.0001\n")
     return saved
+
+
+def selected_lora_folder(folder: Path) -> Path:
+    """A folder laid out as ``lorapipe select`` writes it (the files' bytes are stand-ins)."""
+    folder.mkdir()
+    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
+    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
+    (folder / "report.json").write_text(json.dumps({"files": files}))
+    return folder

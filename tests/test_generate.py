@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from lora_fixtures import selected_lora_folder
 from PIL import Image
 
 from lorapipe import cli, lora_format, store
@@ -211,22 +212,13 @@ def test_review_prompts_always_use_the_lora_just_trained(prompt: str, expected: 
     assert with_lora_tag(prompt, "filmstyle") == expected
 
 
-def _selected_lora(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
-    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
-    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
-    (folder / "report.json").write_text(json.dumps({"files": files}))
-    return folder
-
-
 def test_the_grid_loads_the_kohya_file_select_wrote(tmp_path: Path) -> None:
-    lora = _selected_lora(tmp_path / "lora")
+    lora = selected_lora_folder(tmp_path / "lora")
     assert chosen_lora(str(lora)) == ("filmstyle", str(lora / "filmstyle.safetensors"))
 
 
 def test_a_trained_lora_joins_the_job_and_every_prompt(tmp_path: Path) -> None:
-    lora = _selected_lora(tmp_path / "lora")
+    lora = selected_lora_folder(tmp_path / "lora")
     config = with_trained_lora(
         GenerateConfig(prompts=["a street", "a car, <lora:filmstyle:0.5>"], trained_lora=str(lora))
     )

@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lora_fixtures import add_random_lora, record, training_report, write_training_output
+from lora_fixtures import (
+    add_random_lora,
+    record,
+    selected_lora_folder,
+    training_report,
+    write_training_output,
+)
 from PIL import Image
 from safetensors import safe_open
 
@@ -345,19 +351,10 @@ def test_cli_publishes_like_the_pipeline_step(training_output, tmp_path: Path, s
     )
 
 
-def _selected_lora(folder: Path) -> Path:
-    folder.mkdir()
-    (folder / "filmstyle.safetensors").write_bytes(b"kohya")
-    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"diffusers")
-    files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
-    (folder / "report.json").write_text(json.dumps({"files": files}))
-    return folder
-
-
 def test_publishing_writes_a_run_scoped_copy_then_moves_latest(
     tmp_path: Path, s3_bucket: str
 ) -> None:
-    lora = _selected_lora(tmp_path / "lora")
+    lora = selected_lora_folder(tmp_path / "lora")
     first = publish(str(lora), f"{s3_bucket}/loras", "run/1 (retry)")
     second = publish(str(lora), f"{s3_bucket}/loras", "run-2")
 

@@ -189,3 +189,14 @@ def test_every_key_is_in_the_readme_config_reference() -> None:
         for cell in line.split("|")[1].split(",")
     }
     assert set(TrainConfig().to_dict()) <= documented
+
+
+def test_the_pipeline_parameter_is_checked_like_a_file() -> None:
+    from lorapipe.train_config import load_config_text
+
+    assert load_config_text("", {"lora_rank": 4}).lora_rank == 4
+    with pytest.raises(ConfigError) as error:
+        load_config_text("learning_rate: 1e-4\nlearning_rate: 1e-1\n")
+    assert str(error.value) == (
+        "training_config line 2: key 'learning_rate' is set twice (also on line 1); keep one"
+    )

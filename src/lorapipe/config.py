@@ -143,6 +143,25 @@ def load(
     origins: dict[str, str] = {}
     if path:
         raw, origins = read_mapping(path)
+    return with_overrides(config_class, raw, origins, overrides)
+
+
+def load_text(
+    config_class: type[C], text: str, label: str, overrides: Mapping[str, Any] | None = None
+) -> C:
+    """:func:`load` of YAML text (a pipeline parameter) named ``label`` in errors; an empty
+    text means the defaults."""
+    raw, origins = parse_mapping(text, label) if text.strip() else ({}, {})
+    return with_overrides(config_class, raw, origins, overrides)
+
+
+def with_overrides(
+    config_class: type[C],
+    raw: dict[str, Any],
+    origins: dict[str, str],
+    overrides: Mapping[str, Any] | None,
+) -> C:
+    """The config of ``raw`` with ``overrides`` (flags, or the pipeline's own keys) on top."""
     for key, value in (overrides or {}).items():
         flag = "--" + str(key).replace("_", "-")
         raw[key] = value
@@ -188,24 +207,30 @@ def unknown_key(key: Any, known: Mapping[str, Any], origin: str, config_class: t
 
 
 def read_mapping(path: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """({key: value}, {key: "FILE line N: key 'k'"}) of a YAML (or JSON) mapping file.
+    """({key: value}, {key: "FILE line N: key 'k'"}) of a YAML (or JSON) mapping file."""
+    return parse_mapping(_read_text(path), path)
+
+
+def parse_mapping(text: str, label: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """:func:`read_mapping` of YAML text that came from ``label`` (a file, a parameter).
 
     A key written twice is an error naming both lines (YAML itself keeps the last silently);
-    an empty file is an error saying so.
+    an empty text is an error saying so.
     """
-    text = _read_text(path)
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
         values = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML; fix the syntax there") from None
+        raise ConfigError(f"{label}{where}: not valid YAML; fix the syntax there") from None
     if document is None:
-        raise ConfigError(f"{path}: the file is empty; write 'key: value' lines, e.g. 'epochs: 10'")
+        raise ConfigError(
+            f"{label}: the file is empty; write 'key: value' lines, e.g. 'epochs: 10'"
+        )
     if not isinstance(values, dict) or not isinstance(document, yaml.MappingNode):
         raise ConfigError(
-            f"{path}: expected 'key: value' lines (a mapping), e.g. 'learning_rate: 1e-4'"
+            f"{label}: expected 'key: value' lines (a mapping), e.g. 'learning_rate: 1e-4'"
         )
     origins: dict[str, str] = {}
     first_line: dict[str, int] = {}
@@ -213,11 +238,11 @@ def read_mapping(path: str) -> tuple[dict[str, Any], dict[str, str]]:
         key, line = key_node.value, key_node.start_mark.line + 1
         if key in first_line:
             raise ConfigError(
-                f"{path} line {line}: key '{key}' is set twice (also on line {first_line[key]}); "
+                f"{label} line {line}: key '{key}' is set twice (also on line {first_line[key]}); "
                 "keep one"
             )
         first_line[key] = line
-        origins[key] = f"{path} line {line}: key '{key}'"
+        origins[key] = f"{label} line {line}: key '{key}'"
     return values, origins
 
 

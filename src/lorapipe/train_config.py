@@ -22,10 +22,8 @@ name that matches no layer at all is an error listing the names that exist.
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 from lorapipe import config
@@ -307,10 +305,7 @@ def load_config(path: str | None = None, overrides: Mapping[str, Any] | None = N
 
 def load_config_text(text: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
     """The config from YAML text (a pipeline parameter), checked like a file; empty: defaults."""
-    with tempfile.TemporaryDirectory(prefix="lorapipe-config-") as tmp:
-        config_file = Path(tmp) / "training_config.yaml"
-        config_file.write_text(text if text.strip() else "{}\n", encoding="utf-8")
-        return load_config(str(config_file), overrides)
+    return config.load_text(TrainConfig, text, "training_config", overrides)
 
 
 # --------------------------------------------------------------------------- values

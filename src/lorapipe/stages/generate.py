@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import re
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -256,11 +255,12 @@ def job_values_from_text(text: str, source: str) -> dict[str, Any]:
     """The checked values of job YAML given as text (a pipeline parameter); empty: none."""
     if not text.strip():
         return {}
-    with tempfile.TemporaryDirectory(prefix="lorapipe-job-") as tmp:
-        job_file = Path(tmp) / f"{source}.yaml"
-        job_file.write_text(text, encoding="utf-8")
-        values, _ = load_job(str(job_file))
-    return values
+    data, origins = config_options.parse_mapping(text, source)
+    if "base_model" in data:
+        raise ConfigError(
+            f"{origins['base_model']}: the pipeline sets the base model; leave it out"
+        )
+    return config_values(data, origins)
 
 
 def config_values(data: Mapping[str, Any], source: str | Mapping[str, str]) -> dict[str, Any]:
