@@ -8,7 +8,6 @@ text ``lorapipe <stage> --help`` prints; the rest are the pipeline's own and des
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -83,9 +82,9 @@ def described(function: F) -> F:
     """``function`` with an ``Args:`` docstring describing each of its parameters."""
     import inspect
 
-    lines = [SUMMARY, "", "Args:"]
-    for name in inspect.signature(function).parameters:
-        entry = f"{name}: {parameter_help(name)}"
-        lines += textwrap.wrap(entry, 96, initial_indent="    ", subsequent_indent="        ")
+    lines = [SUMMARY, "", "Args:"]  # one line a parameter: the UI shows line breaks as they are
+    lines += [
+        f"    {name}: {parameter_help(name)}" for name in inspect.signature(function).parameters
+    ]
     function.__doc__ = "\n".join(lines) + "\n"
     return function
