@@ -75,7 +75,7 @@ def parameter_help(name: str) -> str:
         o for o in config.options(config_reference.stage_configs()[command]) if o.name == key
     ]
     text = item.spec.help.replace("`", "")
-    return f"{text[0].upper()}{text[1:]} (lorapipe {command} --{key.replace('_', '-')})."
+    return f"{text[0].upper()}{text[1:]} (lorapipe {command} {config.flag(key)})."
 
 
 def described(function: F) -> F:

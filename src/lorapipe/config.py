@@ -106,9 +106,10 @@ class Option:
     default: Any
     spec: OptionSpec
 
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+
+def flag(key: str) -> str:
+    """The flag of a config key, as errors name it: ``train_data_dir`` -> ``--train-data-dir``."""
+    return "--" + key.replace("_", "-")
 
 
 def options(config_class: type) -> list[Option]:
@@ -163,9 +164,8 @@ def with_overrides(
 ) -> C:
     """The config of ``raw`` with ``overrides`` (flags, or the pipeline's own keys) on top."""
     for key, value in (overrides or {}).items():
-        flag = "--" + str(key).replace("_", "-")
         raw[key] = value
-        origins[key] = flag
+        origins[key] = flag(str(key))
     return from_mapping(config_class, raw, origins)
 
 
@@ -178,15 +178,10 @@ def from_mapping(
     def where(key: str) -> str:
         return origins.get(key, f"key '{key}'")
 
-    known = {item.name: item for item in options(config_class)}
-    values = {}
-    for key, value in raw.items():
-        if key not in known:
-            raise unknown_key(key, known, where(key), config_class)
-        values[key] = check_value(known[key], value, where(key))
-    missing = [name for name, item in known.items() if item.default is MISSING and name not in raw]
+    values = checked_values(config_class, raw, where)
+    missing = [o.name for o in options(config_class) if o.default is MISSING and o.name not in raw]
     if missing:
-        raise ConfigError(f"{missing[0]} is not set; give --{missing[0].replace('_', '-')}")
+        raise ConfigError(f"{missing[0]} is not set; give {flag(missing[0])}")
     config = config_class(**values)
     validate = getattr(config, "validate", None)
     if validate is not None:
@@ -194,6 +189,17 @@ def from_mapping(
     else:
         check_fields(config, where)
     return config
+
+
+def checked_values(config_class: type, raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
+    """``raw`` with every key known to ``config_class`` and every value of its key's type."""
+    known = {item.name: item for item in options(config_class)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise unknown_key(key, known, where(key), config_class)
+        values[key] = check_value(known[key], value, where(key))
+    return values
 
 
 def unknown_key(key: Any, known: Mapping[str, Any], origin: str, config_class: type) -> ConfigError:
@@ -421,16 +427,14 @@ def _number(value: float) -> str:
 # --------------------------------------------------------------------------- flags
 
 
-def add_arguments(
-    parser: argparse.ArgumentParser, config_class: type, *, exclude: Sequence[str] = ()
-) -> None:
+def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
     """A flag per key of ``config_class`` in both spellings, with its help text.
 
     Flags default to "not given", so only the flags a user types override the config file.
     """
     group = parser.add_argument_group(f"{getattr(config_class, 'COMMAND', 'config')} options")
     for item in options(config_class):
-        if not item.spec.flag or item.name in exclude:
+        if not item.spec.flag:
             continue
         kwargs: dict[str, Any] = {
             "dest": item.name,
@@ -453,7 +457,7 @@ def flag_names(item: Option) -> list[str]:
     """``--train-data-dir`` and ``--train_data_dir`` (and the aliases', likewise)."""
     names: list[str] = []
     for name in (item.name, *item.spec.aliases):
-        names += ["--" + name.replace("_", "-"), "--" + name]
+        names += [flag(name), "--" + name]
     return list(dict.fromkeys(names))
 
 

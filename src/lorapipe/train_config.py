@@ -289,9 +289,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
-
-
 # --------------------------------------------------------------------------- loading
 
 

@@ -266,14 +266,11 @@ def job_values_from_text(text: str, source: str) -> dict[str, Any]:
 def config_values(data: Mapping[str, Any], source: str | Mapping[str, str]) -> dict[str, Any]:
     """Check keys and types of job values (a job file or flags) and normalize them;
     ``source`` names where they came from (a label, or ``{key: origin}``)."""
-    known = {item.name: item for item in config_options.options(GenerateConfig)}
-    values: dict[str, Any] = {}
-    for key, value in data.items():
-        origin = source.get(key, key) if isinstance(source, Mapping) else f"{source}: key '{key}'"
-        if key not in known:
-            raise config_options.unknown_key(key, known, origin, GenerateConfig)
-        values[key] = config_options.check_value(known[key], value, origin)
-    return values
+
+    def where(key: str) -> str:
+        return source.get(key, key) if isinstance(source, Mapping) else f"{source}: key '{key}'"
+
+    return config_options.checked_values(GenerateConfig, data, where)
 
 
 def with_trained_lora(config: GenerateConfig) -> GenerateConfig:
@@ -427,7 +424,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[GenerateConfig, str]:
     """The job file's values with the flags given on top; (config, base model URI)."""
     values, base_model = load_job(args.job) if args.job else ({}, None)
     flags = config_options.overrides_from_args(args, GenerateConfig)
-    values |= config_values(flags, {key: "--" + key.replace("_", "-") for key in flags})
+    values |= config_values(flags, {key: config_options.flag(key) for key in flags})
     loras = dict(values.get("loras", {}))
     for text in args.lora or []:
         name, uri = parse_lora_flag(text)

@@ -151,7 +151,7 @@ class IngestConfig:
     def validate(self, where: Where | None = None) -> None:
         """Refuse settings that would make the cleaning meaningless, naming the flag."""
         config_options.check_fields(
-            self, where or (lambda key: f"{key} (--{key.replace('_', '-')})")
+            self, where or (lambda key: f"{key} ({config_options.flag(key)})")
         )
 
 

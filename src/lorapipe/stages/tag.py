@@ -455,10 +455,6 @@ def render_markdown(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- CLI
 
 
-def _tag_list(text: str) -> tuple[str, ...]:
-    return tuple(split_caption(text))
-
-
 def metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers the KFP UI shows for a tagging."""
     return {"images_tagged": report["rows"], "distinct_tags": len(report["tag_frequency"])}
