@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from lorapipe.training.buckets import BucketRule, Placed, bucket_report
+
 UNET_ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # every layer kind kohya's LoCon touches in an SD 1.x UNet: attention, feed-forward,
 # projections, resnet convs and time embeddings, down/upsampler convs
@@ -128,6 +130,12 @@ def training_report(model_dir: Path, *, output_name: str | None = "film_style") 
         "global_batch_size": 4,
         "steps": 300,
         "epochs": 3,
+        # what train reports about its buckets: 8 portraits and 4 squares
+        **bucket_report(
+            BucketRule(resolution=64, min_reso=32, max_reso=128, step=8),
+            [Placed(f"p{i}.png", (512, 768), (48, 72)) for i in range(8)]
+            + [Placed(f"s{i}.png", (512, 512), (64, 64)) for i in range(4)],
+        ),
     }
 
 

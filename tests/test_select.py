@@ -187,6 +187,18 @@ def test_select_writes_both_lora_files_of_the_chosen_checkpoint(
     assert json.loads(kohya_header["ss_tag_frequency"]) == {
         "film_street": {"film grain": 12, "street": 9, "night": 4}
     }
+    assert json.loads(kohya_header["ss_bucket_info"]) == {
+        "buckets": {
+            "0": {"resolution": [48, 72], "count": 8},
+            "1": {"resolution": [64, 64], "count": 4},
+        },
+        "mean_img_ar_error": 0.0,
+    }
+    assert (kohya_header["ss_enable_bucket"], kohya_header["ss_bucket_no_upscale"]) == (
+        "True",
+        "False",
+    )
+    assert (kohya_header["ss_min_bucket_reso"], kohya_header["ss_max_bucket_reso"]) == ("32", "128")
     assert kohya_header["ss_training_started_at"] == "1735787045.0"
     assert kohya_header["lorapipe.pipeline_run_id"] == "run-42"
     assert kohya_header["lorapipe.checkpoint_step"] == "200"

@@ -28,6 +28,7 @@ from lorapipe.stages.train import run, validate_checkpoint
 from lorapipe.train_config import TrainConfig
 
 COLORS = ("red", "green", "blue", "yellow")
+SIZES = ((80, 72), (56, 96), (96, 56))  # in buckets 64x56, 48x80 and 80x48 at resolution 64
 SHAPES = ("circle", "square")
 # Wide targets and a high learning rate: the tiny random UNet learns visibly in a few steps.
 WIDE_TARGETS = [
@@ -48,10 +49,13 @@ WEIGHT_ATOL = 2e-4
 
 
 def shape_image(index: int) -> tuple[Image.Image, str]:
+    """A coloured shape on white; landscape, portrait and near-square images take turns, so
+    training runs in several aspect-ratio buckets."""
     color, shape = COLORS[index % 4], SHAPES[(index // 4) % 2]
-    image = Image.new("RGB", (80, 72), "white")
+    width, height = SIZES[index % len(SIZES)]
+    image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    box = (12 + index % 3, 8, 64, 60)
+    box = (0.15 * width + index % 3, 0.1 * height, 0.8 * width, 0.85 * height)
     (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=color)
     return image, f"a {color} {shape}, white background"
 
@@ -165,7 +169,9 @@ def test_checkpoints_have_the_layout_select_reads(
     complete, incomplete = layout.find_checkpoints(str(output))
     assert sorted(complete) == [2, 4] and not incomplete
     record = json.loads((output / "checkpoint-4" / "record.json").read_text())
-    assert record["step"] == 4 and record["epoch"] == 2 and record["samples_seen"] == 8
+    # buckets of 3, 2 and 1 training images at global batch 2: batches of 2, 1, 2 and 1 (the
+    # remainders trained as shorter batches), 4 steps to the epoch
+    assert record["step"] == 4 and record["epoch"] == 1 and record["samples_seen"] == 6
     assert set(record["val_loss_by_timestep"]) == {"100", "300", "500", "700", "900"}
     assert layout.read_losses(complete[4], 4).val_loss == pytest.approx(record["val_loss"])
     modules = select.load_checkpoint_lora(complete[4])
@@ -176,6 +182,12 @@ def test_checkpoints_have_the_layout_select_reads(
     assert json.loads((output / "training_report.json").read_text()) == report
     assert report["num_train_images"] == 6 and report["num_val_images"] == 2
     assert report["global_batch_size"] == 2 and report["steps"] == 4
+    assert [(b["resolution"], b["images"]) for b in report["buckets"]] == [
+        ([48, 80], 3),
+        ([64, 56], 2),
+        ([80, 48], 1),
+    ]
+    assert report["short_batches"] == 2 and report["enable_bucket"] is True
     assert report["tag_frequency"]["white background"] == 6
     assert [row["step"] for row in csv.DictReader((output / "loss_log.csv").open())] == [
         "1",
@@ -402,8 +414,10 @@ def test_the_seed_yaml_runs_as_written(images: Path, tiny_model_dir: Path, tmp_p
 
     output = tmp_path / "output" / "film_style_lora"
     assert "LoRA on 16 UNet layers: to_q (8), to_v (8)" in stderr
-    assert sorted(layout.find_checkpoints(str(output))[0]) == [40]  # 7 images / 4 = 2 steps x 20
-    assert json.loads((output / "checkpoint-40" / "lora_config.json").read_text()) == {
+    # 7 training images in 3 buckets at batch 4: 3 steps per epoch, x 20 epochs
+    assert sorted(layout.find_checkpoints(str(output))[0]) == [60]
+    assert "aspect-ratio buckets at resolution 64" in stderr  # the default, as in kohya
+    assert json.loads((output / "checkpoint-60" / "lora_config.json").read_text()) == {
         "rank": 16,
         "alpha": 32.0,
         "unet_target_modules": ["to_q", "to_v"],

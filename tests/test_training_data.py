@@ -14,6 +14,7 @@ from PIL import Image
 from lorapipe.dataset import DatasetWriter, ImageRecord
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.train_config import TrainConfig
+from lorapipe.training.buckets import BucketRule, Size, source_box
 from lorapipe.training.data import (
     Example,
     Sample,
@@ -23,6 +24,7 @@ from lorapipe.training.data import (
     load_pixels,
     split_validation,
     training_caption,
+    upright_size,
     validation_noise,
 )
 
@@ -30,8 +32,24 @@ from lorapipe.training.data import (
 def example(name: str, group: str | None = None, mirrorable: bool = True) -> Example:
     return Example(
         id=name, image_path=Path(f"{name}.png"), sha256=name * 4, caption="a cat, left paw",
-        tags=(), group=group or name, mirrorable=mirrorable,
+        tags=(), group=group or name, mirrorable=mirrorable, name=f"{name}.png", size=(64, 64),
+        bucket=(64, 64),
     )  # fmt: skip
+
+
+def plan(buckets: list[Size], **changes: int) -> SamplePlan:
+    options = {"batch_size": 2, "num_processes": 1, "accumulation_steps": 1, "seed": 0}
+    return SamplePlan(buckets=tuple(buckets), **{**options, **changes})
+
+
+def trained(plan: SamplePlan, step: int) -> list[Sample]:
+    """Every sample of optimizer step ``step``, over all processes and micro-steps."""
+    return [
+        sample
+        for rank in range(plan.num_processes)
+        for micro_batch in plan.micro_batches(step, rank)
+        for sample in micro_batch
+    ]
 
 
 def write_folder(folder: Path, csv_text: str, names: list[str]) -> TrainConfig:
@@ -138,7 +156,7 @@ def test_holding_out_everything_is_refused() -> None:
 
 
 def test_two_processes_share_out_the_global_batch_of_one() -> None:
-    one = SamplePlan(num_examples=7, batch_size=4, num_processes=1, accumulation_steps=1, seed=3)
+    one = plan([(64, 64)] * 7, batch_size=4, seed=3)
     two = dataclasses.replace(one, batch_size=2, num_processes=2)
     for step in range(6):
         (together,) = one.micro_batches(step, 0)
@@ -147,14 +165,42 @@ def test_two_processes_share_out_the_global_batch_of_one() -> None:
         assert first + second == together
 
 
-def test_an_epoch_visits_every_example_padded_to_whole_batches() -> None:
-    plan = SamplePlan(num_examples=7, batch_size=2, num_processes=1, accumulation_steps=2, seed=0)
-    assert plan.steps_per_epoch == 2
-    epoch = [s for step in range(2) for batch in plan.micro_batches(step, 0) for s in batch]
-    assert {s.example_index for s in epoch} == set(range(7)) and len(epoch) == 8
-    assert [s.position for s in epoch] == list(range(8))
-    assert plan.order(0) != plan.order(1)
-    assert plan.micro_batches(2, 0)[0][0].epoch == 1
+def test_an_epoch_visits_every_example_once_a_remainder_as_a_shorter_batch() -> None:
+    square = plan([(64, 64)] * 7, accumulation_steps=2)
+    assert square.steps_per_epoch == 2 and square.short_batches_per_epoch == 1
+    epoch = [s for step in range(2) for batch in square.micro_batches(step, 0) for s in batch]
+    assert sorted(s.example_index for s in epoch) == list(range(7))
+    assert sorted(s.position for s in epoch) == list(range(7))
+    assert sorted(square.step_samples(step) for step in range(2)) == [3, 4]
+    assert square.order(0) != square.order(1)
+    assert square.micro_batches(2, 0)[0][0].epoch == 1
+    assert square.samples_seen(3) == 7 + square.step_samples(2)
+
+
+def test_every_step_trains_on_one_bucket_and_the_order_is_a_function_of_seed_and_epoch() -> None:
+    buckets = [(64, 64)] * 5 + [(48, 80)] * 3 + [(80, 48)] * 2
+    mixed = plan(buckets, batch_size=1, num_processes=2)
+    seen = []
+    for step in range(mixed.steps_per_epoch):
+        samples = [s for s in trained(mixed, step) if s.counts]
+        assert len({buckets[s.example_index] for s in samples}) == 1
+        seen += [s.example_index for s in samples]
+    assert sorted(seen) == list(range(10)) and mixed.steps_per_epoch == 3 + 2 + 1
+    assert mixed.short_batches_per_epoch == 2 and mixed.short_batches(12) == 4
+    again = plan(buckets, batch_size=1, num_processes=2)
+    assert [again.order(e) for e in (0, 1)] == [mixed.order(e) for e in (0, 1)]
+    assert plan(buckets, seed=1).order(0) != plan(buckets).order(0)
+
+
+def test_a_process_left_without_samples_joins_the_step_with_a_stand_in_that_counts_for_nothing() -> (
+    None
+):
+    lone = plan([(64, 64)] * 2 + [(48, 80)], batch_size=1, num_processes=2)
+    step = next(s for s in range(lone.steps_per_epoch) if lone.step_samples(s) == 1)
+    (first,) = lone.micro_batches(step, 0)
+    (second,) = lone.micro_batches(step, 1)
+    assert first[0].counts and not second[0].counts
+    assert plan([(64, 64)], batch_size=2).micro_batches(0, 0) == [[Sample(0, 0, 0)]]
 
 
 # --------------------------------------------------------------------------- draws
@@ -219,9 +265,37 @@ def test_pixels_are_scaled_cropped_and_in_minus_one_to_one(tmp_path: Path) -> No
     image = Image.new("RGB", (200, 100), "black")
     image.paste((255, 255, 255), (0, 0, 50, 100))  # a white left quarter
     image.save(tmp_path / "wide.png")
-    centre = load_pixels(tmp_path / "wide.png", 64, flip=False, crop_position=None)
-    left = load_pixels(tmp_path / "wide.png", 64, flip=False, crop_position=(0.0, 0.5))
-    mirrored = load_pixels(tmp_path / "wide.png", 64, flip=True, crop_position=(0.0, 0.5))
+    centre = load_pixels(tmp_path / "wide.png", (64, 64), flip=False, crop_position=None)
+    left = load_pixels(tmp_path / "wide.png", (64, 64), flip=False, crop_position=(0.0, 0.5))
+    mirrored = load_pixels(tmp_path / "wide.png", (64, 64), flip=True, crop_position=(0.0, 0.5))
     assert centre.shape == (3, 64, 64) and centre.min() >= -1 and centre.max() <= 1
     assert centre.mean() < -0.9  # the centre crop misses the white quarter
     assert left[:, :, :8].mean() > 0.9 and mirrored[:, :, -8:].mean() > 0.9
+    whole = load_pixels(tmp_path / "wide.png", (128, 64), flip=False, crop_position=None)
+    assert whole.shape == (3, 64, 128) and whole[:, :, :30].mean() > 0.9  # a bucket keeps it
+
+
+def test_a_portrait_keeps_the_bands_at_its_top_and_bottom_in_its_bucket(tmp_path: Path) -> None:
+    """The issue's test image: 600x900 with coloured bands a tenth of its height at the top and
+    bottom. The square crop used to train on the middle and drop both."""
+    image = Image.new("RGB", (600, 900), (128, 128, 128))
+    image.paste((255, 0, 0), (0, 0, 600, 90))
+    image.paste((0, 0, 255), (0, 810, 600, 900))
+    image.save(tmp_path / "bands.png")
+    rule = BucketRule(resolution=512)
+    bucket = rule.bucket_for((600, 900))
+    assert bucket == (384, 576) and source_box((600, 900), bucket, None) == (0, 0, 600, 900)
+    pixels = load_pixels(tmp_path / "bands.png", bucket, flip=False, crop_position=None)
+    red, blue = pixels[:, :50].mean(dim=(1, 2)), pixels[:, -50:].mean(dim=(1, 2))
+    assert red[0] > 0.9 and red[2] < -0.9 and blue[2] > 0.9 and blue[0] < -0.9
+    square = load_pixels(tmp_path / "bands.png", (512, 512), flip=False, crop_position=None)
+    assert square[0, :10].mean() < 0.1 and square[2, -10:].mean() < 0.1  # no band in a square
+
+
+def test_a_folder_image_s_size_is_as_displayed(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: stored landscape, shown portrait
+    Image.new("RGB", (90, 60)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("RGB", (90, 60)).save(tmp_path / "plain.png")
+    assert upright_size(tmp_path / "turned.jpg") == (60, 90)
+    assert upright_size(tmp_path / "plain.png") == (90, 60)

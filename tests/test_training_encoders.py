@@ -1,8 +1,9 @@
 """Latent and caption caches: each image (and mirror) VAE-encoded once, the same latents as
-encoding every step, keyed so that another VAE or resolution never reuses them."""
+encoding every step, keyed so that another VAE or bucket never reuses them."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -32,35 +33,43 @@ def examples(tmp_path: Path) -> list[Example]:
     for index, color in enumerate(("red", "blue", "green")):
         path = tmp_path / f"{color}.png"
         Image.new("RGB", (72, 64), color).save(path)
-        made.append(Example(color, path, f"{index}" * 64, color, (), color, True))
+        made.append(
+            Example(color, path, f"{index}" * 64, color, (), color, True, path.name, (72, 64))
+        )
+    # two in the 64x56 bucket, one in a portrait bucket: the cache encodes each bucket apart
+    made[:2] = [dataclasses.replace(e, bucket=(64, 56)) for e in made[:2]]
+    made[2] = dataclasses.replace(made[2], bucket=(48, 80))
     return made
 
 
 def test_each_image_and_mirror_is_encoded_once(
     pipeline, examples: list[Example], tmp_path: Path
 ) -> None:
-    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a")
     wanted = [(e, False) for e in examples] + [(examples[0], True)]
     assert cache.fill(wanted, rank=0, num_processes=1) == 4
     assert cache.fill(wanted, rank=0, num_processes=1) == 0
     assert len(list((tmp_path / "latents").rglob("*.safetensors"))) == 4
     parameters = cache.latent_parameters([(examples[0], False, None), (examples[0], True, None)])
-    assert parameters.shape == (2, 8, 8, 8)  # mean and log-variance of 4 channels, 8x8
+    assert parameters.shape == (2, 8, 7, 8)  # mean and log-variance of 4 channels, 8x7
+    assert cache.latent_parameters([(examples[2], False, None)]).shape == (1, 8, 10, 6)
 
 
 def test_processes_split_the_encoding(pipeline, examples: list[Example], tmp_path: Path) -> None:
-    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a")
     wanted = [(e, False) for e in examples]
     assert cache.fill(wanted, rank=0, num_processes=2) == 2
     assert cache.fill(wanted, rank=1, num_processes=2) == 1
 
 
-def test_another_vae_or_resolution_gets_its_own_entries(
+def test_another_vae_or_bucket_gets_its_own_entries(
     pipeline, examples: list[Example], tmp_path: Path
 ) -> None:
     paths = {
-        LatentCache(tmp_path, pipeline.vae, vae, resolution).path(examples[0], False)
-        for vae, resolution in (("vae-a", 64), ("vae-b", 64), ("vae-a", 128))
+        LatentCache(tmp_path, pipeline.vae, vae).path(
+            dataclasses.replace(examples[0], bucket=b), False
+        )
+        for vae, b in (("vae-a", (64, 56)), ("vae-b", (64, 56)), ("vae-a", (128, 112)))
     }
     assert len(paths) == 3
 
@@ -68,15 +77,18 @@ def test_another_vae_or_resolution_gets_its_own_entries(
 def test_cached_latents_equal_latents_encoded_every_step(
     pipeline, examples: list[Example], tmp_path: Path
 ) -> None:
-    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a", 64)
+    cache = LatentCache(tmp_path / "latents", pipeline.vae, "vae-a")
     cache.fill([(e, f) for e in examples for f in (False, True)], rank=0, num_processes=1)
-    items = [(examples[1], True, None), (examples[2], False, None)]
-    torch.testing.assert_close(
-        cache.latent_parameters(items),
-        EncodeEveryStep(pipeline.vae, 64).latent_parameters(items),
-        atol=1e-5,
-        rtol=0,
-    )
+    for items in (
+        [(examples[1], True, None), (examples[0], False, None)],
+        [(examples[2], False, None)],
+    ):
+        torch.testing.assert_close(
+            cache.latent_parameters(items),
+            EncodeEveryStep(pipeline.vae).latent_parameters(items),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_sampling_with_zero_noise_gives_the_scaled_mean() -> None:

@@ -25,14 +25,18 @@ def validator(pipeline, tmp_path: Path, count: int) -> Validator:
     examples = []
     for index in range(count):
         path = tmp_path / f"{index}.png"
-        Image.new("RGB", (64, 64), (index * 60, 100, 0)).save(path)
+        size = ((64, 64), (48, 80))[index % 2]  # each is validated at its own bucket
+        Image.new("RGB", size, (index * 60, 100, 0)).save(path)
         examples.append(
-            Example(f"img{index}", path, str(index) * 64, "a red circle", (), f"img{index}", True)
-        )
+            Example(
+                f"img{index}", path, str(index) * 64, "a red circle", (), f"img{index}", True,
+                path.name, size, size,
+            )
+        )  # fmt: skip
     return Validator(
         examples=examples,
         timesteps=[100, 500, 900],
-        latent_parameters=EncodeEveryStep(pipeline.vae, 64).latent_parameters,
+        latent_parameters=EncodeEveryStep(pipeline.vae).latent_parameters,
         encode_captions=CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder, cache=True),
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
         latent_scale=pipeline.vae.config.scaling_factor,

@@ -120,6 +120,12 @@ class TrainingFacts:
     text_encoder_lr: float | None = None
     num_train_images: int | None = None
     resolution: tuple[int, int] = (512, 512)
+    # aspect-ratio buckets, as kohya records them; bucket_info in ``ss_bucket_info``'s shape
+    enable_bucket: bool = False
+    min_bucket_reso: int | None = None
+    max_bucket_reso: int | None = None
+    bucket_no_upscale: bool = False
+    bucket_info: Mapping[str, Any] | None = None
     seed: int | None = None
     # kohya's shape: {dataset folder name: {tag: count}}
     tag_frequency: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -463,6 +469,11 @@ def kohya_metadata(facts: TrainingFacts) -> dict[str, str]:
         "ss_text_encoder_lr": facts.text_encoder_lr,
         "ss_num_train_images": facts.num_train_images,
         "ss_resolution": (width, height),
+        "ss_enable_bucket": facts.enable_bucket,
+        "ss_min_bucket_reso": facts.min_bucket_reso,
+        "ss_max_bucket_reso": facts.max_bucket_reso,
+        "ss_bucket_no_upscale": facts.bucket_no_upscale,
+        "ss_bucket_info": json.dumps(facts.bucket_info),
         "ss_seed": facts.seed,
         "ss_tag_frequency": json.dumps(facts.tag_frequency),
         "ss_training_started_at": facts.training_started_at,

@@ -147,12 +147,43 @@ class TrainConfig:
     )
     resolution: int | None = option(
         None,
-        help="square training size in pixels, a multiple of 8 of at least 64",
+        help="training size in pixels, a multiple of 8 of at least 64: buckets hold at most "
+        "resolution x resolution pixels; the square size with enable_bucket false",
         default_text="null (= the model's native size, 512 for SD 1.5)",
+    )
+    enable_bucket: bool = option(
+        True,
+        help="train each image at the aspect ratio closest to its own (aspect-ratio buckets), "
+        "cropped only by the rounding to bucket_reso_steps; false: every image is scaled and "
+        "cropped to a square",
+    )
+    min_bucket_reso: int | None = option(
+        None,
+        help="shortest bucket side in pixels",
+        minimum=8,
+        default_text="null (= 256; resolution / 2 below 512)",
+    )
+    max_bucket_reso: int | None = option(
+        None,
+        help="longest bucket side in pixels",
+        minimum=8,
+        default_text="null (= 2 x resolution: 1024 for SD 1.x)",
+    )
+    bucket_reso_steps: int | None = option(
+        None,
+        help="bucket sides are multiples of this many pixels, itself a multiple of 8",
+        minimum=8,
+        default_text="null (= 64; resolution / 8 below 512)",
+    )
+    bucket_no_upscale: bool = option(
+        False,
+        help="never enlarge an image: one with fewer than resolution x resolution pixels trains "
+        "at its own size rounded down to bucket_reso_steps",
     )
     crop: str = option(
         "center",
-        help="crop after scaling the short side to `resolution` (random disables the latent cache)",
+        help="where the crop sits when an image is scaled to cover its bucket (random disables "
+        "the latent cache)",
         choices=CROPS,
         ignore_case=True,
     )
@@ -322,6 +353,16 @@ def check_values(train: TrainConfig, origin: Where | None = None) -> None:
     if train.resolution is not None and (train.resolution < 64 or train.resolution % 8):
         raise ConfigError(
             f"{where('resolution')} must be a multiple of 8 of at least 64, got {train.resolution}"
+        )
+    if train.bucket_reso_steps is not None and train.bucket_reso_steps % 8:
+        raise ConfigError(
+            f"{where('bucket_reso_steps')} must be a multiple of 8 (the VAE's pixels per latent), "
+            f"got {train.bucket_reso_steps}"
+        )
+    if (train.min_bucket_reso or 0) > (train.max_bucket_reso or float("inf")):
+        raise ConfigError(
+            f"{where('min_bucket_reso')} ({train.min_bucket_reso}) is above max_bucket_reso "
+            f"({train.max_bucket_reso}); swap them"
         )
     if not train.min_timestep < train.max_timestep <= NUM_TRAIN_TIMESTEPS:
         raise ConfigError(

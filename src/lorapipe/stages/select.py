@@ -58,6 +58,7 @@ from lorapipe.selection_rule import (
     Selection,
     choose_checkpoint,
 )
+from lorapipe.training.buckets import kohya_bucket_info
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,11 @@ def training_facts(
         else None,
         num_train_images=training_report.get("num_train_images"),
         resolution=_resolution(training_report.get("resolution", config.get("resolution"))),
+        enable_bucket=bool(training_report.get("enable_bucket")),
+        min_bucket_reso=training_report.get("min_bucket_reso"),
+        max_bucket_reso=training_report.get("max_bucket_reso"),
+        bucket_no_upscale=bool(training_report.get("bucket_no_upscale")),
+        bucket_info=kohya_bucket_info(training_report),
         seed=config.get("seed"),
         tag_frequency={dataset_name: dict(training_report.get("tag_frequency") or {})},
         training_started_at=_unix_seconds(training_report.get("started_at")),

@@ -67,6 +67,7 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     import torch
     from accelerate.utils import set_seed
 
+    from lorapipe.training.buckets import bucket_table
     from lorapipe.training.checkpoints import Checkpointer
     from lorapipe.training.lora import lora_config_record
     from lorapipe.training.objective import per_sample_mse
@@ -106,8 +107,10 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     with TrainingLog(
         paths, start_step, data.total_steps, enabled=accelerator.is_main_process
     ) as progress:
+        progress.text("buckets", bucket_table(data.buckets))
         for step in range(start_step, data.total_steps):
             micro_batches = data.plan.micro_batches(step, accelerator.process_index)
+            step_samples = data.plan.step_samples(step)  # fewer for a bucket's remainder
             step_loss = torch.zeros((), device=accelerator.device)
             for index, samples in enumerate(micro_batches):
                 with _sync_gradients(accelerator, trained, last=index == len(micro_batches) - 1):
@@ -116,10 +119,12 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
                         prediction = unet(
                             batch.noisy_latents, batch.timesteps, batch.hidden_states
                         ).sample
-                    loss = (per_sample_mse(prediction, batch.target) * batch.loss_weights).mean()
-                    accelerator.backward(loss / len(micro_batches))
-                step_loss += loss.detach() / len(micro_batches)
-            mean_loss = accelerator.reduce(step_loss, reduction="mean").item()
+                    losses = per_sample_mse(prediction, batch.target) * batch.loss_weights
+                    loss_share = losses.sum() / step_samples  # of the step's mean loss
+                    # gradients are averaged over processes: scale so they sum instead
+                    accelerator.backward(loss_share * accelerator.num_processes)
+                step_loss += loss_share.detach()
+            mean_loss = accelerator.reduce(step_loss, reduction="sum").item()
             _stop_if_diverged(mean_loss, step + 1, checkpointer.last)
             accelerator.clip_grad_norm_(trainable_parameters, config.max_grad_norm)
             optimizer.step()
@@ -128,14 +133,12 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
 
             done, epoch = step + 1, data.plan.epoch_of(step) + 1
             running_loss.update(mean_loss)
-            progress.step(
-                done, epoch, mean_loss, lr_scheduler.get_last_lr()[0], data.plan.global_batch
-            )
+            progress.step(done, epoch, mean_loss, lr_scheduler.get_last_lr()[0], step_samples)
             if done == data.total_steps or (config.save_steps and done % config.save_steps == 0):
                 with eval_mode(*[accelerator.unwrap_model(model) for model in trained]):
                     validation = validate(models.unet, accelerator)
                 progress.validation(done, validation)
-                checkpointer.save(done, epoch, validation)
+                checkpointer.save(done, epoch, data.plan.samples_seen(done), validation)
 
     report = training_report(config, models, data, started_at, throughput=progress.throughput)
     if accelerator.is_main_process:
@@ -241,7 +244,8 @@ class Models:
     model_dir: Path
     targets: TargetModules  # what got adapters
     resolution: int
-    latent_shape: tuple[int, int, int]  # of one image's latents at ``resolution``
+    latent_channels: int
+    vae_scale_factor: int  # image pixels per latent pixel, on each side
     latent_scale: float
     weight_dtype: torch.dtype  # of the frozen weights: float16/bfloat16 under mixed precision
 
@@ -283,7 +287,8 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
         model_dir=model_dir,
         targets=targets,
         resolution=resolution,
-        latent_shape=(unet.config.in_channels, resolution // vae_scale, resolution // vae_scale),
+        latent_channels=unet.config.in_channels,
+        vae_scale_factor=vae_scale,
         latent_scale=vae.config.scaling_factor,
         weight_dtype=weight_dtype,
     )
@@ -291,26 +296,43 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
 
 @dataclasses.dataclass
 class TrainingData:
-    train_examples: list[Example]
+    train_examples: list[Example]  # each with its bucket
     val_examples: list[Example]
     latents: LatentCache | EncodeEveryStep
     plan: SamplePlan
     total_steps: int
+    buckets: dict[str, Any]  # training_report.json's bucket part (``buckets.bucket_report``)
 
 
 def load_data(
     config: TrainConfig, models: Models, paths: OutputPaths, accelerator: Accelerator
 ) -> TrainingData:
-    """The examples, split into training and held-out, their latents cached, and the plan of
-    which process trains on which samples at each step."""
-    from lorapipe.training.data import SamplePlan, load_examples, split_validation
+    """The examples in their buckets, split into training and held-out, their latents cached,
+    and the plan of which process trains on which samples at each step."""
+    from lorapipe.training.buckets import (
+        BucketRule,
+        Placed,
+        bucket_report,
+        bucket_table,
+        crop_warning,
+    )
+    from lorapipe.training.data import SamplePlan, load_examples, split_validation, with_buckets
 
+    rule = BucketRule.for_training(
+        models.resolution,
+        enable_bucket=config.enable_bucket,
+        min_bucket_reso=config.min_bucket_reso,
+        max_bucket_reso=config.max_bucket_reso,
+        bucket_reso_steps=config.bucket_reso_steps,
+        bucket_no_upscale=config.bucket_no_upscale,
+    )
     with accelerator.main_process_first():
-        examples = load_examples(config, paths.cache / "images")
+        examples = with_buckets(load_examples(config, paths.cache / "images"), rule)
     train_examples, val_examples = split_validation(examples, config.validation_split)
+    buckets = bucket_report(rule, [Placed(e.name, e.size, e.bucket) for e in train_examples])
     latents = latent_source(config, models, train_examples, val_examples, paths.cache, accelerator)
     plan = SamplePlan(
-        num_examples=len(train_examples),
+        buckets=tuple(e.bucket for e in train_examples),
         batch_size=config.batch_size,
         num_processes=accelerator.num_processes,
         accumulation_steps=config.gradient_accumulation_steps,
@@ -319,12 +341,20 @@ def load_data(
     total_steps = config.max_train_steps or config.epochs * plan.steps_per_epoch
     log.info(
         "%d training images, %d held out; global batch %d = batch_size %d x %d processes x %d "
-        "accumulation steps; %d steps, %d per epoch",
+        "accumulation steps; %d steps, %d per epoch (%d of them shorter: a bucket's remainder)",
         len(train_examples), len(val_examples), plan.global_batch, config.batch_size,
         accelerator.num_processes, config.gradient_accumulation_steps, total_steps,
-        plan.steps_per_epoch,
+        plan.steps_per_epoch, plan.short_batches_per_epoch,
     )  # fmt: skip
-    return TrainingData(train_examples, val_examples, latents, plan, total_steps)
+    log.info(
+        "%s at resolution %d, %.1f%% of pixels cropped (square training: %.1f%%):\n%s",
+        "aspect-ratio buckets" if rule.enabled else "square crops", rule.resolution,
+        100 * buckets["mean_crop_fraction"], 100 * buckets["square_crop_fraction"],
+        bucket_table(buckets),
+    )  # fmt: skip
+    if warning := crop_warning(buckets):
+        log.warning(warning)
+    return TrainingData(train_examples, val_examples, latents, plan, total_steps, buckets)
 
 
 def latent_source(
@@ -343,12 +373,11 @@ def latent_source(
     if not config.cache_latents or config.crop == "random":
         if config.cache_latents:
             log.info("latent cache off: random crops differ every time (crop: center caches them)")
-        return EncodeEveryStep(models.vae, models.resolution)
+        return EncodeEveryStep(models.vae)
     cache = LatentCache(
         directory=cache_root / "latents",
         vae=models.vae,
         vae_id=vae_identity(models.model_dir / "vae", models.weight_dtype),
-        resolution=models.resolution,
     )
     wanted = [(e, False) for e in train_examples + val_examples]
     wanted += [(e, True) for e in train_examples if config.flip_aug and e.mirrorable]
@@ -386,7 +415,8 @@ def batch_makers(
         latent_parameters=data.latents.latent_parameters,
         encode_captions=encode_captions,
         noise_scheduler=models.noise_scheduler,
-        latent_shape=models.latent_shape,
+        latent_channels=models.latent_channels,
+        vae_scale_factor=models.vae_scale_factor,
         latent_scale=models.latent_scale,
         accelerator=accelerator,
     )
@@ -513,6 +543,8 @@ def training_report(
         "global_batch_size": data.plan.global_batch,
         "num_processes": data.plan.num_processes,
         "steps": data.total_steps,
+        "short_batches": data.plan.short_batches(data.total_steps),
+        **data.buckets,
         "epochs": math.ceil(data.total_steps / data.plan.steps_per_epoch),
         "lora": lora_config_record(config, models.targets),
         "samples_per_second": throughput,

@@ -30,7 +30,7 @@ class Batch:
     timesteps: torch.Tensor
     hidden_states: torch.Tensor
     target: torch.Tensor  # what the UNet should predict: noise or velocity
-    loss_weights: torch.Tensor  # per sample: min-SNR weights, or ones
+    loss_weights: torch.Tensor  # per sample: min-SNR weights or ones; 0 for a stand-in
 
 
 @dataclass
@@ -44,16 +44,21 @@ class TrainingBatches:
     ]
     encode_captions: Callable[[Sequence[str]], torch.Tensor]
     noise_scheduler: DDPMScheduler
-    latent_shape: tuple[int, int, int]
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent pixel
     latent_scale: float
     accelerator: Accelerator
 
     def __call__(self, samples: Sequence[Sample]) -> Batch:
         config, device = self.config, self.accelerator.device
         examples = [self.examples[sample.example_index] for sample in samples]
-        draws = [
-            draw(config, s, e, self.latent_shape) for s, e in zip(samples, examples, strict=True)
-        ]
+        width, height = examples[0].bucket  # a micro-batch is one bucket
+        latent_shape = (
+            self.latent_channels,
+            height // self.vae_scale_factor,
+            width // self.vae_scale_factor,
+        )
+        draws = [draw(config, s, e, latent_shape) for s, e in zip(samples, examples, strict=True)]
         crops = [d.crop_position if config.crop == "random" else None for d in draws]
         parameters = self.latent_parameters(
             [(e, d.flip, crop) for e, d, crop in zip(examples, draws, crops, strict=True)]
@@ -79,10 +84,11 @@ class TrainingBatches:
             weights = min_snr_weights(self.noise_scheduler, timesteps, config.snr_gamma)
         else:
             weights = torch.ones(len(samples), device=device)
+        counts = torch.tensor([float(s.counts) for s in samples], device=device)
         return Batch(
             noisy_latents=self.noise_scheduler.add_noise(latents, noise, timesteps),
             timesteps=timesteps,
             hidden_states=hidden_states,
             target=prediction_target(self.noise_scheduler, latents, noise, timesteps),
-            loss_weights=weights,
+            loss_weights=weights * counts,
         )

@@ -276,7 +276,7 @@ class Checkpointer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
     running_loss: RunningLoss
-    plan: dict[str, int]  # data.SamplePlan.signature
+    plan: dict[str, int | str]  # data.SamplePlan.signature
     last: str | None = None  # the newest complete checkpoint of this run
     elapsed_before: float = 0.0  # training seconds of earlier attempts
     started: float = field(default_factory=time.perf_counter)
@@ -335,7 +335,9 @@ class Checkpointer:
             self.accelerator.num_processes,
         )
 
-    def save(self, step: int, epoch: int, validation: ValidationLoss | None) -> None:
+    def save(
+        self, step: int, epoch: int, samples_seen: int, validation: ValidationLoss | None
+    ) -> None:
         """Write ``checkpoint-<step>`` with a record of the losses since the last one and the
         ``ValidationLoss`` (or None), mirror it and prune old ones."""
         from accelerate.utils import gather_object
@@ -349,7 +351,7 @@ class Checkpointer:
             "val_loss": validation.mean if validation else None,
             "val_loss_by_timestep": validation.by_timestep if validation else {},
             "learning_rate": self.lr_scheduler.get_last_lr()[0],
-            "samples_seen": step * self.plan["global_batch"],
+            "samples_seen": samples_seen,
             "wall_time": self.elapsed,
         }
         self.last = str(self.output / checkpoint_name(step))

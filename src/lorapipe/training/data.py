@@ -22,6 +22,7 @@ import functools
 import hashlib
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,8 +36,11 @@ from lorapipe.dataset import INFO_NAME, ImageRecord, read_records
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 from lorapipe.train_config import TrainConfig
+from lorapipe.training.buckets import BucketRule, Size, source_box
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+EXIF_ORIENTATION = 0x0112
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that turn the image by 90 degrees
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class Example:
     tags: tuple[str, ...]
     group: str  # the original's id: an image and its mirrored copy are held out together
     mirrorable: bool  # flip_aug may mirror it (not a mirror, has none, no text/asymmetry tags)
+    name: str  # what a person calls it: the file name in the folder or the dataset's source
+    size: Size  # (width, height) of the upright image
+    bucket: Size = (0, 0)  # the (width, height) it trains at: see ``with_buckets``
 
 
 # --------------------------------------------------------------------------- loading
@@ -99,6 +106,8 @@ def _examples_from_dataset(uri: str, image_cache: Path) -> list[Example]:
                 tags=tuple(record.tags),
                 group=record.parent_id if record.flipped and record.parent_id else record.id,
                 mirrorable=not record.flipped and flip_blocker(record, DEFAULT_SKIP_TAGS) is None,
+                name=record.source or record.id,
+                size=(record.width, record.height),
             )
         )
     mirrored = {e.group for e in examples if e.group != e.id}
@@ -148,9 +157,26 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
                 tags=(),
                 group=sha256[:16],
                 mirrorable=flip_blocker(plain, DEFAULT_SKIP_TAGS) is None,
+                name=filename,
+                size=upright_size(path),
             )
         )
     return examples
+
+
+def upright_size(path: Path) -> Size:
+    """(width, height) of the image as displayed: EXIF rotations by 90 degrees swap them.
+    Reads the header only."""
+    with Image.open(path) as opened:
+        width, height = opened.size
+        orientation = opened.getexif().get(EXIF_ORIENTATION, 1)
+    return (height, width) if orientation in ROTATED_ORIENTATIONS else (width, height)
+
+
+def with_buckets(examples: Sequence[Example], rule: BucketRule) -> list[Example]:
+    """``examples`` with the bucket each trains at (a mirrored copy has its original's size,
+    so it lands in the same bucket)."""
+    return [dataclasses.replace(e, bucket=rule.bucket_for(e.size)) for e in examples]
 
 
 def split_validation(
@@ -187,65 +213,135 @@ class Sample:
     example_index: int
     epoch: int
     position: int
+    counts: bool = True  # False: a stand-in that only joins the gradient all-reduce (weight 0)
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The examples of one optimizer step (all from one bucket) and where they start in their
+    epoch's order."""
+
+    first_position: int
+    example_indices: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SamplePlan:
     """Which samples each process trains on at each optimizer step.
 
-    Every epoch is a seeded permutation of the examples, padded at the end with its own start so
-    that it fills whole global batches. Global batch ``k`` of an epoch is positions
-    ``[k * G, (k + 1) * G)``; micro-step ``m`` gives process ``r`` the ``batch_size`` positions
-    starting at ``(m * num_processes + r) * batch_size`` within it.
+    Every epoch, each bucket's examples are shuffled (seeded by seed, epoch and bucket) and cut
+    into global batches of ``global_batch``; a bucket's remainder is one shorter batch. The
+    batches of all buckets are then shuffled together (seeded by seed and epoch), so every
+    optimizer step trains on one bucket and the epoch order is a pure function of (seed, epoch).
+    Micro-step ``m`` gives process ``r`` the ``batch_size`` examples starting at
+    ``(m * num_processes + r) * batch_size`` within the step's global batch.
     """
 
-    num_examples: int
+    buckets: tuple[Size, ...]  # the bucket of each example, by example index
     batch_size: int
     num_processes: int
     accumulation_steps: int
     seed: int
 
     @property
+    def num_examples(self) -> int:
+        return len(self.buckets)
+
+    @property
     def global_batch(self) -> int:
         return self.batch_size * self.num_processes * self.accumulation_steps
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.num_examples / self.global_batch)
+    @functools.cached_property
+    def examples_by_bucket(self) -> dict[Size, list[int]]:
+        by_bucket: dict[Size, list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            by_bucket.setdefault(bucket, []).append(index)
+        return dict(sorted(by_bucket.items()))
 
     @property
-    def signature(self) -> dict[str, int]:
+    def steps_per_epoch(self) -> int:
+        return sum(math.ceil(len(m) / self.global_batch) for m in self.examples_by_bucket.values())
+
+    @property
+    def short_batches_per_epoch(self) -> int:
+        """Steps of an epoch that train on fewer than ``global_batch`` samples."""
+        return sum(1 for m in self.examples_by_bucket.values() if len(m) % self.global_batch)
+
+    @property
+    def signature(self) -> dict[str, int | str]:
         """What a resumed run must share with the run it resumes to see the same samples in the
         same order (the number of processes may change; the global batch may not)."""
+        buckets = hashlib.sha256(repr(self.buckets).encode()).hexdigest()[:16]
         return {
             "num_examples": self.num_examples,
             "global_batch": self.global_batch,
             "seed": self.seed,
+            "buckets": buckets,
         }
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def samples_seen(self, steps: int) -> int:
+        """How many samples the first ``steps`` optimizer steps train on."""
+        full_epochs, rest = divmod(steps, self.steps_per_epoch)
+        partial = sum(len(batch.example_indices) for batch in self.order(full_epochs)[:rest])
+        return full_epochs * self.num_examples + partial
+
+    def short_batches(self, total_steps: int) -> int:
+        """Steps of the first ``total_steps`` that train on fewer than ``global_batch``."""
+        full_epochs, rest = divmod(total_steps, self.steps_per_epoch)
+        last = self.order(full_epochs)[:rest] if rest else []
+        partial = sum(1 for batch in last if len(batch.example_indices) < self.global_batch)
+        return full_epochs * self.short_batches_per_epoch + partial
+
     @functools.lru_cache(maxsize=2)  # noqa: B019 - plans are few and immutable
-    def order(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(_seed_of("order", self.seed, epoch))
-        permutation = torch.randperm(self.num_examples, generator=generator).tolist()
-        length = self.steps_per_epoch * self.global_batch
-        return [permutation[position % self.num_examples] for position in range(length)]
+    def order(self, epoch: int) -> list[GlobalBatch]:
+        """The global batches of ``epoch``, in training order."""
+        batches = []
+        for (width, height), members in self.examples_by_bucket.items():
+            generator = torch.Generator().manual_seed(
+                _seed_of("order", self.seed, epoch, width, height)
+            )
+            shuffled = [members[i] for i in torch.randperm(len(members), generator=generator)]
+            batches += [
+                shuffled[start : start + self.global_batch]
+                for start in range(0, len(shuffled), self.global_batch)
+            ]
+        generator = torch.Generator().manual_seed(_seed_of("batches", self.seed, epoch))
+        ordered, position = [], 0
+        for index in torch.randperm(len(batches), generator=generator).tolist():
+            ordered.append(GlobalBatch(position, tuple(batches[index])))
+            position += len(batches[index])
+        return ordered
+
+    def step_samples(self, step: int) -> int:
+        """How many samples optimizer step ``step`` trains on (less than ``global_batch`` for a
+        bucket's remainder)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        return len(self.order(epoch)[index].example_indices)
 
     def micro_batches(self, step: int, rank: int) -> list[list[Sample]]:
-        """The samples of process ``rank`` for each micro-step of optimizer step ``step``."""
+        """The samples of process ``rank`` for each of its micro-steps of optimizer step
+        ``step``. A short batch leaves some micro-steps empty: they are skipped, except that
+        with several processes the last one (where gradients are all-reduced) gets a stand-in
+        sample that counts for nothing."""
         epoch, index = divmod(step, self.steps_per_epoch)
-        order = self.order(epoch)
-        batches = []
+        batch = self.order(epoch)[index]
+        micro_batches = []
         for micro_step in range(self.accumulation_steps):
-            first = (
-                index * self.global_batch
-                + (micro_step * self.num_processes + rank) * self.batch_size
+            first = (micro_step * self.num_processes + rank) * self.batch_size
+            members = batch.example_indices[first : first + self.batch_size]
+            micro_batches.append(
+                [
+                    Sample(example_index, epoch, batch.first_position + first + offset)
+                    for offset, example_index in enumerate(members)
+                ]
             )
-            positions = range(first, first + self.batch_size)
-            batches.append([Sample(order[p], epoch, p) for p in positions])
-        return batches
+        if self.num_processes > 1 and not micro_batches[-1]:
+            stand_in = Sample(batch.example_indices[0], epoch, batch.first_position, counts=False)
+            micro_batches[-1] = [stand_in]
+        return [samples for samples in micro_batches if samples]
 
 
 def _seed_of(*parts: object) -> int:
@@ -323,22 +419,15 @@ def training_caption(
 
 
 def load_pixels(
-    path: Path, resolution: int, *, flip: bool, crop_position: tuple[float, float] | None
+    path: Path, bucket: Size, *, flip: bool, crop_position: tuple[float, float] | None
 ) -> torch.Tensor:
-    """The image as a (3, resolution, resolution) tensor in [-1, 1]: shorter side scaled to
-    ``resolution``, then cropped at the centre (``crop_position`` None) or at that position."""
+    """The image as a (3, height, width) tensor in [-1, 1] for its ``bucket``: scaled to cover
+    it and cropped by what is left over, at the centre (``crop_position`` None) or at that
+    position (fractions of the free space)."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
-    scale = resolution / min(image.size)
-    size = (
-        max(resolution, round(image.width * scale)),
-        max(resolution, round(image.height * scale)),
-    )
-    image = image.resize(size, Image.Resampling.LANCZOS)
-    fraction_x, fraction_y = crop_position or (0.5, 0.5)
-    left = round((image.width - resolution) * fraction_x)
-    top = round((image.height - resolution) * fraction_y)
-    image = image.crop((left, top, left + resolution, top + resolution))
+    box = source_box(image.size, bucket, crop_position)
+    image = image.resize(bucket, Image.Resampling.LANCZOS, box=box)
     if flip:
         image = ImageOps.mirror(image)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0

@@ -2,7 +2,7 @@
 
 Latents. The VAE turns an image into a distribution (a mean and a log-variance per latent
 pixel), and training samples it. ``LatentCache`` stores those parameters, one safetensors file
-per (image content, VAE identity, resolution, crop, mirrored), so each image and its mirror
+per (image content, VAE identity, bucket, crop, mirrored), so each image and its mirror
 are VAE-encoded once and reused across epochs and runs; each step then samples them with the
 sample's own latent noise. Without the cache (``cache_latents: false``, or random crops, whose
 pixels differ every time) ``EncodeEveryStep`` runs the VAE on every batch, as diffusers'
@@ -15,6 +15,7 @@ and captions never change, each distinct caption is encoded once.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -71,19 +72,20 @@ def encode_pixels(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCache:
-    """Latent distribution parameters on disk, one file per (image, VAE, resolution, mirrored).
+    """Latent distribution parameters on disk, one file per (image, VAE, bucket, mirrored).
 
-    Only centre crops are cached: a random crop is different every time it is drawn.
+    Only centre crops are cached: a random crop is different every time it is drawn. Each
+    chunk the VAE encodes holds images of one bucket (one tensor shape).
     """
 
-    def __init__(self, directory: Path, vae: AutoencoderKL, vae_id: str, resolution: int) -> None:
+    def __init__(self, directory: Path, vae: AutoencoderKL, vae_id: str) -> None:
         self.directory = directory
         self.vae = vae
         self.vae_id = vae_id
-        self.resolution = resolution
 
     def path(self, example: Example, flip: bool) -> Path:
-        key = f"{example.sha256}|{self.vae_id}|{self.resolution}|center|flip={flip}"
+        width, height = example.bucket
+        key = f"{example.sha256}|{self.vae_id}|{width}x{height}|center|flip={flip}"
         name = hashlib.sha256(key.encode()).hexdigest()
         return self.directory / name[:2] / f"{name}.safetensors"
 
@@ -93,14 +95,17 @@ class LatentCache:
         missing = [item for item in wanted[rank::num_processes] if not self.path(*item).exists()]
         if not missing:
             return 0
+        missing.sort(key=lambda item: item[0].bucket)
+        chunks = [
+            same_bucket[start : start + ENCODE_BATCH]
+            for _, group in itertools.groupby(missing, key=lambda item: item[0].bucket)
+            for same_bucket in [list(group)]
+            for start in range(0, len(same_bucket), ENCODE_BATCH)
+        ]
         progress = tqdm(total=len(missing), desc="caching latents", unit="image", disable=rank != 0)
-        for start in range(0, len(missing), ENCODE_BATCH):
-            chunk = missing[start : start + ENCODE_BATCH]
+        for chunk in chunks:
             pixels = torch.stack(
-                [
-                    load_pixels(e.image_path, self.resolution, flip=f, crop_position=None)
-                    for e, f in chunk
-                ]
+                [load_pixels(e.image_path, e.bucket, flip=f, crop_position=None) for e, f in chunk]
             )
             for (example, flip), parameters in zip(
                 chunk, encode_pixels(self.vae, pixels), strict=True
@@ -127,16 +132,15 @@ class LatentCache:
 class EncodeEveryStep:
     """The uncached path: load, crop and VAE-encode the images of every batch."""
 
-    def __init__(self, vae: AutoencoderKL, resolution: int) -> None:
+    def __init__(self, vae: AutoencoderKL) -> None:
         self.vae = vae
-        self.resolution = resolution
 
     def latent_parameters(
         self, items: Sequence[tuple[Example, bool, tuple[float, float] | None]]
     ) -> torch.Tensor:
         pixels = torch.stack(
             [
-                load_pixels(example.image_path, self.resolution, flip=flip, crop_position=crop)
+                load_pixels(example.image_path, example.bucket, flip=flip, crop_position=crop)
                 for example, flip, crop in items
             ]
         )

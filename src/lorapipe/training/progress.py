@@ -2,7 +2,8 @@
 TensorBoard scalars, written by the main process only.
 
 TensorBoard tags: ``train/loss``, ``train/learning_rate``, ``train/samples_per_second``,
-``validation/loss`` and ``validation/loss_t<timestep>`` for each validation timestep.
+``validation/loss`` and ``validation/loss_t<timestep>`` for each validation timestep; the text
+``buckets``: the bucket table.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class TrainingLog:
         self.writer.add_scalar("train/samples_per_second", samples_per_second, step)
         self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate:.2e}", refresh=False)
         self.bar.update(1)
+
+    def text(self, tag: str, markdown: str) -> None:
+        """A Markdown note in TensorBoard's Text tab (the bucket table at the start)."""
+        if self.enabled:
+            self.writer.add_text(tag, markdown)
 
     def validation(self, step: int, validation: Any) -> None:
         """Record a ``ValidationLoss`` (or None: no held-out images)."""
