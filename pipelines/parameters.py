@@ -30,7 +30,7 @@ PIPELINE_HELP = {
     "num_nodes x num_gpus and needs an S3 checkpoint_mirror_uri.",
     "checkpoint_mirror_uri": "An s3:// prefix: checkpoints are mirrored to <this>/<run id>/ as "
     "they are written, and a retried train pod resumes from there.",
-    "job_yaml": "YAML of any other `lorapipe generate` keys (sampler, width, clip_skip, ...).",
+    "job_yaml": "YAML of any other `lorapipe generate` keys (sampler, sizes, clip_skip, ...).",
 }
 
 # parameters that are a stage's config key: (stage command, key)

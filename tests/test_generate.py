@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -17,7 +18,9 @@ from lorapipe.generation.infotext import parse_parameters
 from lorapipe.stages.generate import (
     GenerateConfig,
     chosen_lora,
+    config_from_args,
     config_values,
+    configure_parser,
     load_job,
     run,
     with_lora_tag,
@@ -74,6 +77,58 @@ def test_a_grid_that_cannot_run_is_a_one_line_config_error(values: dict, message
     assert "\n" not in str(error.value)
 
 
+def command_line(*flags: str) -> argparse.Namespace:
+    """``lorapipe generate`` flags as the command line parses them."""
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    return parser.parse_args(["--base-model", "models/tiny-sd", "--out", "review", *flags])
+
+
+def test_sizes_come_from_the_job_file_or_repeated_size_flags(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("prompts: [a portrait]\nsizes: [512x768, 768x512]\n")
+    values, _ = load_job(str(job))
+    assert GenerateConfig(**values).image_sizes() == [(512, 768), (768, 512)]
+    flags = command_line("--prompt", "a portrait", "--size", "512x768", "--size", "768x512")
+    assert config_from_args(flags)[0].sizes == ["512x768", "768x512"]
+    flags = command_line("--job", str(job), "--size", "640x640")
+    assert config_from_args(flags)[0].sizes == ["640x640"]  # a flag replaces the job's list
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sizes": ["512by768"]},
+            "job.yaml: sizes '512by768' is not WIDTHxHEIGHT; write e.g. 512x768",
+        ),
+        ({"sizes": ["512"]}, "job.yaml: sizes '512' is not WIDTHxHEIGHT; write e.g. 512x768"),
+        (
+            {"sizes": ["500x768"]},
+            "job.yaml: sizes '500x768': each side must be a positive multiple of 8, e.g. 496x768",
+        ),
+        ({"sizes": ["0x768"]}, "each side must be a positive multiple of 8, e.g. 8x768"),
+        ({"sizes": ["512x768", "512X768"]}, "job.yaml: sizes lists 512x768 twice; keep one"),
+        (
+            {"sizes": ["512x768"], "width": 512},
+            "job.yaml: sizes and width/height are both set; give the sizes only "
+            "(e.g. [512x768, 768x512]) or width and height only",
+        ),
+    ],
+)
+def test_a_size_that_cannot_run_is_a_one_line_config_error(values: dict, message: str) -> None:
+    config = GenerateConfig(prompts=["a cat"], **values)
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        config.validate("job.yaml")
+    assert "\n" not in str(error.value)
+
+
+def test_a_bad_size_flag_is_a_one_line_config_error() -> None:
+    message = "command line: sizes '512' is not WIDTHxHEIGHT; write e.g. 512x768"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        config_from_args(command_line("--prompt", "a cat", "--size", "512"))
+
+
 def test_a_misspelled_job_key_gets_a_suggestion() -> None:
     with pytest.raises(ConfigError, match="unknown key 'cfg_scale'; did you mean 'cfg_scales'"):
         config_values({"cfg_scale": [7]}, "job.yaml")
@@ -108,7 +163,7 @@ def test_cli_generate_writes_images_sheets_index_and_report(
 
     images = sorted((out / "images").glob("*.png"))
     assert len(images) == 2 * 2 * 2 * 2 * 2
-    with Image.open(out / "images" / "p01_portrait_lora1_cfg9_seed2.png") as image:
+    with Image.open(out / "images" / "p01_portrait_64x64_lora1_cfg9_seed2.png") as image:
         parameters = parse_parameters(image.info["parameters"])
     assert parameters["prompt"].endswith("soft focus, <lora:film_style:1>")
     assert "garish colors" in parameters["negative_prompt"]
@@ -125,10 +180,10 @@ def test_cli_generate_writes_images_sheets_index_and_report(
 
     sheets = sorted(p.name for p in (out / "sheets").glob("*.png"))
     assert sheets == [
-        "p01_landscape.png",
-        "p01_portrait.png",
-        "p02_landscape.png",
-        "p02_portrait.png",
+        "p01_landscape_64x64.png",
+        "p01_portrait_64x64.png",
+        "p02_landscape_64x64.png",
+        "p02_portrait_64x64.png",
     ]
 
     index = pq.read_table(out / "index.parquet").to_pylist()
@@ -153,6 +208,39 @@ def test_cli_generate_writes_images_sheets_index_and_report(
     assert cli.main(["generate", "--job", str(out / "job.yaml"), "--out", str(out)]) == 0
     rerun = pq.read_table(out / "index.parquet").to_pylist()
     assert [row["sharpness"] for row in rerun] == [row["sharpness"] for row in index]
+
+
+def test_a_grid_of_two_sizes_renders_each_and_says_so_everywhere(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    config = GenerateConfig(prompts=["a red dog"], sizes=["64x96", "96x64"], steps=2)
+    out = tmp_path / "out"
+    report = run(str(tiny_model_dir), str(out), config)
+
+    for name, size in [
+        ("p01_base_64x96_lora-tagged_cfg7_seed1.png", (64, 96)),
+        ("p01_base_96x64_lora-tagged_cfg7_seed1.png", (96, 64)),
+    ]:
+        with Image.open(out / "images" / name) as image:
+            assert image.size == size
+            assert parse_parameters(image.info["parameters"])["Size"] == "{}x{}".format(*size)
+    index = pq.read_table(out / "index.parquet").to_pylist()
+    assert [(row["width"], row["height"]) for row in index] == [(64, 96), (96, 64)]
+    assert report["sheets"] == ["sheets/p01_base_64x96.png", "sheets/p01_base_96x64.png"]
+    assert [entry["size"] for entry in report["metrics"]] == ["64x96", "96x64"]
+    html = (out / "report.html").read_text()
+    assert "prompt 1 / base / 64x96" in html and "prompt 1 / base / 96x64" in html
+    assert "<th>sizes</th><td>64x96, 96x64</td>" in html
+    assert "- sizes: 64x96, 96x64" in (out / "report.md").read_text()
+
+
+def test_a_run_without_sizes_records_the_native_size_for_a_rerun(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run(str(tiny_model_dir), str(out), GenerateConfig(prompts=["a red dog"], steps=1))
+    values, _ = load_job(str(out / "job.yaml"))
+    assert (values["sizes"], values["width"], values["height"]) == (["64x64"], None, None)
 
 
 def test_cli_errors_are_one_line_and_leave_no_output(
@@ -196,8 +284,8 @@ def test_generate_reads_a_kohya_lora_from_s3_and_writes_to_s3(
     assert report["images"] == 1
     assert store.is_complete(out)
     names = {uri.removeprefix(out + "/") for uri in store.list_uris(out)}
-    assert {"index.parquet", "report.html", "job.yaml", "sheets/p01_base.png"} <= names
-    assert "images/p01_base_lora-tagged_cfg7_seed3.png" in names
+    assert {"index.parquet", "report.html", "job.yaml", "sheets/p01_base_64x64.png"} <= names
+    assert "images/p01_base_64x64_lora-tagged_cfg7_seed3.png" in names
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,31 @@ def test_the_grid_is_every_combination_in_order() -> None:
     assert (first.prompt_index, first.negative_preset, first.lora_scale) == (0, "portrait", 0.5)
     assert (first.cfg_scale, first.seed) == (7, 1)
     assert [c.seed for c in cells[:4]] == [1, 2, 3, 1]
-    assert cells[-1].file_name == "p02_landscape_lora1_cfg9_seed3.png"
+    assert cells[-1].file_name == "p02_landscape_64x64_lora1_cfg9_seed3.png"
+
+
+def test_sizes_are_an_axis_of_the_grid_inside_prompt_and_preset() -> None:
+    cells = grid(
+        prompts=["a street"], sizes=["64x96", "96x64"], cfg_scales=[7, 9], negative_presets=["base"]
+    )
+    assert [(c.width, c.height, c.cfg_scale) for c in cells] == [
+        (64, 96, 7),
+        (64, 96, 9),
+        (96, 64, 7),
+        (96, 64, 9),
+    ]
+    portrait = cells[0]
+    assert portrait.size == "64x96"
+    assert portrait.file_name == "p01_base_64x96_lora-tagged_cfg7_seed1.png"
+    assert portrait.label == "prompt 1 / base / 64x96 / LoRA as tagged / CFG 7"
+    assert portrait.negative is cells[2].negative  # the negative does not depend on the size
+
+
+def test_width_and_height_make_the_one_size_of_a_grid_without_sizes() -> None:
+    (cell,) = grid(prompts=["a street"], width=128, height=64)
+    assert (cell.width, cell.height) == (128, 64)
+    (native,) = grid(prompts=["a street"])
+    assert native.size == "64x64"  # the model's native size
 
 
 def test_a_grid_lora_scale_replaces_the_tag_weight_and_keeps_a_split_ratio() -> None:

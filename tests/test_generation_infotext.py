@@ -24,12 +24,11 @@ def test_png_parameters_are_webui_infotext_and_parse_back(tmp_path: Path) -> Non
         lora_scales=[0.5],
         cfg_scales=[7.5],
         seeds=[42],
+        sizes=["512x768"],
     )
     context = ParameterContext(
         sampler="DPM++ 2M Karras",
         steps=20,
-        width=512,
-        height=768,
         model_hash="0123456789",
         model_name="tiny-sd",
         clip_skip=2,
@@ -50,5 +49,14 @@ def test_png_parameters_are_webui_infotext_and_parse_back(tmp_path: Path) -> Non
     parsed = parse_parameters(Image.open(path).info["parameters"])
     assert parsed["prompt"] == cell.prompt
     assert parsed["negative_prompt"] == cell.negative.text
-    assert parsed["Seed"] == "42" and parsed["CFG scale"] == "7.5"
+    assert parsed["Seed"] == "42" and parsed["CFG scale"] == "7.5" and parsed["Size"] == "512x768"
     assert parsed["Lora hashes"] == "film_style: abcdef012345"
+
+
+def test_each_image_carries_its_own_size() -> None:
+    portrait, landscape = grid(prompts=["a street"], sizes=["512x768", "768x512"])
+    context = ParameterContext(
+        sampler="Euler a", steps=20, model_hash="0123456789", model_name="tiny-sd"
+    )
+    assert "Size: 512x768," in a1111_parameters(portrait, context)
+    assert "Size: 768x512," in a1111_parameters(landscape, context)

@@ -31,8 +31,6 @@ def renderer(pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8) -> Gri
         adapters={"film_style": "lora_0"},
         sampler=sampler,
         steps=STEPS,
-        width=64,
-        height=64,
         batch_size=batch_size,
     )
 
@@ -99,6 +97,36 @@ def test_batches_mix_prompts_and_cfg_but_not_lora_weights(pipe) -> None:
     )
     sizes = [len(batch) for batch, _ in renderer(pipe, batch_size=3).render(cells)]
     assert sizes == [3, 1, 3, 1]  # 4 images at LoRA 0.5, then 4 at LoRA 1
+
+
+def test_a_batch_holds_one_image_size_and_each_image_has_its_cells_size(pipe) -> None:
+    cells = grid(
+        prompts=["red dog <lora:film_style:1>", "blue sky <lora:film_style:1>"],
+        sizes=["64x96", "96x64"],
+        seeds=[1],
+    )
+    batches = list(renderer(pipe, batch_size=8).render(cells))
+    assert [[cell.size for cell in batch] for batch, _ in batches] == [
+        ["64x96", "64x96"],
+        ["96x64", "96x64"],
+    ]
+    for batch, images in batches:
+        assert [image.size for image in images] == [(c.width, c.height) for c in batch]
+    portrait = cells[0]
+    grid_renderer = renderer(pipe)
+    grid_renderer.apply_loras(portrait.loras)
+    positive, negative = grid_renderer.conditioning(portrait)
+    pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
+    one_off = pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        guidance_scale=portrait.cfg_scale,
+        num_inference_steps=STEPS,
+        height=96,
+        width=64,
+        generator=torch.Generator().manual_seed(portrait.seed),
+    ).images[0]
+    assert max_difference(batches[0][1][0], one_off) <= PIXEL_TOLERANCE
 
 
 def test_conditioning_is_encoded_once_per_distinct_text(pipe, monkeypatch) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from generation_helpers import grid
 from PIL import Image
 
-from lorapipe.generation.sheets import draw_contact_sheet
+from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
+from lorapipe.generation.sheets import draw_contact_sheet, write_contact_sheets
+from lorapipe.stages.generate import GenerateConfig
 
 
 def test_a_contact_sheet_places_each_image_in_its_row_column_and_seed(tmp_path: Path) -> None:
@@ -27,3 +30,27 @@ def test_a_contact_sheet_places_each_image_in_its_row_column_and_seed(tmp_path: 
     last = sheet.getpixel((90 + (2 * 36 + 4) + 4 + 36 + 16, 28 + 40 + 52 + 24))
     assert first == (255, 0, 0) and last == (0, 0, 255)
     assert sheet.getpixel((90 + 4 + 36 + 16, 28 + 40 + 24)) == (255, 255, 255)  # no image there
+
+
+def test_each_size_gets_its_own_sheet_named_and_titled_with_the_size(tmp_path: Path) -> None:
+    values = {"prompts": ["a street"], "sizes": ["64x96", "96x64"], "seeds": [1, 2]}
+    cells = grid(**values)
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / SHEETS_DIR).mkdir()
+    for cell in cells:
+        Image.new("RGB", (cell.width, cell.height), "red").save(
+            tmp_path / IMAGES_DIR / cell.file_name
+        )
+    portrait, landscape = write_contact_sheets(tmp_path, cells, GenerateConfig(**values))
+    assert (portrait.file, landscape.file) == (
+        "sheets/p01_base_64x96.png",
+        "sheets/p01_base_96x64.png",
+    )
+    assert (portrait.title, landscape.title) == (
+        "prompt 1 / base / 64x96",
+        "prompt 1 / base / 96x64",
+    )
+    # thumbnails keep each size's aspect ratio: the longest side is sheet_cell_size (256)
+    assert portrait.image.height == 28 + 40 + 256 + 2 * 4
+    assert landscape.image.height == 28 + 40 + round(256 * 64 / 96) + 2 * 4
+    assert (tmp_path / portrait.file).is_file() and (tmp_path / landscape.file).is_file()

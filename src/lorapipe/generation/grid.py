@@ -1,5 +1,5 @@
-"""The grid: every combination of prompt, negative preset, LoRA scale, CFG and seed as a
-:class:`Cell`, with its LoRA weights and negative prompt; and the job's prompt checks."""
+"""The grid: every combination of prompt, negative preset, image size, LoRA scale, CFG and seed
+as a :class:`Cell`, with its LoRA weights and negative prompt; and the job's prompt checks."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ class Cell:
 
     prompt_index: int
     negative_preset: str
+    width: int
+    height: int
     lora_scale: float | None  # the grid value; None: weights as written in the tags
     cfg_scale: float
     seed: int
@@ -35,19 +37,24 @@ class Cell:
     negative: NegativePrompt
 
     @property
+    def size(self) -> str:
+        """``512x768``, as A1111 writes it."""
+        return f"{self.width}x{self.height}"
+
+    @property
     def file_name(self) -> str:
         scale = "-tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
         return (
-            f"p{self.prompt_index + 1:02d}_{safe_name(self.negative_preset)}_lora{scale}"
-            f"_cfg{self.cfg_scale:g}_seed{self.seed}.png"
+            f"p{self.prompt_index + 1:02d}_{safe_name(self.negative_preset)}_{self.size}"
+            f"_lora{scale}_cfg{self.cfg_scale:g}_seed{self.seed}.png"
         )
 
     @property
     def label(self) -> str:
         scale = "as tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
         return (
-            f"prompt {self.prompt_index + 1} / {self.negative_preset} / LoRA {scale} / "
-            f"CFG {self.cfg_scale:g}"
+            f"prompt {self.prompt_index + 1} / {self.negative_preset} / {self.size} / "
+            f"LoRA {scale} / CFG {self.cfg_scale:g}"
         )
 
 
@@ -79,11 +86,16 @@ def effective_lora_scale(tags: Sequence[LoraTag]) -> float | None:
 def plan_grid(
     config: GenerateConfig, prompts: Sequence[ParsedPrompt], library: NegativeLibrary
 ) -> list[Cell]:
-    """Every cell in grid order: prompt, preset, LoRA scale, CFG, seed."""
+    """Every cell in grid order: prompt, preset, size, LoRA scale, CFG, seed (the negative
+    prompt does not depend on the size)."""
     cells = []
     negatives: dict[tuple[int, str, tuple[LoraTag, ...], float], NegativePrompt] = {}
-    for (index, parsed), preset, scale, cfg in itertools.product(
-        enumerate(prompts), config.negative_presets, config.lora_scales or [None], config.cfg_scales
+    for (index, parsed), preset, (width, height), scale, cfg in itertools.product(
+        enumerate(prompts),
+        config.negative_presets,
+        config.image_sizes(),
+        config.lora_scales or [None],
+        config.cfg_scales,
     ):
         tags = scaled_lora_tags(parsed.loras, scale)
         key = (index, preset, tags, cfg)
@@ -100,7 +112,19 @@ def plan_grid(
         prompt = with_lora_weights(parsed.source, {tag.name: tag for tag in tags})
         for seed in config.seeds:
             cells.append(
-                Cell(index, preset, scale, cfg, seed, parsed, prompt, tags, negatives[key])
+                Cell(
+                    index,
+                    preset,
+                    width,
+                    height,
+                    scale,
+                    cfg,
+                    seed,
+                    parsed,
+                    prompt,
+                    tags,
+                    negatives[key],
+                )
             )
     return cells
 

@@ -1,5 +1,5 @@
 """``index.parquet``: every image with its parameters and metrics; and the mean metrics per
-negative preset x LoRA scale x CFG."""
+negative preset x size x LoRA scale x CFG."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def index_row(
         "seed": cell.seed,
         "sampler": context.sampler,
         "steps": context.steps,
-        "width": context.width,
-        "height": context.height,
+        "width": cell.width,
+        "height": cell.height,
         "guidance_rescale": context.guidance_rescale,
         "clip_skip": context.clip_skip,
         "model_hash": context.model_hash,
@@ -79,14 +79,22 @@ def write_index(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def metrics_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean metrics per negative preset x LoRA scale x CFG, in grid order."""
+    """Mean metrics per negative preset x size x LoRA scale x CFG, in grid order."""
     names = [*image_metrics.METRIC_NAMES, "clip_score"]
     table = []
-    for (preset, scale, cfg), group in group_by(
-        rows, lambda row: (row["negative_preset"], row["lora_scale"], row["cfg_scale"])
+    for (preset, width, height, scale, cfg), group in group_by(
+        rows,
+        lambda row: (
+            row["negative_preset"],
+            row["width"],
+            row["height"],
+            row["lora_scale"],
+            row["cfg_scale"],
+        ),
     ):
         entry: dict[str, Any] = {
             "negative_preset": preset,
+            "size": f"{width}x{height}",
             "lora_scale": "as tagged" if scale is None else scale,
             "cfg_scale": cfg,
             "images": len(group),

@@ -17,12 +17,10 @@ from lorapipe.generation.grid import Cell
 
 @dataclass(frozen=True)
 class ParameterContext:
-    """What every image's parameters text shares."""
+    """What every image's parameters text shares (the size is the cell's)."""
 
     sampler: str
     steps: int
-    width: int
-    height: int
     model_hash: str
     model_name: str
     clip_skip: int = 1
@@ -46,7 +44,7 @@ def a1111_parameters(cell: Cell, context: ParameterContext) -> str:
         "Sampler": context.sampler,
         "CFG scale": f"{cell.cfg_scale:g}",
         "Seed": cell.seed,
-        "Size": f"{context.width}x{context.height}",
+        "Size": cell.size,
         "Model hash": context.model_hash,
         "Model": context.model_name,
         "Clip skip": context.clip_skip if context.clip_skip > 1 else None,

@@ -1,6 +1,6 @@
 """Cells into images on one diffusers pipeline: LoRA weights set once per group, conditioning
-cached, batched UNet calls, each image from its own seed; then PNGs with their parameters and
-index rows."""
+cached, batched UNet calls of one image size, each image from its own seed; then PNGs with their
+parameters and index rows."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ T = TypeVar("T")
 
 class GridRenderer:
     """Turns cells into images on one pipeline: LoRA weights set once per group, conditioning
-    cached, up to ``batch_size`` images per UNet call, each from its own seed."""
+    cached, up to ``batch_size`` images of one size per UNet call, each from its own seed."""
 
     def __init__(
         self,
@@ -40,8 +40,6 @@ class GridRenderer:
         adapters: Mapping[str, str],
         sampler: str,
         steps: int,
-        width: int,
-        height: int,
         guidance_rescale: float = 0.0,
         batch_size: int = 8,
         clip_skip: int = 1,
@@ -50,20 +48,21 @@ class GridRenderer:
         self.adapters = dict(adapters)  # LoRA name -> adapter name
         self.sampler = sampler
         self.steps = steps
-        self.width = width
-        self.height = height
         self.guidance_rescale = guidance_rescale
         self.batch_size = batch_size
         self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)
         self._conditioning: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def render(self, cells: Sequence[Cell]) -> Iterator[tuple[list[Cell], list[Image.Image]]]:
-        """Yield (cells, images) batch by batch, grouped by LoRA weights."""
+        """Yield (cells, images) batch by batch, grouped by LoRA weights; a batch holds images of
+        one size whose conditioning has one length."""
         for loras, group in group_by(cells, lambda cell: cell.loras):
             self.apply_loras(loras)
             conditioned = [(cell, *self.conditioning(cell)) for cell in group]
-            for _, same_length in group_by(conditioned, lambda item: item[1].shape[1]):
-                for batch in _batched(same_length, self.batch_size):
+            for _, batchable in group_by(
+                conditioned, lambda item: (item[0].width, item[0].height, item[1].shape[1])
+            ):
+                for batch in _batched(batchable, self.batch_size):
                     batch_cells = [cell for cell, _, _ in batch]
                     positive = _cat([pos for _, pos, _ in batch])
                     negative = _cat([neg for _, _, neg in batch])
@@ -105,7 +104,8 @@ class GridRenderer:
     def denoise(
         self, cells: Sequence[Cell], positive: torch.Tensor, negative: torch.Tensor
     ) -> list[Image.Image]:
-        """The images of one batch: per-image seeds and CFG, one UNet call per step."""
+        """The images of one batch (one size): per-image seeds and CFG, one UNet call per
+        step."""
         import inspect
 
         import torch
@@ -122,8 +122,8 @@ class GridRenderer:
         shape = (
             len(cells),
             pipe.unet.config.in_channels,
-            self.height // pipe.vae_scale_factor,
-            self.width // pipe.vae_scale_factor,
+            cells[0].height // pipe.vae_scale_factor,
+            cells[0].width // pipe.vae_scale_factor,
         )
         latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
         latents = latents * scheduler.init_noise_sigma

@@ -120,7 +120,8 @@ def _lints(lints: Sequence[Mapping[str, Any]]) -> str:
 def _sheets(sheets: Sequence[SheetSection]) -> str:
     parts = [
         "<h2>Contact sheets</h2>",
-        '<p class="muted">Rows: CFG scale. Columns: LoRA scale, one image per seed.</p>',
+        '<p class="muted">One sheet per prompt, negative preset and image size. Rows: CFG scale. '
+        "Columns: LoRA scale, one image per seed.</p>",
     ]
     for sheet in sheets:
         negatives = "".join(
@@ -145,7 +146,7 @@ def _metrics(columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]) -> s
         "<tr>" + "".join(_cell(row.get(name)) for name in columns) + "</tr>" for row in rows
     )
     return (
-        "<h2>Metrics by preset, LoRA scale and CFG</h2>"
+        "<h2>Metrics by preset, size, LoRA scale and CFG</h2>"
         '<p class="muted">Means over prompts and seeds; compare rows, not absolute values.</p>'
         f"<table><tr>{header}</tr>{body}</table>"
     )
@@ -188,6 +189,7 @@ def lint_table(cells: Sequence[Cell], job_lints: Sequence[Lint]) -> list[dict[st
 
 METRIC_COLUMNS = {
     "negative_preset": "negative preset",
+    "size": "size",
     "lora_scale": "LoRA scale",
     "cfg_scale": "CFG",
     "images": "images",
@@ -214,10 +216,11 @@ def report_page(
             "base model": f"{report['base_model']} (hash {report['model_hash']})",
             "LoRAs": loras or "none",
             "sampler": f"{config['sampler']}, {config['steps']} steps",
-            "size": f"{config['width']}x{config['height']}",
+            "sizes": ", ".join(config["sizes"]),
             "guidance rescale": config["guidance_rescale"],
             "grid": f"{len(config['prompts'])} prompts x {len(config['negative_presets'])} "
-            f"presets x {len(config['lora_scales'] or [None])} LoRA scales x "
+            f"presets x {len(config['sizes'])} sizes x "
+            f"{len(config['lora_scales'] or [None])} LoRA scales x "
             f"{len(config['cfg_scales'])} CFG x {len(config['seeds'])} seeds",
             "time": f"{report['seconds']:.1f} s ({report['images_per_second']} images/s rendering)",
             "device": f"{report['environment']['device']}, {report['environment']['dtype']}",
@@ -237,6 +240,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- base model: `{report['base_model']}` (hash {report['model_hash']})",
         f"- LoRAs: {', '.join(report['loras']) or 'none'}",
+        f"- sizes: {', '.join(report['config']['sizes'])}",
         f"- contact sheets: {', '.join(report['sheets'])}",
         "- index: `index.parquet`; full report: `report.html`",
         f"- reproduce: `{report['reproduce']}`",

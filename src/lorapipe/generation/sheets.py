@@ -1,5 +1,6 @@
-"""Contact sheets: one labelled grid of thumbnails per prompt x negative preset (rows CFG,
-columns LoRA scale, one image per seed inside each column)."""
+"""Contact sheets: one labelled grid of thumbnails per prompt x negative preset x image size
+(rows CFG, columns LoRA scale, one image per seed inside each column); a sheet holds one size,
+so portrait and landscape thumbnails never share a row."""
 
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ SHEET_HEADER_HEIGHT = 40
 def write_contact_sheets(
     directory: Path, cells: Sequence[Cell], config: GenerateConfig
 ) -> list[SheetSection]:
-    """One sheet per prompt x negative preset: rows CFG, columns LoRA scale, one image per
-    seed inside each column."""
+    """One sheet per prompt x negative preset x size, named and titled with the size: rows
+    CFG, columns LoRA scale, one image per seed inside each column."""
     scales = config.lora_scales or [None]
     columns = [f"LoRA {s:g}" if s is not None else "LoRA as tagged" for s in scales]
     sheets = []
-    for (prompt_index, preset), group in group_by(
-        cells, lambda cell: (cell.prompt_index, cell.negative_preset)
+    for (prompt_index, preset, size), group in group_by(
+        cells, lambda cell: (cell.prompt_index, cell.negative_preset, cell.size)
     ):
         images = {
             (
@@ -41,7 +42,7 @@ def write_contact_sheets(
             ): directory / IMAGES_DIR / cell.file_name
             for cell in group
         }
-        title = f"prompt {prompt_index + 1} / {preset}"
+        title = f"prompt {prompt_index + 1} / {preset} / {size}"
         image = draw_contact_sheet(
             f"{title}: {group[0].parsed.plain_text}",
             rows=[f"CFG {cfg:g}" for cfg in config.cfg_scales],
@@ -50,7 +51,7 @@ def write_contact_sheets(
             images=images,
             cell_size=config.sheet_cell_size,
         )
-        file = f"{SHEETS_DIR}/p{prompt_index + 1:02d}_{safe_name(preset)}.png"
+        file = f"{SHEETS_DIR}/p{prompt_index + 1:02d}_{safe_name(preset)}_{size}.png"
         image.save(directory / file)
         negatives = {columns[scales.index(cell.lora_scale)]: cell.negative.text for cell in group}
         sheets.append(

@@ -1,9 +1,9 @@
-"""``lorapipe generate``: a grid of images over prompts, negative presets, LoRA scales, CFG
-scales and seeds, with the numbers and the report to choose between them.
+"""``lorapipe generate``: a grid of images over prompts, negative presets, image sizes, LoRA
+scales, CFG scales and seeds, with the numbers and the report to choose between them.
 
 The grid (``GenerateConfig``, from a job file or flags) is every combination of
 
-    prompts x negative_presets x lora_scales x cfg_scales x seeds
+    prompts x negative_presets x sizes x lora_scales x cfg_scales x seeds
 
 Prompts use A1111 syntax (``lorapipe.prompts.syntax``); ``<lora:name:w>`` names a LoRA of the job's
 ``loras`` map. A LoRA scale from the grid *replaces* the weight written in every ``<lora:>``
@@ -13,7 +13,7 @@ weights as written. Each cell's negative prompt is built from its preset by the 
 ``lorapipe.prompts.negatives`` (the LoRA scale and CFG of the cell take part).
 
 How it stays fast: text conditioning is computed once per distinct prompt and negative (and
-text-encoder LoRA weight); images that share their LoRA weights run together, up to
+text-encoder LoRA weight); images that share their LoRA weights and size run together, up to
 ``batch_size`` per UNet call, whatever their prompt, negative or CFG (guidance is a
 per-image tensor). Each image's noise comes from its own ``torch.Generator`` seeded with its
 seed, used for the initial latents and, in ancestral/SDE samplers, for the noise of every step;
@@ -24,7 +24,8 @@ generator=torch.Generator().manual_seed(seed))`` call with the same scheduler, s
 Output (a directory, local or s3://, published whole when everything is written):
 
 - ``images/*.png`` with A1111's ``parameters`` text (WebUI's PNG Info reads it)
-- ``sheets/*.png``: a contact sheet per prompt x preset (rows CFG, columns LoRA scale x seed)
+- ``sheets/*.png``: a contact sheet per prompt x preset x size (rows CFG, columns LoRA scale x
+  seed)
 - ``index.parquet``: every image with its parameters and metrics
 - ``report.html`` (self-contained), ``report.json``, ``report.md``, ``job.yaml`` (to rerun)
 
@@ -138,14 +139,22 @@ class GenerateConfig:
     )
     sampler: str = option("DPM++ 2M Karras", help="an A1111 sampler name", choices=tuple(SAMPLERS))
     steps: int = option(20, help="sampling steps", minimum=1, maximum=1000)
+    sizes: list[str] = option(
+        default_factory=list,
+        help="image sizes of the grid, `WIDTHxHEIGHT` with sides multiples of 8 (`512x768`, "
+        "`768x512`: review a portrait LoRA at portrait sizes); give either sizes or "
+        "width/height",
+        aliases=("size",),
+        default_text="[] (one size: width x height)",
+    )
     width: int | None = option(
         None,
-        help="image width in pixels, a multiple of 8",
+        help="image width in pixels, a multiple of 8, when `sizes` is not given",
         default_text="the model's native size",
     )
     height: int | None = option(
         None,
-        help="image height in pixels, a multiple of 8",
+        help="image height in pixels, a multiple of 8, when `sizes` is not given",
         default_text="the model's native size",
     )
     guidance_rescale: float = option(
@@ -228,10 +237,48 @@ class GenerateConfig:
             value = getattr(self, key)
             if value is not None and (value < 8 or value % 8):
                 raise ConfigError(f"{where(key)} {value} must be a positive multiple of 8")
+        if self.sizes and (self.width is not None or self.height is not None):
+            raise ConfigError(
+                f"{where('sizes')} and width/height are both set; give the sizes only "
+                "(e.g. [512x768, 768x512]) or width and height only"
+            )
+        sizes = [parse_size(text, where) for text in self.sizes]
+        for index, size in enumerate(sizes):
+            if size in sizes[:index]:
+                raise ConfigError(f"{where('sizes')} lists {size_text(*size)} twice; keep one")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{where('dtype')} '{self.dtype}' is unknown; use {', '.join(DTYPES)}"
             )
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(width, height) of each size of the grid: ``sizes``, else ``width`` x ``height``
+        (``run`` resolves them into ``sizes`` with :func:`with_sizes_resolved`)."""
+        if self.sizes:
+            return [parse_size(text) for text in self.sizes]
+        if self.width is None or self.height is None:
+            raise ConfigError("width and height are not set; give both, or sizes")
+        return [(self.width, self.height)]
+
+
+def parse_size(text: str, source: str | Where = "the job") -> tuple[int, int]:
+    """(width, height) of a ``sizes`` entry such as ``512x768``; each side a multiple of 8."""
+    where = config_options.plain(source)
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise ConfigError(f"{where('sizes')} {text!r} is not WIDTHxHEIGHT; write e.g. 512x768")
+    width, height = int(match[1]), int(match[2])
+    if width < 8 or width % 8 or height < 8 or height % 8:
+        nearest = size_text(*(max(8, 8 * round(side / 8)) for side in (width, height)))
+        raise ConfigError(
+            f"{where('sizes')} {text!r}: each side must be a positive multiple of 8, e.g. {nearest}"
+        )
+    return width, height
+
+
+def size_text(width: int, height: int) -> str:
+    """A size as A1111 writes it: ``512x768``."""
+    return f"{width}x{height}"
 
 
 def _check_range(where: Where, key: str, value: float, low: float, high: float) -> None:
@@ -296,6 +343,16 @@ def chosen_lora(lora_path: str) -> tuple[str, str]:
     return Path(files["kohya"]).stem, kohya
 
 
+def with_sizes_resolved(config: GenerateConfig, native_size: int) -> GenerateConfig:
+    """``config`` with its grid sizes in ``sizes``: width x height when no sizes are given,
+    each side defaulting to the model's ``native_size``; so ``job.yaml`` records them and a
+    rerun's ``--size`` replaces them."""
+    if config.sizes:
+        return config
+    width, height = config.width or native_size, config.height or native_size
+    return dataclasses.replace(config, sizes=[size_text(width, height)], width=None, height=None)
+
+
 def with_lora_tag(prompt: str, name: str) -> str:
     """The prompt with ``<lora:name:1>`` appended unless it already uses that LoRA, so a
     grid's LoRA scales always reach the LoRA just trained."""
@@ -315,29 +372,28 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     config.validate()
     config = with_trained_lora(config)
     started = time.monotonic()
-    # 1. the grid: prompts parsed and checked, every cell with its negative prompt
+    # 1. the prompts parsed and checked, the negative library, the LoRAs located, named and
+    # hashed as WebUI hashes them
     library = NegativeLibrary.load(
         *([config.negative_prompts_file] if config.negative_prompts_file else []),
         overrides={"layers": config.layers, "presets": config.presets},
     )
     prompts = [parse_prompt(p, where=f"prompt {i + 1}") for i, p in enumerate(config.prompts)]
     job_lints = check_lora_tags(prompts, config.loras)
-    cells = plan_grid(config, prompts, library)
-    # 2. the LoRAs: located, named and hashed as WebUI hashes them
     loras = [
         resolve_lora(name, uri, adapter=f"lora_{index}")
         for index, (name, uri) in enumerate(config.loras.items())
     ]
 
-    # 3. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
+    # 2. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
     model_dir = models.resolve_model_dir(base_model_uri)
     pipe = load_pipeline(base_model_uri, loras, device=device, dtype=dtype)
-    native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    config = dataclasses.replace(
-        config, width=config.width or native_size, height=config.height or native_size
-    )
+    config = with_sizes_resolved(config, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     job_lints += count_prompt_tokens(pipe.tokenizer, prompts)
+
+    # 3. the grid: every cell with its size and negative prompt
+    cells = plan_grid(config, prompts, library)
 
     # 4. the renderer, what every image's parameters text shares, the optional CLIP scorer
     renderer = GridRenderer(
@@ -345,8 +401,6 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         adapters={lora.name: lora.adapter for lora in loras},
         sampler=config.sampler,
         steps=config.steps,
-        width=config.width,
-        height=config.height,
         guidance_rescale=config.guidance_rescale,
         batch_size=config.batch_size,
         clip_skip=config.clip_skip,
@@ -354,8 +408,6 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     context = ParameterContext(
         sampler=config.sampler,
         steps=config.steps,
-        width=config.width,
-        height=config.height,
         model_hash=model_short_hash(model_dir),
         model_name=basename(base_model_uri),
         clip_skip=config.clip_skip,
