@@ -378,6 +378,8 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         *([config.negative_prompts_file] if config.negative_prompts_file else []),
         overrides={"layers": config.layers, "presets": config.presets},
     )
+    for preset in config.negative_presets:
+        library.preset_layers(preset)  # an unknown preset fails here, before the model loads
     prompts = [parse_prompt(p, where=f"prompt {i + 1}") for i, p in enumerate(config.prompts)]
     job_lints = check_lora_tags(prompts, config.loras)
     loras = [
