@@ -17,6 +17,11 @@ VAE-encoded once).
 The two draw different samples, timesteps and noise (each its own seeded RNG), so their mean
 losses agree only statistically: they are printed as a sanity check, not a bit-for-bit match.
 
+``lorapipe`` trains square crops (``enable_bucket: false``), as the baseline does. A fourth
+variant, ``lorapipe-buckets``, trains the same number of mixed-aspect photos (2:3, 3:2 and
+square in turn) in aspect-ratio buckets: its samples/s against ``lorapipe``'s is the cost of
+buckets (several tensor shapes, shorter batches for each bucket's remainder).
+
 A third variant, ``bare-unet-step``, is no trainer: the LoRA's forward, backward and AdamW step
 on one fixed batch of latents and text embeddings, nothing else. It is the most any caching
 can reach, so baseline/bare is the ceiling of the ratio on this model and machine.
@@ -36,11 +41,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from flops import human, lora_unet_and_batch, train_step_flops
 
-VARIANTS = ("lorapipe", "diffusers-script", "bare-unet-step")
+VARIANTS = ("lorapipe", "diffusers-script", "bare-unet-step", "lorapipe-buckets")
+# the mixed-aspect set: portrait, landscape and square photos in turn
+MIXED_SIZES = ((288, 432), (432, 288), (320, 320))
 RANK = 16
 ALPHA = 16.0
 LEARNING_RATE = 1e-4
@@ -75,7 +83,8 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     sizes = describe(pipe)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     del pipe
-    write_images(workdir / "images", args.images)
+    write_images(workdir / "images", args.images, [(320, 288)])
+    write_images(workdir / "mixed", args.images, MIXED_SIZES)
     print(
         f"model: {args.preset} preset, UNet {sizes['unet'] / 1e6:.1f}M, VAE {sizes['vae'] / 1e6:.1f}M, "
         f"text encoder {sizes['text_encoder'] / 1e6:.1f}M parameters; {args.images} images at "
@@ -127,10 +136,18 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
         f"{bare / baseline['samples_per_second']:.2f}x (lorapipe reaches "
         f"{lorapipe['samples_per_second'] / bare:.0%} of the bare step)"
     )
+    buckets = results["lorapipe-buckets"]
+    print(
+        f"lorapipe-buckets / lorapipe: "
+        f"{buckets['samples_per_second'] / lorapipe['samples_per_second']:.2f}x samples/s on "
+        f"mixed-aspect photos ({buckets['buckets']}; {buckets['short_batches']} short batches) "
+        f"against square crops"
+    )
 
 
-def write_images(folder: Path, count: int) -> None:
-    """Photos-like noise images (each different) with captions, as a lora-scripts folder."""
+def write_images(folder: Path, count: int, sizes: Sequence[tuple[int, int]]) -> None:
+    """Noise images (each different) of ``sizes`` in turn, with captions, as a lora-scripts
+    folder."""
     import numpy as np
     from PIL import Image
 
@@ -138,7 +155,8 @@ def write_images(folder: Path, count: int) -> None:
     rows = [("filename", "text")]
     generator = np.random.default_rng(0)
     for index in range(count):
-        pixels = generator.integers(0, 256, (320, 288, 3), dtype=np.uint8)
+        width, height = sizes[index % len(sizes)]
+        pixels = generator.integers(0, 256, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{index:03d}.png")
         rows.append((f"{index:03d}.png", f"street photo {index}, film grain, night, city lights"))
     with (folder / "metadata.csv").open("w", newline="") as file:
@@ -150,8 +168,9 @@ def train_variant(args: argparse.Namespace) -> dict[str, object]:
     import torch
 
     started = time.perf_counter()
-    if args.variant == "lorapipe":
-        samples_per_second, losses = train_lorapipe(args)
+    extra: dict[str, object] = {}
+    if args.variant in ("lorapipe", "lorapipe-buckets"):
+        samples_per_second, losses, extra = train_lorapipe(args, buckets=args.variant != "lorapipe")
     elif args.variant == "bare-unet-step":
         samples_per_second, losses = train_bare_unet_step(args)
     else:
@@ -181,6 +200,7 @@ def train_variant(args: argparse.Namespace) -> dict[str, object]:
         "peak_mib": peak,
         "memory": memory,
         "mean_loss": sum(losses) / len(losses),
+        **extra,
     }
 
 
@@ -196,8 +216,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def train_lorapipe(args: argparse.Namespace) -> tuple[float, list[float]]:
-    """``lorapipe.stages.train.run`` with its caches on: (samples/s, per-step losses)."""
+def train_lorapipe(
+    args: argparse.Namespace, *, buckets: bool
+) -> tuple[float, list[float], dict[str, object]]:
+    """``lorapipe.stages.train.run`` with its caches on, on the square-ish images in square
+    crops or on the mixed-aspect ones in buckets: (samples/s, per-step losses, the buckets)."""
     from lorapipe.stages.train import run
     from lorapipe.train_config import TrainConfig
 
@@ -218,12 +241,17 @@ def train_lorapipe(args: argparse.Namespace) -> tuple[float, list[float]]:
         cache_dir=str(workdir / "cache-lorapipe"),
         cache_latents=True,
         cache_text_encoder_outputs=True,
+        enable_bucket=buckets,
     )
-    output = workdir / "output-lorapipe"
-    report = run(str(workdir / "images"), str(output), config)
+    output = workdir / f"output-{args.variant}"
+    report = run(str(workdir / ("mixed" if buckets else "images")), str(output), config)
     with (output / "loss_log.csv").open() as file:
         losses = [float(row["loss"]) for row in csv.DictReader(file)]
-    return report["samples_per_second"], losses
+    bucket_counts = ", ".join(
+        f"{b['images']} at {b['resolution'][0]}x{b['resolution'][1]}" for b in report["buckets"]
+    )
+    extra = {"buckets": bucket_counts, "short_batches": report["short_batches"]}
+    return report["samples_per_second"], losses, extra
 
 
 def train_bare_unet_step(args: argparse.Namespace) -> tuple[float, list[float]]:

@@ -263,7 +263,7 @@ class TrainConfig:
     )
     cache_dir: str = option(
         "",
-        help="latents (keyed by image hash, VAE files, resolution, crop, mirroring), dataset "
+        help="latents (keyed by image hash, VAE files, bucket, crop, mirroring), dataset "
         "images, S3 work dirs",
         default_text="$LORAPIPE_CACHE (~/.cache/lorapipe)",
     )
