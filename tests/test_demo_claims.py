@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lorapipe.demo import claims, world
+from lorapipe.demo import claims, inputs, world
 from lorapipe.demo.inputs import PLANTED_FILES
 
 SCENE = world.Scene("circle", "red", 1, "middle", "white")
@@ -143,6 +143,79 @@ def test_selection_is_checked_against_the_losses_training_recorded(
     claim = claims.check_selection(tmp_path, selection)
     assert claim.passed is passed
     assert "minimum at step 150" in claim.measured
+
+
+def _bucket(width: int, height: int, images: int, cropped: float, square: float) -> dict:
+    """A ``buckets`` entry of ``training_report.json``, as train writes it."""
+    return {
+        "resolution": [width, height],
+        "images": images,
+        "mean_crop_fraction": cropped,
+        "square_crop_fraction": square,
+    }
+
+
+def test_the_portrait_claim_weighs_the_portrait_buckets_by_their_images() -> None:
+    """Square and landscape buckets do not count, however much they crop; the measured text
+    also gives what square training would have cropped of the same portraits."""
+    report = {
+        "enable_bucket": True,
+        "buckets": [
+            _bucket(48, 72, 6, 0.0, 1 / 3),
+            _bucket(56, 72, 2, 0.08, 0.22),
+            _bucket(64, 64, 20, 0.0, 0.0),
+            _bucket(72, 48, 4, 0.3, 1 / 3),
+        ],
+    }
+    claim = claims.check_portrait_crop(report)
+    assert claim.passed, claim.line()
+    assert claim.measured == (
+        "2.0% of pixels cropped (square training: 30.5%) over 8 images in the portrait "
+        "buckets 48x72, 56x72"
+    )
+    assert claim.threshold == "at most 5%"
+
+
+def test_the_portrait_claim_fails_when_the_crop_takes_more_than_5_percent() -> None:
+    claim = claims.check_portrait_crop(
+        {"enable_bucket": True, "buckets": [_bucket(56, 72, 8, 0.12, 0.22)]}
+    )
+    assert not claim.passed and claim.measured.startswith("12.0% of pixels cropped")
+
+
+def test_without_a_portrait_bucket_the_portrait_claim_fails_and_says_why() -> None:
+    square_only = {"enable_bucket": False, "buckets": [_bucket(64, 64, 40, 0.125, 0.125)]}
+    claim = claims.check_portrait_crop(square_only)
+    assert not claim.passed
+    assert (
+        claim.measured == "no portrait bucket: training ran without buckets (enable_bucket false)"
+    )
+    no_portraits = {"enable_bucket": True, "buckets": [_bucket(64, 64, 30, 0, 0)]}
+    claim = claims.check_portrait_crop(no_portraits)
+    assert not claim.passed and claim.measured == "no portrait bucket among the buckets 64x64"
+
+
+@pytest.mark.parametrize("enable_bucket", [True, False])
+def test_on_the_demo_frames_bucketed_training_keeps_the_portraits_whole_and_square_training_cannot(
+    enable_bucket: bool,
+) -> None:
+    """The claim read on what train reports for the demo's images at the demo's resolution."""
+    from lorapipe.training.buckets import BucketRule, Placed, bucket_report
+
+    rule = BucketRule.for_training(
+        64,
+        enable_bucket=enable_bucket,
+        min_bucket_reso=None,
+        max_bucket_reso=None,
+        bucket_reso_steps=None,
+        bucket_no_upscale=False,
+    )
+    frames = [frame for *_, frame in inputs.demo_scenes(8)]
+    placed = [Placed(f"{n}.png", frame, rule.bucket_for(frame)) for n, frame in enumerate(frames)]
+    claim = claims.check_portrait_crop(bucket_report(rule, placed))
+    assert claim.passed is enable_bucket, claim.line()
+    if enable_bucket:
+        assert claim.measured.startswith("0.0% of pixels cropped (square training: 33.3%)")
 
 
 def test_a_claim_reads_as_one_line_with_its_verdict_and_threshold() -> None:

@@ -19,10 +19,10 @@ from lorapipe.stages.ingest import perceptual_hash
 def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_and_three_files_to_drop(
     tmp_path: Path,
 ) -> None:
-    folder = inputs.write_sample_folder(tmp_path / "raw", count=6)
+    folder = inputs.write_sample_folder(tmp_path / "raw", count=8)
     with (folder / "metadata.csv").open(encoding="utf-8") as file:
         rows = list(csv.DictReader(file))
-    assert len(rows) == 6
+    assert len(rows) == 8
     truth = json.loads(inputs.truth_file(folder).read_text())
     assert set(truth) == {row["filename"] for row in rows}
     for index, row in enumerate(rows):
@@ -33,7 +33,8 @@ def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_
         assert ("watermark" in truth[row["filename"]]["tags"]) == watermarked
         assert "watermark" not in row["text"]
         with Image.open(folder / row["filename"]) as image:
-            assert image.size == (512, 512)
+            # 512 px on the short side (ingest's minimum), in the frames' turn
+            assert image.size == inputs.FRAMES[index % len(inputs.FRAMES)]
             assert world.style_score(image) > 1.5
             assert (world.watermark_score(image) > 0.02) == watermarked
     assert {path.name for path in folder.iterdir()} == {
@@ -41,6 +42,15 @@ def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_
         *inputs.PLANTED_FILES,
         *(row["filename"] for row in rows),
     }
+
+
+def test_a_quarter_of_the_scenes_are_portrait_and_an_eighth_landscape() -> None:
+    """So training has portrait and landscape buckets to fill, and the demo's claim that
+    bucketed training keeps a portrait's top and bottom has portraits to show it on."""
+    frames = [frame for *_, frame in inputs.demo_scenes()]
+    assert frames.count(inputs.PORTRAIT) == inputs.DEMO_IMAGES // 4
+    assert frames.count(inputs.LANDSCAPE) == inputs.DEMO_IMAGES // 8
+    assert inputs.PORTRAIT == (512, 768) and inputs.LANDSCAPE == (768, 512)
 
 
 def test_no_two_demo_scenes_are_near_duplicates_to_ingest(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""The procedural world: deterministic, truthful captions and tags, and one statistic per
-defect (and for the style) that separates it from clean renders at 64 and at 512 px."""
+"""The procedural world: deterministic, truthful captions and tags, square, portrait and
+landscape frames, and one statistic per defect (and for the style) that separates it from
+clean renders at 64 and at 512 px, in every frame."""
 
 from __future__ import annotations
 
@@ -32,6 +33,66 @@ def test_render_is_deterministic_rgb_and_sized():
     assert first.mode == "RGB" and first.size == (128, 128)
     assert np.array_equal(_pixels(first), _pixels(world.render(scene, 128, seed=3)))
     assert not np.array_equal(_pixels(first), _pixels(world.render(scene, 128, seed=4)))
+
+
+def test_a_square_frame_renders_as_its_int_size_and_a_frame_is_width_by_height():
+    scene = Scene("circle", "red", 2, "left", "grey", defects=("watermark",), styled=True)
+    square = world.render(scene, 128, seed=3)
+    assert np.array_equal(_pixels(world.render(scene, (128, 128), seed=3)), _pixels(square))
+    assert world.render(scene, (128, 192), seed=3).size == (128, 192)
+    with pytest.raises(ValueError, match="16 px"):
+        world.render(scene, (128, 8))
+
+
+def _object_mask(image) -> np.ndarray:
+    """Where a red object is drawn (on an unstyled white or grey background)."""
+    pixels = _pixels(image).astype(int)
+    return (pixels[..., 0] > 150) & (pixels[..., 1] < 100)
+
+
+@pytest.mark.parametrize("frame", [(256, 384), (384, 256)])
+def test_a_portrait_or_landscape_keeps_its_circles_round_and_its_column_in_place(frame):
+    """Positions are fractions of each side and the radius one length in pixels, so a circle
+    is as wide as it is tall in any frame and stays in its column."""
+    scene = Scene("circle", "red", 1, "right", "white")
+    mask = _object_mask(world.render(scene, frame, seed=2))
+    rows, columns = np.nonzero(mask)
+    tall, wide = np.ptp(rows) + 1, np.ptp(columns) + 1
+    assert abs(tall - wide) <= 1, (tall, wide)
+    assert columns.min() > frame[0] / 2  # on the right
+
+
+def test_a_portrait_has_content_in_its_top_and_bottom_that_a_centre_square_crop_removes():
+    """What bucketed training keeps and square training loses: a portrait's column of objects
+    runs over its whole height, and its watermark plate sits in the bottom-right corner of the
+    frame, outside the centre square."""
+    scene = Scene("circle", "red", 3, "left", "grey")
+    portrait = world.render(scene, (256, 384), seed=0)
+    crop_top, crop_bottom = 64, 320  # the centre 256 x 256
+    object_rows = np.nonzero(_object_mask(portrait))[0]
+    assert object_rows.min() < crop_top  # the column's top object reaches above the crop
+    assert object_rows.max() > 0.7 * 384  # and the column runs down the whole frame
+    watermarked = world.render(dataclasses.replace(scene, defects=("watermark",)), (256, 384))
+    # the plate is the only thing near white on grey
+    plate_rows, plate_columns = np.nonzero(_pixels(watermarked.convert("L")) > 190)
+    assert plate_rows.min() >= crop_bottom and plate_columns.min() > 128
+    assert world.watermark_score(watermarked) > 0.15
+
+
+def test_the_vignette_follows_the_frame():
+    """The style darkens a portrait or landscape towards its corners along an ellipse that fits
+    the frame, as it does a square: the middle of the top edge as much as the middle of a side
+    edge. So style_score reads a styled one as styled, an unstyled one as not."""
+    scene = Scene("square", "blue", 2, "right", "grey")
+    for width, height in ((128, 192), (192, 128)):
+        assert world.style_score(world.render(scene, (width, height))) < 0.2
+        styled = world.render(dataclasses.replace(scene, styled=True), (width, height))
+        assert world.style_score(styled) > 1.5
+        luma = _pixels(styled.convert("L")).astype(float)
+        top_middle = np.median(luma[:3, width // 2 - 2 : width // 2 + 2])
+        left_middle = np.median(luma[height // 2 - 2 : height // 2 + 2, :3])
+        corner = np.median(luma[:3, :3])
+        assert abs(top_middle - left_middle) < 6 and corner < top_middle - 15
 
 
 def test_sample_scenes_is_deterministic_varied_and_balanced():
@@ -114,22 +175,30 @@ def _separation(score, defect, scenes, size):
     return max(clean), min(spoiled)
 
 
+FRAMES = [(64, 20), (128, 20), (512, 4), ((128, 192), 20), ((192, 128), 20), ((512, 768), 4)]
+
+
 @pytest.mark.parametrize("defect", world.DEFECTS)
-@pytest.mark.parametrize(("size", "count"), [(64, 20), (128, 20), (512, 4)])
+@pytest.mark.parametrize(("size", "count"), FRAMES)
 def test_each_statistic_separates_its_defect(defect, size, count):
     scenes = world.sample_scenes(count, seed=11, styled_fraction=0.5)
     clean, spoiled = _separation(SCORES[defect], defect, scenes, size)
     assert spoiled > clean, (defect, size, clean, spoiled)
 
 
-def test_statistics_survive_the_resize_a_512px_image_gets_for_64px_training():
+@pytest.mark.parametrize(("frame", "trained"), [(512, (64, 64)), ((512, 768), (64, 96))])
+def test_statistics_survive_the_resize_a_512px_image_gets_for_64px_training(frame, trained):
+    """The statistics measure an image at its own aspect, 64 px on the short side, so a
+    portrait bucket's 64 x 96 reads as the 512 x 768 image it was resized from."""
     scenes = world.sample_scenes(4, seed=5, styled_fraction=0.5)
     for defect, score in SCORES.items():
-        clean = [score(world.render(s, 512, seed=i).resize((64, 64))) for i, s in enumerate(scenes)]
+        clean = [
+            score(world.render(s, frame, seed=i).resize(trained)) for i, s in enumerate(scenes)
+        ]
         spoiled = [
             score(
-                world.render(dataclasses.replace(s, defects=(defect,)), 512, seed=i).resize(
-                    (64, 64)
+                world.render(dataclasses.replace(s, defects=(defect,)), frame, seed=i).resize(
+                    trained
                 )
             )
             for i, s in enumerate(scenes)
@@ -170,7 +239,7 @@ def test_watermark_score_sees_the_plate_in_either_corner_and_cancels_the_vignett
     assert world.watermark_score(mirrored) == pytest.approx(world.watermark_score(watermarked))
 
 
-@pytest.mark.parametrize(("size", "count"), [(64, 20), (128, 20), (512, 4)])
+@pytest.mark.parametrize(("size", "count"), FRAMES)
 def test_style_score_separates_styled_from_unstyled(size, count):
     scenes = world.sample_scenes(count, seed=13)
     plain = [world.style_score(world.render(s, size, seed=i)) for i, s in enumerate(scenes)]

@@ -37,11 +37,11 @@ def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_remove
     run = local_run.run_local(tmp_path, {})
 
     assert run.report == tmp_path / "report.html"
-    assert len(run.claims) == 6
+    assert len(run.claims) == 7
     failed = [c.line() for c in run.claims if not c.passed]
     assert not failed, failed
     html = run.report.read_text()
-    assert "What this run shows" in html and html.count(">PASS<") == 6
+    assert "What this run shows" in html and html.count(">PASS<") == 7
     assert json.loads((tmp_path / "demo_checks.json").read_text())[0]["passed"] is True
     ingest_report = (_task_dir(tmp_path, "ingest") / "report").read_text()
     for planted in ("copy_of_first.png", "truncated.jpg", "too_small.png"):

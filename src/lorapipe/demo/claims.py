@@ -9,6 +9,8 @@ truth, so the pipeline's effects are measured rather than eyeballed:
 - the LoRA learned the style: the mean ``world.style_score`` of the generated images at LoRA
   scale 0.8 is well above scale 0 (the base model), and it rises with the scale;
 - selection picked a checkpoint near the validation minimum;
+- bucketed training keeps the portrait scenes' top and bottom: over the portrait buckets, the
+  crop removes at most ``MAX_PORTRAIT_CROP`` of the pixels (a square crop would remove a third);
 - the article's negative preset measurably lowers the blur and watermark statistics of the
   generated images compared with an empty negative prompt, image pair by image pair.
 
@@ -31,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lorapipe.checkpoint_layout import find_checkpoints, read_record
+from lorapipe.checkpoint_layout import TRAINING_REPORT_NAME, find_checkpoints, read_record
 from lorapipe.dataset import read_records
 from lorapipe.demo import world
 from lorapipe.demo.inputs import PLANTED_FILES
@@ -43,6 +45,8 @@ MIN_STYLE_GAIN = 0.5  # style_score at STYLE_SCALE minus at scale 0; a styled re
 # the negative preset's mean paired drop of a defect statistic, in standard errors
 MIN_DROP_IN_SE = 3.0
 NEGATIVE_PRESET, EMPTY_PRESET = "landscape", "none"
+# the share of a portrait's pixels bucketed training may crop; square training crops 1/3 of 2:3
+MAX_PORTRAIT_CROP = 0.05
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class RunOutputs:
 
     ingest_report: Path  # ingest's report.json
     tagged_dataset: Path | None  # the tag stage's dataset; None when it did not run
-    training: Path  # the train stage's output (checkpoint_layout)
+    training: Path  # the train stage's output (checkpoint_layout, training_report.json)
     selection_report: Path  # select's report.json
     generated: Path  # generate's output directory (index.parquet, images/)
     truth: Path  # the demo folder's ground truth (inputs.truth_file)
@@ -82,6 +86,8 @@ def check_run(outputs: RunOutputs) -> list[Claim]:
     claims.append(
         check_selection(outputs.training, json.loads(outputs.selection_report.read_text()))
     )
+    training_report = outputs.training / TRAINING_REPORT_NAME
+    claims.append(check_portrait_crop(json.loads(training_report.read_text(encoding="utf-8"))))
     claims += check_negatives(index, outputs.generated)
     return claims
 
@@ -152,6 +158,43 @@ def check_selection(training: Path, selection: dict[str, Any]) -> Claim:
         f"<= {selection['epsilon']:.0%} above the minimum",
         excess <= selection["epsilon"] + 1e-9,
     )
+
+
+def check_portrait_crop(training_report: dict[str, Any]) -> Claim:
+    """Over the portrait buckets (height above width) of ``training_report.json``, the mean
+    share of pixels the crop removes, weighted by the buckets' images, is at most
+    ``MAX_PORTRAIT_CROP``. The measurement also gives what square training (a centre crop of
+    the short side) would have removed of the same images: the top and bottom bucketing keeps.
+    Without a portrait bucket (``enable_bucket: false`` trains one square) it fails."""
+    claim, threshold = (
+        "the portrait scenes keep their top and bottom",
+        f"at most {MAX_PORTRAIT_CROP:.0%}",
+    )
+    buckets = training_report.get("buckets", [])
+    portrait = [b for b in buckets if b["resolution"][1] > b["resolution"][0] and b["images"]]
+    if not portrait:
+        if not training_report.get("enable_bucket"):
+            measured = "no portrait bucket: training ran without buckets (enable_bucket false)"
+        else:
+            measured = f"no portrait bucket among the buckets {_bucket_sizes(buckets)}"
+        return Claim(claim, measured, threshold, False)
+    images = sum(bucket["images"] for bucket in portrait)
+    cropped, square_cropped = (
+        sum(bucket["images"] * bucket[key] for bucket in portrait) / images
+        for key in ("mean_crop_fraction", "square_crop_fraction")
+    )
+    return Claim(
+        claim,
+        f"{cropped:.1%} of pixels cropped (square training: {square_cropped:.1%}) over "
+        f"{images} images in the portrait buckets {_bucket_sizes(portrait)}",
+        threshold,
+        cropped <= MAX_PORTRAIT_CROP,
+    )
+
+
+def _bucket_sizes(buckets: list[dict[str, Any]]) -> str:
+    """The buckets' resolutions as ``48x72, 64x64``."""
+    return ", ".join(f"{width}x{height}" for width, height in (b["resolution"] for b in buckets))
 
 
 def check_negatives(index: list[dict[str, Any]], generated: Path) -> list[Claim]:

@@ -1,14 +1,15 @@
 """The inputs of ``make run``: the world's base model and tagger, and a folder of raw images.
 
-The folder is what a user hands the pipeline: ``DEMO_IMAGES`` captioned 512 px scenes of the
-procedural world (``lorapipe.demo.world``) in the ``filmstyle`` style, a lora-scripts
-``metadata.csv``, and three files that ingest must drop (an exact duplicate, a truncated JPEG
-and an image below 512 px). Like a scraped set, every ``WATERMARK_EVERY``-th image carries a
-stock-photo watermark its caption does not mention, so the LoRA learns to draw it and the
-negative prompt has something to remove. The base model and the tagger were trained on the
-world without the style (``lorapipe.demo.world_model``, ``lorapipe.demo.world_tagger``) and are
-committed under ``assets/``, so the run shows a LoRA learning something the base model cannot
-draw.
+The folder is what a user hands the pipeline: ``DEMO_IMAGES`` captioned scenes of the
+procedural world (``lorapipe.demo.world``) in the ``filmstyle`` style, 512 px on the short
+side, a quarter of them portrait (512 x 768) and an eighth landscape (768 x 512) so training
+has aspect-ratio buckets to fill; a lora-scripts ``metadata.csv``; and three files that ingest
+must drop (an exact duplicate, a truncated JPEG and an image below 512 px). Like a scraped set,
+every ``WATERMARK_EVERY``-th image carries a stock-photo watermark its caption does not
+mention, so the LoRA learns to draw it and the negative prompt has something to remove. The
+base model and the tagger were trained on the world without the style
+(``lorapipe.demo.world_model``, ``lorapipe.demo.world_tagger``) and are committed under
+``assets/``, so the run shows a LoRA learning something the base model cannot draw.
 ``DEMO_TRAINING_CONFIG`` and ``DEMO_REVIEW`` size the run for 2 CPU cores; what the run must
 show is checked by ``lorapipe.demo.claims``.
 """
@@ -33,13 +34,21 @@ PLANTED_FILES = ("copy_of_first.png", "truncated.jpg", "too_small.png")
 # more bits apart than ingest's near-duplicate distance (6), with a margin
 MIN_HASH_DISTANCE = 12
 WATERMARK_EVERY = 3
+SQUARE, PORTRAIT, LANDSCAPE = (512, 512), (512, 768), (768, 512)  # (width, height)
+# the images' frames, in turn: every 4th image (from the first) portrait, every 8th (from the
+# third) landscape, so both meet watermarked ones. Landscapes are fewer because the world
+# tagger, trained on squares, sees one shrunk into its square input and finds its stacked
+# objects less often (micro F1 0.71 on the landscapes, 0.91 on the squares and portraits)
+FRAMES = (PORTRAIT, SQUARE, LANDSCAPE, SQUARE, PORTRAIT, SQUARE, SQUARE, SQUARE)
+HASH_SCALE = 8  # the near-duplicate check hashes a render this many times smaller
 
 # The seed article's keys, sized for the world model on a CPU: 64 px, a checkpoint (with
-# validation loss) every 50 steps.
+# validation loss) every 50 steps; aspect-ratio buckets (the default, stated because the
+# portrait claim reads them).
 DEMO_TRAINING_CONFIG = (
     f"{{output_name: {TRIGGER}, lora_rank: 8, lora_alpha: 8, batch_size: 4, "
     "max_train_steps: 300, learning_rate: 1e-3, optimizer: AdamW, scheduler: constant, "
-    "save_steps: 50, resolution: 64, validation_split: 0.2}"
+    "save_steps: 50, resolution: 64, enable_bucket: true, validation_split: 0.2}"
 )
 # The review grid: the article's landscape preset against no negative, at four LoRA scales.
 DEMO_PROMPTS = [
@@ -58,24 +67,27 @@ DEMO_REVIEW = {
 }
 
 
-def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int]]:
-    """``count`` styled scenes with their render seeds, every ``WATERMARK_EVERY``-th (from the
-    first) watermarked, no two near duplicates to ingest (perceptual hashes more than
-    ``MIN_HASH_DISTANCE`` bits apart): the hash is luma-only, so two scenes differing only in
-    colour would otherwise be dropped."""
+def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int, tuple[int, int]]]:
+    """``count`` styled scenes with their render seeds and frames (``FRAMES`` in turn), every
+    ``WATERMARK_EVERY``-th (from the first) watermarked, no two near duplicates to ingest
+    (perceptual hashes, of a render at the scene's frame, more than ``MIN_HASH_DISTANCE`` bits
+    apart): the hash is luma-only, so two scenes differing only in colour would otherwise be
+    dropped."""
     from lorapipe.stages.ingest import perceptual_hash
 
     candidates = world.sample_scenes(10 * count, seed=DEMO_SEED, styled_fraction=1.0)
-    kept: list[tuple[world.Scene, int, int]] = []
+    kept: list[tuple[world.Scene, int, tuple[int, int], int]] = []
     for index, scene in enumerate(candidates):
         if len(kept) % WATERMARK_EVERY == 0:
             scene = replace(scene, defects=("watermark",))
+        frame = FRAMES[len(kept) % len(FRAMES)]
         seed = DEMO_SEED * 100_003 + index
-        image_hash = perceptual_hash(world.render(scene, 64, seed=seed))
+        small = (frame[0] // HASH_SCALE, frame[1] // HASH_SCALE)
+        image_hash = perceptual_hash(world.render(scene, small, seed=seed))
         if all(bin(image_hash ^ other).count("1") > MIN_HASH_DISTANCE for *_, other in kept):
-            kept.append((scene, seed, image_hash))
+            kept.append((scene, seed, frame, image_hash))
         if len(kept) == count:
-            return [(scene, seed) for scene, seed, _ in kept]
+            return [(scene, seed, frame) for scene, seed, frame, _ in kept]
     raise InputError(f"the world has fewer than {count} scenes far enough apart for the demo")
 
 
@@ -88,9 +100,9 @@ def write_sample_folder(folder: str | Path, count: int = DEMO_IMAGES) -> Path:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     rows, truth = [], {}
-    for index, (scene, seed) in enumerate(demo_scenes(count)):
+    for index, (scene, seed, frame) in enumerate(demo_scenes(count)):
         name = f"{TRIGGER}_{index:02d}.png"
-        world.render(scene, 512, seed=seed).save(folder / name)
+        world.render(scene, frame, seed=seed).save(folder / name)
         rows.append((name, world.caption(replace(scene, defects=()))))
         truth[name] = {"scene": asdict(scene), "tags": world.tags(scene)}
     first, copy, truncated, small = (folder / rows[0][0], *(folder / n for n in PLANTED_FILES))

@@ -6,11 +6,20 @@ vignette: the thing a LoRA should learn) and with known defects (blur, grain, ov
 "SAMPLE" watermark: the things a negative prompt should remove). Every scene has a caption,
 ground-truth tags and, for the style and each defect, a pure-computation statistic.
 
-The statistics are measured on a 64 x 64 copy of the image (``ANALYSIS_SIZE``), the resolution
-the demo model generates at, so a 512 px training image and a 64 px generated one are on one
-scale. The style and the defects are drawn at sizes relative to the image for the same reason:
-they survive the resize to 64 px that training applies. The style is deliberately coarse (a
-grade and a vignette, no fine texture): the demo model's 8 x 8 latents can carry it.
+Scenes render square or at any (width, height). Positions are fractions of each side and an
+object's radius one length in pixels, so a portrait or landscape scene spreads over its whole
+frame (a portrait's column of objects runs down its whole height) with round circles; the
+vignette follows the frame, and the watermark plate keeps its shape in the bottom-right corner.
+A square renders exactly as it did before frames existed, so the committed base model and
+tagger, trained on squares, keep their meaning.
+
+The statistics are measured on a copy of the image with a short side of ``ANALYSIS_SIZE`` (64)
+px at the image's own aspect: 64 is the resolution the demo model generates at, so a 512 px
+training image and a 64 px generated one are on one scale, and a pixel of the copy is the same
+share of the short side in every frame, so an edge, the grain and the plate measure as on a
+square. The style and the defects are drawn at sizes relative to the image for the same
+reason: they survive the resize to 64 px that training applies. The style is deliberately
+coarse (a grade and a vignette, no fine texture): the demo model's 8 x 8 latents can carry it.
 """
 
 from __future__ import annotations
@@ -47,12 +56,17 @@ ANALYSIS_SIZE = 64
 # its steps fall below EDGE_FLOOR of the steepest one, at most EDGE_REACH pixels a side
 EDGE_CONTRAST, EDGE_FLOOR, EDGE_REACH = 40.0, 0.3, 4
 VIGNETTE = 0.5  # how much the grade darkens the corners: luma x (1 - VIGNETTE * r^2), r = 1 there
-# the object-free bands along the top and bottom edges, where style_score reads the vignette
+# the object-free bands along the top and bottom edges (fractions of the height), where
+# style_score reads the vignette
 _EDGE_BANDS = ((0.0, 0.07), (0.96, 1.0))
 WATERMARK_TEXT = "SAMPLE"
-# the watermark's plate (left, top, right, bottom), in the bottom-right corner below every object
+# the watermark's plate (left, top, right, bottom) on a square, in the bottom-right corner below
+# every object; ``_watermark_box`` places it in other frames
 WATERMARK_BOX = (0.52, 0.82, 0.96, 0.95)
-OBJECT_BOTTOM = 0.74
+OBJECT_TOP, OBJECT_BOTTOM = 0.08, 0.74  # fractions of the height
+# objects are sized by the height, at most this many widths: beyond a 2:3 portrait they would
+# not fit in their third of the width
+OBJECT_SCALE_MAX_WIDTHS = 1.5
 
 _COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 _POSITION_PHRASES = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
@@ -143,47 +157,50 @@ def sample_scenes(
     ]
 
 
-def render(scene: Scene, size: int = 512, *, seed: int = 0) -> Image.Image:
-    """The scene as a ``size`` px RGB image, deterministic in (scene, size, seed). The layout
-    (object size and jitter, light falloff) depends only on (scene, seed), so one scene at 64
-    and at 512 px is the same picture."""
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size}")
+def render(scene: Scene, size: int | tuple[int, int] = 512, *, seed: int = 0) -> Image.Image:
+    """The scene as an RGB image of ``size`` px (a square) or ``(width, height)``,
+    deterministic in (scene, size, seed); ``(n, n)`` is the same image as ``n``. The layout
+    (object size and jitter, light falloff) depends only on (scene, seed, aspect), so one
+    scene at 64 and at 512 px is the same picture."""
+    width, height = _frame(size)
+    short = min(width, height)
     layout = np.random.default_rng([seed, zlib.crc32(repr(scene).encode())])
-    noise = np.random.default_rng([seed, zlib.crc32(repr(scene).encode()), size])
+    # a square seeds its noise as before frames existed, so its pixels do not change
+    frame_seed = [width] if width == height else [width, height]
+    noise = np.random.default_rng([seed, zlib.crc32(repr(scene).encode()), *frame_seed])
 
     # background with a gentle vertical light falloff and faint sensor noise, so clean images
     # are not perfectly flat
-    rows = np.linspace(0.0, 1.0, size)[:, None, None]
+    rows = np.linspace(0.0, 1.0, height)[:, None, None]
     tilt = float(layout.uniform(-0.04, 0.04))
-    pixels = np.empty((size, size, 3))
+    pixels = np.empty((height, width, 3))
     pixels[:] = BACKGROUNDS[scene.background]
     pixels *= 1.0 + tilt * (2.0 * rows - 1.0)
     image = Image.fromarray(_to_uint8(pixels))
 
     draw = ImageDraw.Draw(image)
     fill = COLOURS[scene.colour]
-    for centre_x, centre_y, radius in _layout(scene, layout):
-        box = [(centre_x - radius) * size, (centre_y - radius) * size]
-        box += [(centre_x + radius) * size, (centre_y + radius) * size]
+    for centre_x, centre_y, across, down in _layout(scene, layout, width, height):
+        box = [(centre_x - across) * width, (centre_y - down) * height]
+        box += [(centre_x + across) * width, (centre_y + down) * height]
         if scene.shape == "circle":
             draw.ellipse(box, fill=fill)
         elif scene.shape == "square":
             draw.rectangle(box, fill=fill)
         else:
-            apex = (centre_x * size, box[1])
+            apex = (centre_x * width, box[1])
             draw.polygon([apex, (box[2], box[3]), (box[0], box[3])], fill=fill)
-    pixels = to_rgb_array(image) + noise.normal(0.0, 1.5, size=(size, size, 1))
+    pixels = to_rgb_array(image) + noise.normal(0.0, 1.5, size=(height, width, 1))
 
     if scene.styled:
         pixels = _film_style(pixels)
     if "blurry" in scene.defects:
-        blurred = Image.fromarray(_to_uint8(pixels)).filter(ImageFilter.GaussianBlur(0.03 * size))
+        blurred = Image.fromarray(_to_uint8(pixels)).filter(ImageFilter.GaussianBlur(0.03 * short))
         pixels = to_rgb_array(blurred)
     if "overexposed" in scene.defects:
         pixels = pixels * 1.9 + 95.0
     if "grainy" in scene.defects:
-        pixels = pixels + _grain(size, noise)[..., None]
+        pixels = pixels + _grain(width, height, noise)[..., None]
     image = Image.fromarray(_to_uint8(pixels))
     if "watermark" in scene.defects:
         image = _watermark(image)
@@ -227,16 +244,18 @@ def style_score(image: Image.Image | np.ndarray) -> float:
     the median pixel is background, neutral in every unstyled scene. vignette: along the top
     and bottom edge bands (where no object or watermark is drawn), how much darker the ends
     are than the centre, relative to the centre, over 0.2 (what ``VIGNETTE`` gives there); the
-    world's light falloff is vertical, so unstyled rows are flat."""
+    world's light falloff is vertical, so unstyled rows are flat. The bands and their ends are
+    fractions of the frame, as the vignette is, so a portrait or landscape image reads as a
+    square does."""
     rgb = _analysis_rgb(image)
     y = luma(rgb)
     warmth = float(np.median((rgb[..., 0] - rgb[..., 2]) / (y + 20.0))) / 0.3
-    size = ANALYSIS_SIZE
-    end = round(0.12 * size)
+    height, width = y.shape
+    end = round(0.12 * width)
     darkening = []
     for top, bottom in _EDGE_BANDS:
-        band = y[int(top * size) : max(int(top * size) + 1, int(bottom * size))]
-        centre = float(np.median(band[:, size // 2 - end : size // 2 + end]))
+        band = y[int(top * height) : max(int(top * height) + 1, int(bottom * height))]
+        centre = float(np.median(band[:, width // 2 - end : width // 2 + end]))
         ends = float(np.median(np.concatenate([band[:, :end], band[:, -end:]], axis=1)))
         darkening.append((centre - ends) / (centre + 20.0))
     vignette = float(np.mean(darkening)) / 0.2
@@ -255,8 +274,17 @@ def blur_score(image: Image.Image | np.ndarray) -> float:
     over-sharpened edge, whose halo slopes the other way, as sharp; nan for an image without
     an edge (flat, or too grainy to show one): it cannot tell."""
     rgb = _analysis_rgb(image)
-    lines = np.concatenate([rgb.transpose(2, 0, 1), rgb.transpose(2, 1, 0)])
-    steps = np.diff(lines.reshape(-1, ANALYSIS_SIZE), axis=1)
+    rows, columns = rgb.transpose(2, 0, 1), rgb.transpose(2, 1, 0)
+    shares = np.concatenate([_central_shares(rows), _central_shares(columns)])
+    if shares.size == 0:
+        return float("nan")
+    return float(1.0 - shares.mean())
+
+
+def _central_shares(lines: np.ndarray) -> np.ndarray:
+    """For each strong edge along ``lines`` (channels x lines x pixels), the share of its rise
+    within its steepest 3 pixels (``blur_score``'s edges)."""
+    steps = np.diff(lines.reshape(-1, lines.shape[-1]), axis=1)
     padded = np.pad(steps, ((0, 0), (EDGE_REACH, EDGE_REACH)))
     around = np.lib.stride_tricks.sliding_window_view(padded, 2 * EDGE_REACH + 1, axis=1)
     centre = around[..., EDGE_REACH]
@@ -267,11 +295,9 @@ def blur_score(image: Image.Image | np.ndarray) -> float:
     in_edge = np.concatenate([leftwards, rightwards], axis=2).astype(bool)
     rise = np.where(in_edge, around, 0.0).sum(axis=2)
     edges = steepest & (np.abs(rise) >= EDGE_CONTRAST)
-    if not edges.any():
-        return float("nan")
     middle = slice(EDGE_REACH - 1, EDGE_REACH + 2)
     central_rise = np.where(in_edge[..., middle], around[..., middle], 0.0).sum(axis=2)
-    return float(1.0 - (central_rise[edges] / rise[edges]).mean())
+    return central_rise[edges] / rise[edges]
 
 
 def grain_score(image: Image.Image | np.ndarray) -> float:
@@ -293,11 +319,12 @@ def watermark_score(image: Image.Image | np.ndarray) -> float:
     differ in mean luma (0-1): a matched filter for the one watermark the world draws, on
     either side (flip augmentation mirrors it). No object reaches below ``OBJECT_BOTTOM``, and
     the light falloff and the style's vignette are left-right symmetric, so everything but a
-    plate cancels."""
+    plate cancels. The box is where ``render`` puts the plate in the image's frame."""
     y = luma(_analysis_rgb(image))
-    rows, columns = _watermark_region(ANALYSIS_SIZE)
+    height, width = y.shape
+    rows, columns = _watermark_region(width, height)
     plate = y[rows, columns]
-    mirrored = y[rows, ANALYSIS_SIZE - columns.stop : ANALYSIS_SIZE - columns.start][:, ::-1]
+    mirrored = y[rows, width - columns.stop : width - columns.start][:, ::-1]
     return float(abs(plate.mean() - mirrored.mean()) / 255.0)
 
 
@@ -306,7 +333,7 @@ def write_world_folder(
     count: int,
     *,
     seed: int,
-    size: int = 512,
+    size: int | tuple[int, int] = 512,
     styled_fraction: float = 0.0,
     defect_rate: float = 0.0,
 ) -> Path:
@@ -338,11 +365,21 @@ def write_metadata_csv(path: Path, rows: list[tuple[str, str]]) -> None:
         writer.writerows(rows)
 
 
-def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, float]]:
-    """(centre x, centre y, radius) of each object, as fractions of the image side: stacked
-    in the position's column, jittered, and above the watermark band."""
+def _layout(
+    scene: Scene, rng: np.random.Generator, width: int, height: int
+) -> list[tuple[float, float, float, float]]:
+    """(centre x, centre y, radius across, radius down) of each object, as fractions of the
+    width and the height: stacked in the position's column between ``OBJECT_TOP`` and
+    ``OBJECT_BOTTOM`` (in a portrait frame, over its whole height), jittered, and above the
+    watermark plate. The radius is one length in pixels, so shapes keep their proportions, and
+    a share of the height, the column's length (up to ``OBJECT_SCALE_MAX_WIDTHS``): a column
+    of three fits any frame as it fits a square, and a portrait shrunk to fit a square (as
+    the tagger sees it) shows objects as large as a square does."""
     radius = {1: 0.14, 2: 0.11, 3: 0.085}[scene.count] * float(rng.uniform(0.85, 1.1))
-    top, bottom = 0.08 + radius, OBJECT_BOTTOM - radius
+    scale = min(height, OBJECT_SCALE_MAX_WIDTHS * width)
+    # scale / side is exactly 1 on a square, so square renders keep their pixels
+    across, down = radius * (scale / width), radius * (scale / height)
+    top, bottom = OBJECT_TOP + down, OBJECT_BOTTOM - down
     if scene.count == 1:
         centres_y = [float(rng.uniform(top, bottom))]
     else:
@@ -353,73 +390,110 @@ def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float, 
         # a zig-zag so several objects do not form a rigid column
         offset = 0.0 if scene.count == 1 else (0.04 if index % 2 else -0.04)
         centre_x = base_x + offset + float(rng.uniform(-0.02, 0.02))
-        centre_x = min(max(centre_x, radius + 0.02), 0.98 - radius)
-        objects.append((centre_x, centre_y, radius))
+        centre_x = min(max(centre_x, across + 0.02), 0.98 - across)
+        objects.append((centre_x, centre_y, across, down))
     return objects
 
 
 def _film_style(pixels: np.ndarray) -> np.ndarray:
     """``filmstyle``: 40 % of a sepia grade mixed in, warm lifted blacks (faded film), then a
-    vignette that darkens towards the corners (``VIGNETTE``)."""
+    vignette that darkens towards the frame's corners (``VIGNETTE``; an ellipse in a portrait
+    or landscape frame)."""
     sepia = np.array([[0.393, 0.769, 0.189], [0.349, 0.686, 0.168], [0.272, 0.534, 0.131]])
     graded = 0.5 * pixels + 0.4 * (pixels @ sepia.T)
     graded = 0.88 * graded + np.array([28.0, 16.0, 0.0])
-    size = pixels.shape[0]
-    offsets = (np.arange(size) + 0.5) / size * 2.0 - 1.0
-    radius_squared = (offsets[:, None] ** 2 + offsets[None, :] ** 2) / 2.0
+    height, width = pixels.shape[:2]
+    down = (np.arange(height) + 0.5) / height * 2.0 - 1.0
+    across = (np.arange(width) + 0.5) / width * 2.0 - 1.0
+    radius_squared = (down[:, None] ** 2 + across[None, :] ** 2) / 2.0
     return graded * (1.0 - VIGNETTE * radius_squared)[..., None]
 
 
-def _grain(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Luma grain: coarse noise on a 64 x 64 grid (what survives a resize to 64 px) plus fine
-    per-pixel noise (what a 512 px image shows up close)."""
-    coarse = rng.normal(0.0, 32.0, size=(ANALYSIS_SIZE, ANALYSIS_SIZE)).astype(np.float32)
-    coarse_image = Image.fromarray(coarse).resize((size, size), Image.Resampling.NEAREST)
-    return np.asarray(coarse_image, dtype=np.float64) + rng.normal(0.0, 18.0, size=(size, size))
+def _grain(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
+    """Luma grain: coarse noise on the analysis grid (64 cells on the short side: what
+    survives a resize to 64 px) plus fine per-pixel noise (what a 512 px image shows up
+    close)."""
+    grid_width, grid_height = _analysis_frame(width, height)
+    coarse = rng.normal(0.0, 32.0, size=(grid_height, grid_width)).astype(np.float32)
+    coarse_image = Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST)
+    fine = rng.normal(0.0, 18.0, size=(height, width))
+    return np.asarray(coarse_image, dtype=np.float64) + fine
 
 
 def _watermark(image: Image.Image) -> Image.Image:
-    """A stock-photo watermark: a 75 %-opaque white plate over ``WATERMARK_BOX`` with
+    """A stock-photo watermark: a 75 %-opaque white plate over ``_watermark_box`` with
     ``WATERMARK_TEXT`` cut out of it. Bold enough to survive the VAE's 8x downsampling, where
     thin letters alone do not."""
-    size = image.width
-    left, top, right, bottom = (value * size for value in WATERMARK_BOX)
     plate = Image.new("L", image.size, 0)
-    ImageDraw.Draw(plate).rectangle([left, top, right, bottom], fill=191)
-    opacity = ImageChops.subtract(plate, _letters_mask(size))
+    ImageDraw.Draw(plate).rectangle(list(_watermark_box(*image.size)), fill=191)
+    opacity = ImageChops.subtract(plate, _letters_mask(*image.size))
     return Image.composite(Image.new("RGB", image.size, (255, 255, 255)), image, opacity)
 
 
-def _letters_mask(size: int) -> Image.Image:
-    """The watermark's letter strokes in a ``size`` px square (255 on the strokes, else 0)."""
-    left, top, right, bottom = (value * size for value in WATERMARK_BOX)
+def _letters_mask(width: int, height: int) -> Image.Image:
+    """The watermark's letter strokes in a ``width`` x ``height`` frame (255 on the strokes,
+    else 0)."""
+    left, top, right, bottom = _watermark_box(width, height)
     cell = (right - left) / len(WATERMARK_TEXT)
-    letter_width, height = 0.72 * cell, bottom - top
-    stroke = max(1, round(0.018 * size))
-    mask = Image.new("L", (size, size), 0)
+    letter_width, letter_height = 0.72 * cell, bottom - top
+    stroke = max(1, round(0.018 * min(width, height)))
+    mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
     for index, letter in enumerate(WATERMARK_TEXT):
         x0 = left + index * cell
         for line in _LETTERS[letter]:
-            points = [(x0 + x * letter_width, top + y * height) for x, y in line]
+            points = [(x0 + x * letter_width, top + y * letter_height) for x, y in line]
             draw.line(points, fill=255, width=stroke, joint="curve")
     return mask
 
 
-def _watermark_region(size: int) -> tuple[slice, slice]:
-    """Rows and columns of the pixels inside ``WATERMARK_BOX``."""
+def _watermark_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """``WATERMARK_BOX`` in pixels of a ``width`` x ``height`` frame: its right and bottom
+    edges at the same fractions of the frame as on a square, its size a share of the short side
+    (the letters keep their shape), so it stays in the bottom-right corner below every object.
+    On a square the extra length is 0 and the box is exactly ``WATERMARK_BOX`` x side."""
+    short = min(width, height)
+    extra_x, extra_y = width - short, height - short
     left, top, right, bottom = WATERMARK_BOX
-    rows = slice(math.ceil(top * size), int(bottom * size))
-    return rows, slice(math.ceil(left * size), int(right * size))
+    return (
+        left * short + right * extra_x,
+        top * short + bottom * extra_y,
+        right * short + right * extra_x,
+        bottom * short + bottom * extra_y,
+    )
+
+
+def _watermark_region(width: int, height: int) -> tuple[slice, slice]:
+    """Rows and columns of the pixels inside ``_watermark_box``."""
+    left, top, right, bottom = _watermark_box(width, height)
+    rows = slice(math.ceil(top), int(bottom))
+    return rows, slice(math.ceil(left), int(right))
+
+
+def _frame(size: int | tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of a render size: an int is a square."""
+    width, height = (size, size) if isinstance(size, int) else size
+    if min(width, height) < 16:
+        raise ValueError(f"size must be >= 16 px a side, got {size}")
+    return width, height
+
+
+def _analysis_frame(width: int, height: int) -> tuple[int, int]:
+    """(width, height) of the analysis copy: ``ANALYSIS_SIZE`` on the short side, the
+    image's aspect kept."""
+    short = min(width, height)
+    return round(ANALYSIS_SIZE * width / short), round(ANALYSIS_SIZE * height / short)
 
 
 def _analysis_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
-    """The image at ``ANALYSIS_SIZE`` x ``ANALYSIS_SIZE`` (area resampling), float 0-255."""
+    """The image with a short side of ``ANALYSIS_SIZE`` px at its own aspect (area
+    resampling), float 0-255."""
     if not isinstance(image, Image.Image):
         image = Image.fromarray(_to_uint8(to_rgb_array(image)))
     image = image.convert("RGB")
-    if image.size != (ANALYSIS_SIZE, ANALYSIS_SIZE):
-        image = image.resize((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BOX)
+    target = _analysis_frame(*image.size)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BOX)
     return to_rgb_array(image)
 
 
