@@ -119,9 +119,11 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     )
     for variant, result in results.items():
         achieved = step_flops / args.batch_size * result["samples_per_second"]
+        # the FLOPs per sample are those of the square size; bucketed samples have other shapes
+        flops = "-" if variant == "lorapipe-buckets" else f"{human(achieved)}F"
         print(
             f"{variant:17} {result['samples_per_second']:10.2f} {result['wall_seconds']:8.1f} "
-            f"{result['peak_mib']:9.0f} {result['mean_loss']:10.5f} {human(achieved):>9}F"
+            f"{result['peak_mib']:9.0f} {result['mean_loss']:10.5f} {flops:>10}"
         )
     lorapipe, baseline = results["lorapipe"], results["diffusers-script"]
     print(

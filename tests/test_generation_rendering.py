@@ -46,6 +46,22 @@ def render_all(grid_renderer: GridRenderer, cells: list[Cell]) -> dict[Cell, Ima
 # --------------------------------------------------------------------------- rendering
 
 
+def one_off(pipe, grid_renderer: GridRenderer, cell: Cell) -> Image.Image:
+    """``cell`` rendered alone by a plain diffusers pipeline call, with the same conditioning."""
+    grid_renderer.apply_loras(cell.loras)
+    positive, negative = grid_renderer.conditioning(cell)
+    pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
+    return pipe(
+        prompt_embeds=positive,
+        negative_prompt_embeds=negative,
+        guidance_scale=cell.cfg_scale,
+        num_inference_steps=STEPS,
+        height=cell.height,
+        width=cell.width,
+        generator=torch.Generator().manual_seed(cell.seed),
+    ).images[0]
+
+
 def test_each_image_equals_a_one_off_diffusers_pipeline_call(pipe) -> None:
     cells = grid(
         prompts=["red dog, <lora:film_style:0.7>", "(blue:1.3) sky BREAK star"],
@@ -56,20 +72,9 @@ def test_each_image_equals_a_one_off_diffusers_pipeline_call(pipe) -> None:
     )
     grid_renderer = renderer(pipe)
     batched = render_all(grid_renderer, cells)
-    pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
     for cell in cells:
-        grid_renderer.apply_loras(cell.loras)
-        positive, negative = grid_renderer.conditioning(cell)
-        one_off = pipe(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            guidance_scale=cell.cfg_scale,
-            num_inference_steps=STEPS,
-            height=64,
-            width=64,
-            generator=torch.Generator().manual_seed(cell.seed),
-        ).images[0]
-        assert max_difference(batched[cell], one_off) <= PIXEL_TOLERANCE, cell.label
+        alone = one_off(pipe, grid_renderer, cell)
+        assert max_difference(batched[cell], alone) <= PIXEL_TOLERANCE, cell.label
 
 
 def test_an_image_does_not_depend_on_its_batch_even_with_an_ancestral_sampler(pipe) -> None:
@@ -113,20 +118,9 @@ def test_a_batch_holds_one_image_size_and_each_image_has_its_cells_size(pipe) ->
     for batch, images in batches:
         assert [image.size for image in images] == [(c.width, c.height) for c in batch]
     portrait = cells[0]
-    grid_renderer = renderer(pipe)
-    grid_renderer.apply_loras(portrait.loras)
-    positive, negative = grid_renderer.conditioning(portrait)
-    pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
-    one_off = pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
-        guidance_scale=portrait.cfg_scale,
-        num_inference_steps=STEPS,
-        height=96,
-        width=64,
-        generator=torch.Generator().manual_seed(portrait.seed),
-    ).images[0]
-    assert max_difference(batches[0][1][0], one_off) <= PIXEL_TOLERANCE
+    assert (portrait.width, portrait.height) == (64, 96)
+    alone = one_off(pipe, renderer(pipe), portrait)
+    assert max_difference(batches[0][1][0], alone) <= PIXEL_TOLERANCE
 
 
 def test_conditioning_is_encoded_once_per_distinct_text(pipe, monkeypatch) -> None:

@@ -292,6 +292,21 @@ def test_training_options_run_end_to_end(
     assert report["config"] == {**report["config"], **options}
 
 
+def test_square_training_names_the_images_its_crop_cuts_most(
+    images: Path, config: TrainConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    square = dataclasses.replace(config, enable_bucket=False, max_train_steps=1, save_steps=0)
+    with caplog.at_level("WARNING", logger="lorapipe"):
+        report = run(str(images), str(tmp_path / "out"), square)
+    assert [b["resolution"] for b in report["buckets"]] == [[64, 64]]
+    assert report["square_crop_fraction"] == report["mean_crop_fraction"] > 0.2
+    (warning,) = [r.getMessage() for r in caplog.records if "lose more than" in r.getMessage()]
+    assert warning.startswith("4 training images lose more than 20% of their pixels")
+    assert "img_001.png 42%" in warning and warning.endswith(
+        "enable_bucket: true trains them whole"
+    )
+
+
 # --------------------------------------------------------------------------- processes
 
 
