@@ -1,11 +1,14 @@
-"""``lorapipe tiny-model``: SD 1.x pipelines with random weights, built offline.
+"""``lorapipe tiny-model``: SD 1.x and SDXL pipelines with random weights, built offline.
 
 ``build_sd`` writes a complete SD 1.x pipeline with random weights in one of four sizes. The
 "tiny" one is what tests use; "world" is the architecture of the demo's base model
 (``lorapipe.demo.world_model`` trains it from these random weights); "bench" keeps SD-1.5's
 block layout at reduced width so benchmark ratios mean something on a CPU; "sd15" is the full
-SD-1.5 architecture for GPU benchmarks. They are ordinary diffusers directories: they load
-through ``lorapipe.models`` and nothing in lorapipe special-cases them.
+SD-1.5 architecture for GPU benchmarks. ``build_sdxl`` does the same for SDXL: "tiny-sdxl"
+(two text encoders, the added size conditioning, CPU-fast) for tests and "sdxl", SDXL base's
+full architecture, for GPU benchmarks. ``build_model`` takes any preset name. They are ordinary
+diffusers directories: they load through ``lorapipe.models`` and nothing in lorapipe
+special-cases them.
 """
 
 from __future__ import annotations
@@ -285,6 +288,177 @@ def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") ->
     return destination
 
 
+@dataclass(frozen=True)
+class SDXLPreset:
+    """Sizes of one SDXL architecture variant (two CLIP text encoders, the second with a
+    projection whose pooled output and the six size/crop time ids condition the UNet)."""
+
+    unet_channels: tuple[int, ...]
+    unet_layers_per_block: int
+    transformer_layers_per_block: tuple[int, ...]
+    attention_head_dim: tuple[int, ...]
+    down_blocks: tuple[str, ...]
+    up_blocks: tuple[str, ...]
+    addition_time_embed_dim: int
+    vae_channels: tuple[int, ...]
+    vae_layers_per_block: int
+    vae_norm_groups: int
+    text_hidden: tuple[int, int]  # text_encoder, text_encoder_2
+    text_layers: tuple[int, int]
+    text_heads: tuple[int, int]
+    text_intermediate: tuple[int, int]
+    text_vocab_size: int
+    resolution: int
+    unet_norm_groups: int = 32
+
+
+SDXL_PRESETS: dict[str, SDXLPreset] = {
+    "tiny-sdxl": SDXLPreset(
+        unet_channels=(32, 64),
+        unet_layers_per_block=1,
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(2, 4),
+        down_blocks=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_blocks=("CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_time_embed_dim=8,
+        vae_channels=(16, 32, 32, 32),
+        vae_layers_per_block=1,
+        vae_norm_groups=16,
+        text_hidden=(32, 32),
+        text_layers=(2, 2),
+        text_heads=(4, 4),
+        text_intermediate=(64, 64),
+        text_vocab_size=0,
+        resolution=64,
+        unet_norm_groups=16,
+    ),
+    "sdxl": SDXLPreset(
+        unet_channels=(320, 640, 1280),
+        unet_layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        down_blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_blocks=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_time_embed_dim=256,
+        vae_channels=(128, 256, 512, 512),
+        vae_layers_per_block=2,
+        vae_norm_groups=32,
+        text_hidden=(768, 1280),
+        text_layers=(12, 32),
+        text_heads=(12, 20),
+        text_intermediate=(3072, 5120),
+        text_vocab_size=49408,
+        resolution=1024,
+    ),
+}
+
+
+def build_model(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") -> Path:
+    """``build_sd`` or ``build_sdxl``, whichever has ``preset``."""
+    if preset in SDXL_PRESETS:
+        return build_sdxl(path, seed=seed, preset=preset)
+    return build_sd(path, seed=seed, preset=preset)
+
+
+def build_sdxl(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny-sdxl") -> Path:
+    """Write an SDXL diffusers pipeline with random weights to ``path`` and return it (the same
+    guarantees as ``build_sd``: byte-identical for a seed, complete or absent)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if preset not in SDXL_PRESETS:
+        raise ConfigError(f"unknown SDXL preset '{preset}'; use one of {', '.join(SDXL_PRESETS)}")
+    spec = SDXL_PRESETS[preset]
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=f".{destination.name}.") as tmp:
+        tokenizer = _build_tokenizer(Path(tmp) / "tokenizer-src")
+        tokenizer_2 = _build_tokenizer(Path(tmp) / "tokenizer-2-src", pad_token="!")
+        torch.manual_seed(seed)
+
+        def text_config(index: int) -> CLIPTextConfig:
+            return CLIPTextConfig(
+                vocab_size=max(len(tokenizer), spec.text_vocab_size),
+                hidden_size=spec.text_hidden[index],
+                intermediate_size=spec.text_intermediate[index],
+                num_hidden_layers=spec.text_layers[index],
+                num_attention_heads=spec.text_heads[index],
+                max_position_embeddings=77,
+                hidden_act=("quick_gelu", "gelu")[index],
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=(tokenizer.pad_token_id, tokenizer_2.pad_token_id)[index],
+                projection_dim=spec.text_hidden[1],
+            )
+
+        text_encoder = CLIPTextModel(text_config(0))
+        text_encoder_2 = CLIPTextModelWithProjection(text_config(1))
+        pooled_width = spec.text_hidden[1]
+        unet = UNet2DConditionModel(
+            sample_size=spec.resolution // 8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=spec.unet_channels,
+            layers_per_block=spec.unet_layers_per_block,
+            transformer_layers_per_block=spec.transformer_layers_per_block,
+            attention_head_dim=spec.attention_head_dim,
+            down_block_types=spec.down_blocks,
+            up_block_types=spec.up_blocks,
+            cross_attention_dim=sum(spec.text_hidden),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=spec.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim + pooled_width,
+            norm_num_groups=spec.unet_norm_groups,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            block_out_channels=spec.vae_channels,
+            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
+            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
+            layers_per_block=spec.vae_layers_per_block,
+            norm_num_groups=spec.vae_norm_groups,
+            sample_size=spec.resolution,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000,
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+        )
+        staged = Path(tmp) / "pipeline"
+        pipeline.save_pretrained(staged, safe_serialization=True)
+        for source, target in (("tokenizer-src", "tokenizer"), ("tokenizer-2-src", "tokenizer_2")):
+            for vocabulary_file in ("vocab.json", "merges.txt"):  # for slow-tokenizer readers
+                shutil.copy(Path(tmp) / source / vocabulary_file, staged / target)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(staged, destination)
+    log.info("wrote %s SDXL pipeline (seed %d) to %s", preset, seed, destination)
+    return destination
+
+
 def _byte_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character table (byte-level BPE alphabet)."""
     printable = (
@@ -301,10 +475,11 @@ def _byte_to_unicode() -> dict[int, str]:
     return table
 
 
-def _build_tokenizer(directory: Path) -> CLIPTokenizer:
+def _build_tokenizer(directory: Path, *, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP tokenizer from a locally generated vocabulary: every byte character (with and
     without the end-of-word marker ``</w>``), merges that make whole tokens of common prompt
-    words, and CLIP's special tokens."""
+    words, and CLIP's special tokens. SDXL's second tokenizer pads with "!" (as OpenCLIP
+    does), the first with the end token."""
     from transformers import CLIPTokenizer
 
     alphabet = list(_byte_to_unicode().values())
@@ -331,7 +506,7 @@ def _build_tokenizer(directory: Path) -> CLIPTokenizer:
             {
                 "bos_token": "<|startoftext|>",
                 "eos_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
+                "pad_token": pad_token,
                 "unk_token": "<|endoftext|>",
                 "model_max_length": 77,
             }
@@ -344,12 +519,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", help="where to write the pipeline (replaced if present)")
     parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="tiny", help="architecture size (default tiny)"
+        "--preset",
+        choices=sorted({*PRESETS, *SDXL_PRESETS}),
+        default="tiny",
+        help="architecture: SD 1.x tiny, world, bench, sd15; SDXL tiny-sdxl, sdxl (default tiny)",
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    path = build_sd(args.directory, seed=args.seed, preset=args.preset)
+    path = build_model(args.directory, seed=args.seed, preset=args.preset)
     print(path)
     return 0
 
@@ -358,5 +536,6 @@ def describe(pipeline: Any) -> dict[str, int]:
     """Parameter counts per component, for logs and benchmark headers."""
     return {
         name: sum(p.numel() for p in getattr(pipeline, name).parameters())
-        for name in ("unet", "vae", "text_encoder")
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if getattr(pipeline, name, None) is not None
     }

@@ -1,4 +1,4 @@
-"""Base models: load a diffusers-format SD 1.x pipeline from disk or S3.
+"""Base models: load a diffusers-format pipeline (SD 1.x, SD 2.x, SDXL) from disk or S3.
 
 Real weights come from the user as a diffusers directory (``model_index.json``, ``unet/``,
 ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``), local or under an s3:// prefix.
@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 from lorapipe import store
 from lorapipe.errors import ModelError
+from lorapipe.models.families import ModelFamily, family_of_directory
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +85,32 @@ def _cached_s3_model(uri: str) -> Path:
     return directory
 
 
-def load_base_model(uri: str, *, torch_dtype: torch.dtype | None = None) -> StableDiffusionPipeline:
-    """Load a diffusers SD 1.x pipeline from a local directory or an s3:// prefix, offline."""
+def model_family(uri: str) -> ModelFamily:
+    """The family of the base model at ``uri`` (read from its ``model_index.json``)."""
+    return family_of_directory(resolve_model_dir(uri))
+
+
+def load_base_model(uri: str, *, torch_dtype: torch.dtype | None = None) -> DiffusionPipeline:
+    """Load the diffusers pipeline of ``uri`` (its family's class) from a local directory or an
+    s3:// prefix, offline."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
 
     directory = resolve_model_dir(uri)
+    family = family_of_directory(directory)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    extra = (
+        {"safety_checker": None, "requires_safety_checker": False}
+        if family.has_safety_checker
+        else {}
+    )
     try:
-        return StableDiffusionPipeline.from_pretrained(
+        return pipeline_class.from_pretrained(
             directory,
             dtype=torch_dtype or torch.float32,
             local_files_only=True,
             use_safetensors=True,  # never unpickle a .bin/.ckpt from a model directory
-            safety_checker=None,
-            requires_safety_checker=False,
+            **extra,
         )
     except (OSError, ValueError, KeyError) as error:
         first_line = (
