@@ -20,6 +20,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL diffusers pipeline with random weights, built once per test session."""
+    from lorapipe.demo.tiny_model import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0, preset="tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """moto's S3 server over real HTTP on 127.0.0.1; boto3 is pointed at it by environment."""
     from moto.server import ThreadedMotoServer

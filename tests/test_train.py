@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
@@ -24,7 +25,7 @@ from lorapipe import checkpoint_layout as layout
 from lorapipe import cli, store
 from lorapipe.dataset import DatasetWriter, ImageRecord
 from lorapipe.stages import select
-from lorapipe.stages.train import run, validate_checkpoint
+from lorapipe.stages.train import load_models, run, training_noise_scheduler, validate_checkpoint
 from lorapipe.train_config import TrainConfig
 
 COLORS = ("red", "green", "blue", "yellow")
@@ -307,12 +308,58 @@ def test_square_training_names_the_images_its_crop_cuts_most(
     )
 
 
+def test_v_parameterization_and_zero_terminal_snr_change_the_training_schedule(
+    tiny_model_dir: Path,
+) -> None:
+    scheduler_config = json.loads(
+        (tiny_model_dir / "scheduler" / "scheduler_config.json").read_text()
+    )
+    plain = training_noise_scheduler(TrainConfig(), scheduler_config)
+    assert plain.config.prediction_type == "epsilon"
+    v_pred = training_noise_scheduler(
+        TrainConfig(v_parameterization=True, zero_terminal_snr=True), scheduler_config
+    )
+    assert v_pred.config.prediction_type == "v_prediction"
+    assert v_pred.alphas_cumprod[-1] < 1e-6 < plain.alphas_cumprod[-1]  # zero SNR at t = 999
+
+
+def test_an_sdxl_run_records_its_family_and_keeps_the_vae_in_float32_under_fp16(
+    images: Path, config: TrainConfig, tiny_sdxl_dir: Path, tmp_path: Path
+) -> None:
+    sdxl = dataclasses.replace(
+        config, base_model=str(tiny_sdxl_dir), max_train_steps=1, save_steps=0
+    )
+    report = run(str(images), str(tmp_path / "out"), sdxl)
+    assert report["model_family"] == "sdxl" and report["resolution"] == 64
+    accelerator = Accelerator(cpu=True)
+    models = load_models(dataclasses.replace(sdxl, mixed_precision="fp16"), accelerator)
+    assert models.vae.dtype == torch.float32 and models.unet.dtype == torch.float16
+    assert list(models.text_encoders) == ["text_encoder", "text_encoder_2"]
+
+
 # --------------------------------------------------------------------------- processes
 
 
+@pytest.fixture(params=["sd1", "sdxl"])
+def family_config(
+    request: pytest.FixtureRequest, config: TrainConfig, tiny_sdxl_dir: Path
+) -> TrainConfig:
+    """``config`` on the tiny SD 1.x model and on the tiny SDXL one (two text encoders, pooled
+    text and size conditioning), with the text encoders trained on SDXL."""
+    if request.param == "sd1":
+        return config
+    return dataclasses.replace(
+        config,
+        base_model=str(tiny_sdxl_dir),
+        train_text_encoder=True,
+        target_modules=["to_q", "to_v", "q_proj", "v_proj"],
+    )
+
+
 def test_two_processes_train_what_one_process_trains_at_double_batch(
-    images: Path, config: TrainConfig, tmp_path: Path
+    images: Path, family_config: TrainConfig, tmp_path: Path
 ) -> None:
+    config = family_config
     two = lorapipe_train(
         *flags(
             config,
@@ -337,10 +384,10 @@ def test_two_processes_train_what_one_process_trains_at_double_batch(
 
 
 def test_a_killed_run_resumes_to_the_lora_of_an_uninterrupted_run(
-    images: Path, config: TrainConfig, tmp_path: Path
+    images: Path, family_config: TrainConfig, tmp_path: Path
 ) -> None:
     config = dataclasses.replace(
-        config, max_train_steps=40, save_steps=4, train_data_dir=str(images)
+        family_config, max_train_steps=40, save_steps=4, train_data_dir=str(images)
     )
     output = tmp_path / "resumed"
     first = lorapipe_train(*flags(config, output_dir=str(output)))

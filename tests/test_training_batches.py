@@ -10,12 +10,13 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from PIL import Image
+from test_training_encoders import sd1_caption_encoder
 
 from lorapipe.models import load_base_model
 from lorapipe.train_config import TrainConfig
 from lorapipe.training.batches import TrainingBatches
 from lorapipe.training.data import Example, Sample, draw
-from lorapipe.training.encoders import CaptionEncoder, EncodeEveryStep, LatentCache
+from lorapipe.training.encoders import EncodeEveryStep, LatentCache
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +51,9 @@ def batches(pipeline, examples: list[Example], latents, **config: object) -> Tra
         config=TrainConfig(**config),
         examples=examples,
         latent_parameters=latents.latent_parameters,
-        encode_captions=CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder, cache=True),
+        encode_captions=sd1_caption_encoder(pipeline),
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        added_conditioning=False,
         latent_channels=4,
         vae_scale_factor=8,
         latent_scale=pipeline.vae.config.scaling_factor,

@@ -17,6 +17,7 @@ from lorapipe.training.buckets import (
     crop_warning,
     default_limits,
     kohya_bucket_info,
+    size_conditioning,
     source_box,
 )
 
@@ -149,3 +150,12 @@ def test_kohya_bucket_info_has_kohya_s_shape() -> None:
     }
     square = BucketRule(resolution=512, enabled=False)
     assert kohya_bucket_info(bucket_report(square, [])) is None
+
+
+def test_sdxl_size_conditioning_is_the_original_size_the_crop_and_the_bucket() -> None:
+    """(original h, w, crop top, left, target h, w), the crop in the scaled image's pixels."""
+    assert size_conditioning((600, 900), (384, 576), None, flip=False) == (900, 600, 0, 0, 576, 384)
+    # 200x100 scaled to cover 64x64 is 128x64: the centre crop starts 32 px in, a left one at 0
+    assert size_conditioning((200, 100), (64, 64), None, flip=False) == (100, 200, 0, 32, 64, 64)
+    assert size_conditioning((200, 100), (64, 64), (0.0, 0.5), flip=False)[2:4] == (0, 0)
+    assert size_conditioning((200, 100), (64, 64), (0.0, 0.5), flip=True)[2:4] == (0, 64)

@@ -112,6 +112,13 @@ def test_the_vae_identity_follows_its_weights_and_dtype(
     assert vae_identity(vae_dir, torch.float32) != before
 
 
+def sd1_caption_encoder(pipeline, *, cache: bool = True) -> CaptionEncoder:
+    """SD 1.x's caption encoder: one CLIP, its last hidden states, no pooled embedding."""
+    return CaptionEncoder(
+        [pipeline.tokenizer], [pipeline.text_encoder], penultimate=False, pooled=False, cache=cache
+    )
+
+
 def test_cached_captions_are_encoded_once_and_match_uncached(pipeline) -> None:
     calls = []
 
@@ -120,11 +127,37 @@ def test_cached_captions_are_encoded_once_and_match_uncached(pipeline) -> None:
         return pipeline.text_encoder(input_ids, **kwargs)
 
     counting_encoder.parameters = pipeline.text_encoder.parameters  # type: ignore[attr-defined]
-    cached = CaptionEncoder(pipeline.tokenizer, counting_encoder, cache=True)
+    cached = CaptionEncoder(
+        [pipeline.tokenizer], [counting_encoder], penultimate=False, pooled=False, cache=True
+    )
     first = cached(["a red circle", "a cat", "a red circle"])
     second = cached(["a cat", ""])
     assert calls == [2, 1]
-    plain = CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder, cache=False)
+    plain = sd1_caption_encoder(pipeline, cache=False)
     with torch.no_grad():
-        torch.testing.assert_close(first, plain(["a red circle", "a cat", "a red circle"]))
-        torch.testing.assert_close(second, plain(["a cat", ""]))
+        torch.testing.assert_close(
+            first.hidden_states, plain(["a red circle", "a cat", "a red circle"]).hidden_states
+        )
+        torch.testing.assert_close(second.hidden_states, plain(["a cat", ""]).hidden_states)
+    assert first.pooled is None
+
+
+def test_sdxl_captions_concatenate_both_encoders_penultimate_states_and_keep_the_pooled(
+    tiny_sdxl_dir: Path,
+) -> None:
+    sdxl = load_base_model(str(tiny_sdxl_dir))
+    encoder = CaptionEncoder(
+        [sdxl.tokenizer, sdxl.tokenizer_2],
+        [sdxl.text_encoder, sdxl.text_encoder_2],
+        penultimate=True,
+        pooled=True,
+        cache=True,
+    )
+    encoded = encoder(["a red circle", "a cat"])
+    assert encoded.hidden_states.shape == (2, 77, 64) and encoded.pooled.shape == (2, 32)
+    with torch.no_grad():
+        (reference, _, reference_pooled, _) = sdxl.encode_prompt(
+            ["a red circle", "a cat"], do_classifier_free_guidance=False
+        )
+    torch.testing.assert_close(encoded.hidden_states, reference)
+    torch.testing.assert_close(encoded.pooled, reference_pooled)

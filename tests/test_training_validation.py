@@ -9,10 +9,11 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 from PIL import Image
+from test_training_encoders import sd1_caption_encoder
 
 from lorapipe.models import load_base_model
 from lorapipe.training.data import Example
-from lorapipe.training.encoders import CaptionEncoder, EncodeEveryStep
+from lorapipe.training.encoders import EncodeEveryStep
 from lorapipe.training.validation import Validator, eval_mode
 
 
@@ -37,9 +38,10 @@ def validator(pipeline, tmp_path: Path, count: int) -> Validator:
         examples=examples,
         timesteps=[100, 500, 900],
         latent_parameters=EncodeEveryStep(pipeline.vae).latent_parameters,
-        encode_captions=CaptionEncoder(pipeline.tokenizer, pipeline.text_encoder, cache=True),
+        encode_captions=sd1_caption_encoder(pipeline),
         noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
         latent_scale=pipeline.vae.config.scaling_factor,
+        added_conditioning=False,
     )
 
 

@@ -138,12 +138,30 @@ class TrainConfig:
         "lora",
         help="the LoRA's name in prompts (`<lora:NAME:0.7>`); `lorapipe select` uses it",
     )
-    train_text_encoder: bool = option(False, help="also train a LoRA on the CLIP text encoder")
+    train_text_encoder: bool = option(
+        False, help="also train a LoRA on the CLIP text encoder (on both of SDXL's)"
+    )
     text_encoder_lr: float | None = option(
         None,
-        help="learning rate of the text encoder's LoRA",
+        help="learning rate of the text encoder's LoRA (SDXL: the first encoder's)",
         above=0,
         default_text="null (= learning_rate)",
+    )
+    learning_rate_te2: float | None = option(
+        None,
+        help="SDXL: learning rate of the second text encoder's LoRA (kohya's sdxl_train key)",
+        above=0,
+        default_text="null (= text_encoder_lr)",
+    )
+    v_parameterization: bool = option(
+        False,
+        help="train the model as a v-prediction model whatever its scheduler config says (SD 2.x "
+        "768-v and v-prediction SDXL checkpoints whose single file does not say so)",
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        help="rescale the noise schedule to zero terminal SNR (for v-prediction models trained "
+        "that way, e.g. NoobAI-XL v-pred)",
     )
     resolution: int | None = option(
         None,

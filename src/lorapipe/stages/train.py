@@ -1,4 +1,5 @@
-"""``lorapipe train``: a LoRA for a Stable Diffusion 1.x model, on one process or many.
+"""``lorapipe train``: a LoRA for a Stable Diffusion model (SD 1.x, SD 2.x, SDXL), on one
+process or many.
 
 ``run`` is the whole training, top to bottom: the models with LoRA adapters, the data (split,
 latents cached), the optimizer, then the loop (micro-batches -> UNet -> loss -> optimizer step ->
@@ -47,8 +48,9 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from torch.optim.lr_scheduler import LRScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
+    from lorapipe.models import ModelFamily
     from lorapipe.train_config import TargetModules
     from lorapipe.training.batches import TrainingBatches
     from lorapipe.training.data import Example, SamplePlan
@@ -84,10 +86,10 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     config = dataclasses.replace(config, resolution=models.resolution)
     data = load_data(config, models, paths, accelerator)
     optimizer, lr_scheduler = make_optimizer(config, models, data.total_steps)
-    unet, text_encoder, optimizer = prepare_models(accelerator, models, optimizer)
-    trained = [unet, text_encoder] if models.targets.text_encoder else [unet]
+    unet, text_encoders, optimizer = prepare_models(accelerator, models, optimizer)
+    trained = [unet, *(text_encoders[name] for name in models.trained_text_encoders)]
     trainable_parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
-    batches, validate = batch_makers(config, models, data, text_encoder, accelerator)
+    batches, validate = batch_makers(config, models, data, text_encoders, accelerator)
     running_loss = RunningLoss()
     checkpointer = Checkpointer(
         output=paths.local,
@@ -95,7 +97,8 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
         keep_last_n=config.keep_last_n,
         accelerator=accelerator,
         unet=models.unet,
-        text_encoder=models.text_encoder if models.targets.text_encoder else None,
+        text_encoders=models.trained_text_encoders,
+        pipeline_class=models.family.pipeline_class,
         lora_record=lora_config_record(config, models.targets),
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
@@ -117,7 +120,10 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
                     batch = batches(samples)
                     with accelerator.autocast():
                         prediction = unet(
-                            batch.noisy_latents, batch.timesteps, batch.hidden_states
+                            batch.noisy_latents,
+                            batch.timesteps,
+                            batch.hidden_states,
+                            added_cond_kwargs=batch.added_conditioning,
                         ).sample
                     losses = per_sample_mse(prediction, batch.target) * batch.loss_weights
                     loss_share = losses.sum() / step_samples  # of the step's mean loss
@@ -236,10 +242,11 @@ class OutputPaths:
 class Models:
     """The base model's parts (frozen) with LoRA adapters added."""
 
+    family: ModelFamily  # SD 1.x, SD 2.x or SDXL: what differs between them
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoders: dict[str, torch.nn.Module]  # by diffusers component name, in family order
+    tokenizers: list[CLIPTokenizer]
     noise_scheduler: DDPMScheduler  # with the base model's schedule and prediction type
     model_dir: Path
     targets: TargetModules  # what got adapters
@@ -249,14 +256,18 @@ class Models:
     latent_scale: float
     weight_dtype: torch.dtype  # of the frozen weights: float16/bfloat16 under mixed precision
 
+    @property
+    def trained_text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders with adapters (none unless ``train_text_encoder``)."""
+        return self.text_encoders if self.targets.text_encoder else {}
+
 
 def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
     """The base model (local or s3://) on the accelerator's device, frozen, with adapters."""
     import torch
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
 
-    from lorapipe.models import load_base_model, resolve_model_dir
+    from lorapipe.models import load_base_model, model_family, resolve_model_dir
     from lorapipe.training.lora import add_adapters
 
     if not config.base_model:
@@ -265,25 +276,31 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
         config.mixed_precision, torch.float32
     )
     model_dir = resolve_model_dir(config.base_model)
+    family = model_family(str(model_dir))
     pipeline = load_base_model(str(model_dir), torch_dtype=weight_dtype)
-    unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    unet, vae = pipeline.unet, pipeline.vae
+    text_encoders = {name: getattr(pipeline, name) for name in family.text_encoders}
+    if family.vae_overflows_in_fp16 and weight_dtype == torch.float16:
+        vae.to(torch.float32)  # kohya's no_half_vae: SDXL's VAE gives NaNs in float16
     vae.requires_grad_(False)
-    targets = add_adapters(config, unet, text_encoder)
-    for model in (unet, vae, text_encoder):
+    targets = add_adapters(config, unet, text_encoders, unused_last_layer=family.unused_last_layer)
+    for model in (unet, vae, *text_encoders.values()):
         model.to(accelerator.device)
-    cast_training_params([unet, text_encoder], dtype=torch.float32)  # LoRA weights train in fp32
+    trained = [unet, *text_encoders.values()] if targets.text_encoder else [unet]
+    cast_training_params(trained, dtype=torch.float32)  # LoRA weights train in float32
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        if targets.text_encoder:
+        for text_encoder in text_encoders.values() if targets.text_encoder else ():
             text_encoder.gradient_checkpointing_enable()
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     resolution = config.resolution or unet.config.sample_size * vae_scale
     return Models(
+        family=family,
         unet=unet,
         vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=pipeline.tokenizer,
-        noise_scheduler=DDPMScheduler.from_config(pipeline.scheduler.config),
+        text_encoders=text_encoders,
+        tokenizers=[getattr(pipeline, name) for name in family.tokenizers],
+        noise_scheduler=training_noise_scheduler(config, pipeline.scheduler.config),
         model_dir=model_dir,
         targets=targets,
         resolution=resolution,
@@ -292,6 +309,19 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
         latent_scale=vae.config.scaling_factor,
         weight_dtype=weight_dtype,
     )
+
+
+def training_noise_scheduler(config: TrainConfig, scheduler_config: Any) -> DDPMScheduler:
+    """DDPM with the base model's schedule and prediction type; ``v_parameterization`` makes
+    it v-prediction and ``zero_terminal_snr`` rescales the betas (kohya's keys)."""
+    from diffusers import DDPMScheduler
+
+    changes: dict[str, Any] = {}
+    if config.v_parameterization:
+        changes["prediction_type"] = "v_prediction"
+    if config.zero_terminal_snr:
+        changes["rescale_betas_zero_snr"] = True
+    return DDPMScheduler.from_config(scheduler_config, **changes)
 
 
 @dataclasses.dataclass
@@ -392,12 +422,12 @@ def batch_makers(
     config: TrainConfig,
     models: Models,
     data: TrainingData,
-    text_encoder: torch.nn.Module,
+    text_encoders: dict[str, torch.nn.Module],
     accelerator: Accelerator,
 ) -> tuple[TrainingBatches, Validator]:
-    """(``TrainingBatches``, ``Validator``) sharing one caption encoder. Captions are encoded once
-    each when the text encoder is frozen and captions are fixed (no shuffle; dropout only adds
-    the empty caption)."""
+    """(``TrainingBatches``, ``Validator``) sharing one caption encoder over ``text_encoders``
+    (as this process runs them). Captions are encoded once each when the text encoders are
+    frozen and captions are fixed (no shuffle; dropout only adds the empty caption)."""
     from lorapipe.training.batches import TrainingBatches
     from lorapipe.training.encoders import CaptionEncoder
     from lorapipe.training.validation import Validator
@@ -408,13 +438,20 @@ def batch_makers(
         and not config.shuffle_caption
     )
     log.info("text-encoder outputs %s", "cached per caption" if cache else "computed every step")
-    encode_captions = CaptionEncoder(models.tokenizer, text_encoder, cache=cache)
+    encode_captions = CaptionEncoder(
+        models.tokenizers,
+        list(text_encoders.values()),
+        penultimate=models.family.penultimate_hidden_states,
+        pooled=models.family.added_conditioning,
+        cache=cache,
+    )
     batches = TrainingBatches(
         config=config,
         examples=data.train_examples,
         latent_parameters=data.latents.latent_parameters,
         encode_captions=encode_captions,
         noise_scheduler=models.noise_scheduler,
+        added_conditioning=models.family.added_conditioning,
         latent_channels=models.latent_channels,
         vae_scale_factor=models.vae_scale_factor,
         latent_scale=models.latent_scale,
@@ -427,6 +464,7 @@ def batch_makers(
         encode_captions=encode_captions,
         noise_scheduler=models.noise_scheduler,
         latent_scale=models.latent_scale,
+        added_conditioning=models.family.added_conditioning,
     )
     return batches, validator
 
@@ -438,14 +476,16 @@ def make_optimizer(
     config: TrainConfig, models: Models, total_steps: int
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """(optimizer, learning-rate scheduler) over the LoRA parameters: AdamW, AdamW8bit
-    (bitsandbytes) or SGD with momentum 0.9; the text encoder's at ``text_encoder_lr``."""
+    (bitsandbytes) or SGD with momentum 0.9; the text encoder's at ``text_encoder_lr`` (SDXL's
+    second at ``learning_rate_te2``)."""
     import torch
     from diffusers.optimization import get_scheduler
 
     groups = [{"params": _trainable(models.unet), "lr": config.learning_rate}]
-    if models.targets.text_encoder:
-        text_encoder_lr = config.text_encoder_lr or config.learning_rate
-        groups.append({"params": _trainable(models.text_encoder), "lr": text_encoder_lr})
+    text_encoder_lr = config.text_encoder_lr or config.learning_rate
+    rates = {"text_encoder": text_encoder_lr, "text_encoder_2": config.learning_rate_te2}
+    for name, text_encoder in models.trained_text_encoders.items():
+        groups.append({"params": _trainable(text_encoder), "lr": rates[name] or text_encoder_lr})
     if config.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     elif config.optimizer == "sgd":
@@ -482,13 +522,15 @@ def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def prepare_models(
     accelerator: Accelerator, models: Models, optimizer: torch.optim.Optimizer
-) -> tuple[torch.nn.Module, torch.nn.Module, torch.optim.Optimizer]:
-    """(unet, text_encoder, optimizer) as this process runs them: the trained models wrapped for
-    gradient all-reduce when there are several processes."""
-    if models.targets.text_encoder:
-        return accelerator.prepare(models.unet, models.text_encoder, optimizer)
-    unet, optimizer = accelerator.prepare(models.unet, optimizer)
-    return unet, models.text_encoder, optimizer
+) -> tuple[torch.nn.Module, dict[str, torch.nn.Module], torch.optim.Optimizer]:
+    """(unet, text encoders by name, optimizer) as this process runs them: the trained models
+    wrapped for gradient all-reduce when there are several processes."""
+    trained_names = list(models.trained_text_encoders)
+    unet, *prepared, optimizer = accelerator.prepare(
+        models.unet, *(models.text_encoders[name] for name in trained_names), optimizer
+    )
+    text_encoders = dict(models.text_encoders) | dict(zip(trained_names, prepared, strict=True))
+    return unet, text_encoders, optimizer
 
 
 def validate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> ValidationLoss | None:
@@ -504,11 +546,10 @@ def validate_checkpoint(checkpoint: str | Path, config: TrainConfig) -> Validati
     config = dataclasses.replace(config, resolution=models.resolution)
     data = load_data(config, models, paths, accelerator)
     trainable, _, _ = load_training_state(Path(checkpoint))
-    text_encoder = models.text_encoder if models.targets.text_encoder else None
-    for name, parameter in lora_parameters(models.unet, text_encoder).items():
+    for name, parameter in lora_parameters(models.unet, models.trained_text_encoders).items():
         parameter.data.copy_(trainable[name])
-    _, validate = batch_makers(config, models, data, models.text_encoder, accelerator)
-    with eval_mode(models.unet, models.text_encoder):
+    _, validate = batch_makers(config, models, data, models.text_encoders, accelerator)
+    with eval_mode(models.unet, *models.text_encoders.values()):
         return validate(models.unet, accelerator)
 
 
@@ -533,6 +574,7 @@ def training_report(
     return {
         "config": config.to_dict(),
         "base_model": config.base_model,
+        "model_family": models.family.name,
         "base_model_hash": _unet_weights_hash(models.model_dir),
         "num_train_images": len(data.train_examples),
         "num_val_images": len(data.val_examples),

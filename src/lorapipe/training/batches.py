@@ -3,7 +3,8 @@ embeddings, the prediction target and the per-sample loss weights.
 
 For each sample: its draws (``data.draw``) pick mirroring, crop, caption variant, timestep and
 noise; its latents come from the cache or the VAE; the latents are noised to the timestep; the
-caption is varied (mirror swap, shuffle, dropout) and encoded.
+caption is varied (mirror swap, shuffle, dropout) and encoded; for SDXL the pooled caption
+embedding and each image's size and crop (``buckets.size_conditioning``) join them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lorapipe.train_config import TrainConfig
+from lorapipe.training.buckets import size_conditioning
 from lorapipe.training.data import Example, Sample, draw, training_caption
-from lorapipe.training.encoders import sample_latents
+from lorapipe.training.encoders import TextConditioning, sample_latents
 from lorapipe.training.objective import min_snr_weights, prediction_target
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ class Batch:
     noisy_latents: torch.Tensor
     timesteps: torch.Tensor
     hidden_states: torch.Tensor
+    # SDXL: {"text_embeds": pooled caption embeddings, "time_ids": size and crop conditioning}
+    added_conditioning: dict[str, torch.Tensor] | None
     target: torch.Tensor  # what the UNet should predict: noise or velocity
     loss_weights: torch.Tensor  # per sample: min-SNR weights or ones; 0 for a stand-in
 
@@ -42,8 +46,9 @@ class TrainingBatches:
     latent_parameters: Callable[
         [list[tuple[Example, bool, tuple[float, float] | None]]], torch.Tensor
     ]
-    encode_captions: Callable[[Sequence[str]], torch.Tensor]
+    encode_captions: Callable[[Sequence[str]], TextConditioning]
     noise_scheduler: DDPMScheduler
+    added_conditioning: bool  # the family conditions the UNet on pooled text and image size
     latent_channels: int
     vae_scale_factor: int  # pixels per latent pixel
     latent_scale: float
@@ -79,7 +84,17 @@ class TrainingBatches:
             for e, d in zip(examples, draws, strict=True)
         ]
         with self.accelerator.autocast():
-            hidden_states = self.encode_captions(captions)
+            conditioning = self.encode_captions(captions)
+        added = None
+        if self.added_conditioning:
+            time_ids = [
+                size_conditioning(e.size, e.bucket, crop, flip=d.flip)
+                for e, d, crop in zip(examples, draws, crops, strict=True)
+            ]
+            added = {
+                "text_embeds": conditioning.pooled,
+                "time_ids": torch.tensor(time_ids, dtype=torch.float32, device=device),
+            }
         if config.snr_gamma:
             weights = min_snr_weights(self.noise_scheduler, timesteps, config.snr_gamma)
         else:
@@ -88,7 +103,8 @@ class TrainingBatches:
         return Batch(
             noisy_latents=self.noise_scheduler.add_noise(latents, noise, timesteps),
             timesteps=timesteps,
-            hidden_states=hidden_states,
+            hidden_states=conditioning.hidden_states,
+            added_conditioning=added,
             target=prediction_target(self.noise_scheduler, latents, noise, timesteps),
             loss_weights=weights * counts,
         )

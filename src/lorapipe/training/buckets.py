@@ -163,6 +163,22 @@ def source_box(image_size: Size, bucket: Size, position: tuple[float, float] | N
     return (left, top, left + kept_width, top + kept_height)
 
 
+def size_conditioning(
+    image_size: Size, bucket: Size, position: tuple[float, float] | None, *, flip: bool
+) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size and crop conditioning of an image trained in ``bucket``: (original height,
+    original width, crop top, crop left, target height, target width), the crop measured in
+    the image scaled to cover the bucket (kohya's and diffusers' convention). A mirrored
+    sample's crop is measured from the side the model sees on the left."""
+    left, top, right, _ = source_box(image_size, bucket, position)
+    scale = bucket[0] / (right - left)
+    crop_left = left * scale
+    if flip:
+        crop_left = image_size[0] * scale - bucket[0] - crop_left
+    width, height = image_size
+    return (height, width, round(top * scale), round(crop_left), bucket[1], bucket[0])
+
+
 def crop_fraction(image_size: Size, bucket: Size) -> float:
     """The share of the image's pixels that training on ``bucket`` crops away."""
     left, top, right, bottom = source_box(image_size, bucket, None)

@@ -54,7 +54,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
     from torch.optim.lr_scheduler import LRScheduler
-    from transformers import CLIPTextModel
 
     from lorapipe.training.progress import RunningLoss
     from lorapipe.training.validation import ValidationLoss
@@ -271,7 +270,9 @@ class Checkpointer:
     keep_last_n: int
     accelerator: Accelerator
     unet: UNet2DConditionModel  # unwrapped, with adapters
-    text_encoder: CLIPTextModel | None  # unwrapped, with adapters; None when it is not trained
+    # the trained text encoders, unwrapped, with adapters, by component name (empty: none)
+    text_encoders: dict[str, torch.nn.Module]
+    pipeline_class: str  # the family's diffusers pipeline: it writes the LoRA file
     lora_record: dict[str, Any]  # lora_config.json
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
@@ -301,7 +302,7 @@ class Checkpointer:
                 f"resume: {checkpoint} was trained with {state['plan']} but this run has "
                 f"{self.plan}; resume with the same data, seed and global batch"
             )
-        parameters = lora_parameters(self.unet, self.text_encoder)
+        parameters = lora_parameters(self.unet, self.text_encoders)
         if set(parameters) != set(trainable):
             raise TrainingError(
                 f"resume: {checkpoint} has LoRA parameters for other layers than this run; "
@@ -362,7 +363,7 @@ class Checkpointer:
     def _write(self, step: int, record: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
         staging = staging_dir(self.output, step)
         try:
-            save_lora_weights(staging, self.unet, self.text_encoder)
+            save_lora_weights(staging, self.unet, self.text_encoders, self.pipeline_class)
             (staging / LORA_CONFIG_NAME).write_text(json.dumps(self.lora_record, indent=1))
             (staging / RECORD_NAME).write_text(json.dumps(record, indent=1))
             state = {
@@ -377,7 +378,7 @@ class Checkpointer:
                 "elapsed": record["wall_time"],
                 "rng": rng_states,
             }
-            trainable = lora_parameters(self.unet, self.text_encoder)
+            trainable = lora_parameters(self.unet, self.text_encoders)
             save_training_state(staging / STATE_DIR, trainable, self.optimizer.state_dict(), state)
             published = publish(staging, self.output, step)
         except BaseException:

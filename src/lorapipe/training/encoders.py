@@ -8,8 +8,9 @@ sample's own latent noise. Without the cache (``cache_latents: false``, or rando
 pixels differ every time) ``EncodeEveryStep`` runs the VAE on every batch, as diffusers'
 train_text_to_image_lora.py does. Both give the same latents for the same draws.
 
-Text. ``CaptionEncoder`` runs the text encoder on a batch of captions; when the encoder is frozen
-and captions never change, each distinct caption is encoded once.
+Text. ``CaptionEncoder`` runs the text encoders on a batch of captions (one for SD 1.x/2.x, two
+for SDXL, whose second also gives a pooled embedding); when the encoders are frozen and captions
+never change, each distinct caption is encoded once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -147,32 +149,77 @@ class EncodeEveryStep:
         return encode_pixels(self.vae, pixels)
 
 
+@dataclass(frozen=True)
+class TextConditioning:
+    """What the captions of a batch condition the UNet with."""
+
+    hidden_states: torch.Tensor  # (batch, 77, width): the text encoders' outputs, concatenated
+    pooled: torch.Tensor | None  # (batch, width): the last encoder's pooled projection (SDXL)
+
+    def expand(self, count: int) -> TextConditioning:
+        """One caption's conditioning repeated ``count`` times (validation's timesteps)."""
+        return TextConditioning(
+            self.hidden_states.expand(count, -1, -1),
+            None if self.pooled is None else self.pooled.expand(count, -1),
+        )
+
+
 class CaptionEncoder:
-    """Captions to text-encoder hidden states, remembered per caption when ``cache`` is on."""
+    """Captions to the text encoders' conditioning, remembered per caption when ``cache`` is on.
+
+    Each encoder reads the caption through its own tokenizer; their hidden states (the last
+    layer's, or the penultimate layer's for SDXL) are concatenated along the feature axis, and
+    with ``pooled`` the last encoder's projected pooled output is kept as well (SDXL's second
+    CLIP), as diffusers' SDXL pipeline and kohya's trainer encode them.
+    """
 
     def __init__(
-        self, tokenizer: CLIPTokenizer, text_encoder: torch.nn.Module, *, cache: bool
+        self,
+        tokenizers: Sequence[CLIPTokenizer],
+        text_encoders: Sequence[torch.nn.Module],
+        *,
+        penultimate: bool,
+        pooled: bool,
+        cache: bool,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.cache: dict[str, torch.Tensor] | None = {} if cache else None
+        self.tokenizers = tokenizers
+        self.text_encoders = text_encoders
+        self.penultimate = penultimate
+        self.pooled = pooled
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = (
+            {} if cache else None
+        )
 
-    def __call__(self, captions: Sequence[str]) -> torch.Tensor:
+    def __call__(self, captions: Sequence[str]) -> TextConditioning:
         if self.cache is None:
             return self._encode(captions)
         missing = list(dict.fromkeys(c for c in captions if c not in self.cache))
         if missing:
             with torch.no_grad():
-                self.cache.update(zip(missing, self._encode(missing), strict=True))
-        return torch.stack([self.cache[c] for c in captions])
+                encoded = self._encode(missing)
+            for index, caption in enumerate(missing):
+                pooled = None if encoded.pooled is None else encoded.pooled[index]
+                self.cache[caption] = (encoded.hidden_states[index], pooled)
+        hidden_states = torch.stack([self.cache[c][0] for c in captions])
+        pooled = None if not self.pooled else torch.stack([self.cache[c][1] for c in captions])
+        return TextConditioning(hidden_states, pooled)
 
-    def _encode(self, captions: Sequence[str]) -> torch.Tensor:
-        input_ids = self.tokenizer(
-            list(captions),
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        device = next(self.text_encoder.parameters()).device
-        return self.text_encoder(input_ids.to(device), return_dict=False)[0]
+    def _encode(self, captions: Sequence[str]) -> TextConditioning:
+        hidden_states = []
+        for tokenizer, text_encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            input_ids = tokenizer(
+                list(captions),
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            device = next(text_encoder.parameters()).device
+            output = text_encoder(
+                input_ids.to(device), output_hidden_states=self.penultimate, return_dict=True
+            )
+            hidden_states.append(
+                output.hidden_states[-2] if self.penultimate else output.last_hidden_state
+            )
+        pooled = output.text_embeds if self.pooled else None  # the last encoder's
+        return TextConditioning(torch.cat(hidden_states, dim=-1), pooled)

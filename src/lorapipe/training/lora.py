@@ -3,7 +3,7 @@
 Adapters start as diffusers' train_text_to_image_lora.py starts them
 (``LoraConfig(r, lora_alpha, init_lora_weights="gaussian")``: A random, B zero, so training
 starts from the base model exactly). The UNet gets them through diffusers' ``add_adapter``; the
-text encoder through PEFT's ``inject_adapter_in_model`` (transformers' own ``add_adapter``
+text encoders (SDXL has two) through PEFT's ``inject_adapter_in_model`` (transformers' own ``add_adapter``
 insists on a newer PEFT than diffusers needs).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,6 @@ from lorapipe.train_config import TargetModules, TrainConfig, resolve_target_mod
 
 if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
 
 log = logging.getLogger(__name__)
 
@@ -38,42 +38,55 @@ def adaptable_layers(model: torch.nn.Module) -> list[str]:
 
 
 def add_adapters(
-    config: TrainConfig, unet: UNet2DConditionModel, text_encoder: CLIPTextModel
+    config: TrainConfig,
+    unet: UNet2DConditionModel,
+    text_encoders: Mapping[str, torch.nn.Module],
+    *,
+    unused_last_layer: Collection[str] = (),
 ) -> TargetModules:
-    """Add LoRA adapters to the UNet, and to the text encoder when ``train_text_encoder``; only
-    their parameters are trainable. Logs how many layers of which names got one."""
+    """Add LoRA adapters to the UNet, and to every text encoder (SDXL has two) when
+    ``train_text_encoder``, except the last layer of those in ``unused_last_layer`` (its output
+    never reaches the UNet); only their parameters are trainable. Logs how many layers of which
+    names got one."""
     from peft import LoraConfig, inject_adapter_in_model
 
+    first_text_encoder = next(iter(text_encoders.values()))
     targets = resolve_target_modules(
         config.target_modules,
         adaptable_layers(unet),
-        adaptable_layers(text_encoder) if config.train_text_encoder else None,
+        adaptable_layers(first_text_encoder) if config.train_text_encoder else None,
     )
     if not targets.unet:
         raise ConfigError(
             f"target_modules {config.target_modules} name no UNet layer; add UNet layers, "
             "e.g. to_q, to_k, to_v, to_out.0"
         )
-    for model in (unet, text_encoder):
+    for model in (unet, *text_encoders.values()):
         model.requires_grad_(False)
 
-    def lora_config(target_modules: list[str]) -> LoraConfig:
+    def lora_config(target_modules: list[str], **layers: Any) -> LoraConfig:
         return LoraConfig(
             r=config.lora_rank,
             lora_alpha=config.lora_alpha,
             init_lora_weights="gaussian",
             target_modules=target_modules,
+            **layers,
         )
 
     unet.add_adapter(lora_config(targets.unet))
-    if targets.text_encoder:
-        inject_adapter_in_model(lora_config(targets.text_encoder), text_encoder)
     _log_adapters("UNet", unet)
-    _log_adapters("text encoder", text_encoder if targets.text_encoder else None)
+    for name, text_encoder in text_encoders.items():
+        if targets.text_encoder:
+            layers = {}
+            if name in unused_last_layer:
+                used = range(text_encoder.config.num_hidden_layers - 1)
+                layers = {"layers_to_transform": list(used), "layers_pattern": "layers"}
+            inject_adapter_in_model(lora_config(targets.text_encoder, **layers), text_encoder)
+        _log_adapters(name.replace("_", " "), text_encoder if targets.text_encoder else None)
     return targets
 
 
-def _log_adapters(model_name: str, model: torch.nn.Module) -> None:
+def _log_adapters(model_name: str, model: torch.nn.Module | None) -> None:
     if model is None:
         log.info("LoRA on the %s: none", model_name)
         return
@@ -85,36 +98,40 @@ def _log_adapters(model_name: str, model: torch.nn.Module) -> None:
 
 
 def lora_parameters(
-    unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None
+    unet: UNet2DConditionModel, text_encoders: Mapping[str, torch.nn.Module]
 ) -> dict[str, torch.nn.Parameter]:
-    """The trainable parameters, named ``unet.<name>`` / ``text_encoder.<name>``."""
+    """The trainable parameters, named ``unet.<name>`` / ``<text encoder>.<name>`` (the text
+    encoders that are trained, by their diffusers component names)."""
     named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    if text_encoder is not None:
+    for component, text_encoder in text_encoders.items():
         named |= {
-            f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad
+            f"{component}.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad
         }
     return named
 
 
 def save_lora_weights(
-    directory: Path, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None
+    directory: Path,
+    unet: UNet2DConditionModel,
+    text_encoders: Mapping[str, torch.nn.Module],
+    pipeline_class: str,
 ) -> None:
-    """``pytorch_lora_weights.safetensors`` as ``StableDiffusionPipeline.save_lora_weights``
-    writes it, with each LoraConfig in the header so ``load_lora_weights`` applies the trained
-    alpha."""
-    from diffusers import StableDiffusionPipeline
+    """``pytorch_lora_weights.safetensors`` as the family's pipeline class
+    (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``) writes it with
+    ``save_lora_weights``, each LoraConfig in the header so ``load_lora_weights`` applies the
+    trained alpha. ``text_encoders``: the trained ones, by component name."""
+    import diffusers
     from peft.utils import get_peft_model_state_dict
 
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=get_peft_model_state_dict(unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(text_encoder) if text_encoder else None,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
-        text_encoder_lora_adapter_metadata=(
-            text_encoder.peft_config["default"].to_dict() if text_encoder else None
-        ),
-        weight_name=LORA_WEIGHT_NAME,
-        safe_serialization=True,
+    layers: dict[str, Any] = {
+        "unet_lora_layers": get_peft_model_state_dict(unet),
+        "unet_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+    }
+    for component, text_encoder in text_encoders.items():
+        layers[f"{component}_lora_layers"] = get_peft_model_state_dict(text_encoder)
+        layers[f"{component}_lora_adapter_metadata"] = text_encoder.peft_config["default"].to_dict()
+    getattr(diffusers, pipeline_class).save_lora_weights(
+        directory, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **layers
     )
 
 

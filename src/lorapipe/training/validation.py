@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate.utils import gather_object
 
+from lorapipe.training.buckets import size_conditioning
 from lorapipe.training.data import Example, validation_noise
-from lorapipe.training.encoders import latent_mean
+from lorapipe.training.encoders import TextConditioning, latent_mean
 from lorapipe.training.objective import per_sample_mse, prediction_target
 
 if TYPE_CHECKING:
@@ -54,9 +55,10 @@ class Validator:
     examples: Sequence[Example]
     timesteps: Sequence[int]
     latent_parameters: Callable[[list[tuple[Example, bool, None]]], torch.Tensor]
-    encode_captions: Callable[[Sequence[str]], torch.Tensor]
+    encode_captions: Callable[[Sequence[str]], TextConditioning]
     noise_scheduler: DDPMScheduler
     latent_scale: float
+    added_conditioning: bool  # SDXL: pooled text and the centre crop's size conditioning
 
     def __call__(self, unet: torch.nn.Module, accelerator: Accelerator) -> ValidationLoss | None:
         """The validation loss of ``unet``, computed by all processes together (call it in
@@ -90,7 +92,18 @@ class Validator:
         )
         timesteps = torch.tensor(list(self.timesteps), device=unet.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        hidden_states = self.encode_captions([example.caption]).expand(count, -1, -1)
-        prediction = unet(noisy, timesteps, hidden_states).sample
+        conditioning = self.encode_captions([example.caption]).expand(count)
+        added = None
+        if self.added_conditioning:
+            time_ids = size_conditioning(example.size, example.bucket, None, flip=False)
+            added = {
+                "text_embeds": conditioning.pooled,
+                "time_ids": torch.tensor(
+                    [time_ids] * count, dtype=torch.float32, device=unet.device
+                ),
+            }
+        prediction = unet(
+            noisy, timesteps, conditioning.hidden_states, added_cond_kwargs=added
+        ).sample
         target = prediction_target(self.noise_scheduler, latents, noise, timesteps)
         return per_sample_mse(prediction, target).tolist()
