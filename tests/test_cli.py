@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,45 @@ def test_ingest_tag_augment_run_one_after_the_other_on_an_s3_prefix(
     assert store.exists(f"{s3_bucket}/ingested/report.md")
     assert store.exists(f"{s3_bucket}/tagged/metadata.csv")
     assert "images in" in capsys.readouterr().out
+
+
+def test_an_sdxl_lora_is_trained_selected_and_reviewed_through_the_cli(
+    tmp_path: Path, tiny_sdxl_dir: Path
+) -> None:
+    """Portrait and square photos -> ingest -> augment -> train (buckets, both text encoders) on
+    the tiny SDXL -> select (kohya's SDXL keys) -> generate at a portrait size."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from safetensors import safe_open
+
+    from lorapipe.demo.inputs import write_sample_folder
+
+    raw = write_sample_folder(tmp_path / "raw", count=8)
+    data, training = tmp_path / "data", tmp_path / "training"
+    assert main(["ingest", str(raw), "--out", str(tmp_path / "ingested"), "--workers", "1"]) == 0
+    assert main(["augment", str(tmp_path / "ingested"), "--out", str(data)]) == 0
+    assert main(["train", "--train-data-dir", str(data), "--base-model", str(tiny_sdxl_dir),
+                 "--output-dir", str(training), "--cache-dir", str(tmp_path / "cache"),
+                 "--train-text-encoder", "--target-modules", "to_q", "to_v", "q_proj", "v_proj",
+                 "--batch-size", "2", "--max-train-steps", "4", "--save-steps", "2",
+                 "--validation-split", "2", "--output-name", "film"]) == 0  # fmt: skip
+    report = json.loads((training / "training_report.json").read_text())
+    assert report["model_family"] == "sdxl"
+    assert any(b["resolution"][1] > b["resolution"][0] for b in report["buckets"])  # portraits
+
+    assert main(["select", str(training), "--out", str(tmp_path / "lora")]) == 0
+    with safe_open(tmp_path / "lora" / "film.safetensors", "pt") as kohya:
+        keys, metadata = set(kohya.keys()), kohya.metadata()
+    assert {key.split("_")[1] for key in keys} == {"unet", "te1", "te2"}
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+
+    review = tmp_path / "review"
+    assert main(["generate", "--base-model", str(tiny_sdxl_dir), "--out", str(review),
+                 "--trained-lora", str(tmp_path / "lora"), "--prompt", "filmstyle, a red circle",
+                 "--size", "64x96", "--seed", "1", "--steps", "2", "--lora-scales", "0", "1",
+                 "--negative-presets", "none"]) == 0  # fmt: skip
+    rows = pq.read_table(review / "index.parquet").to_pylist()
+    assert len(rows) == 2 and {(r["width"], r["height"]) for r in rows} == {(64, 96)}
+    with Image.open(review / rows[1]["file"]) as image:
+        assert image.size == (64, 96) and "Lora hashes" in image.info["parameters"]
