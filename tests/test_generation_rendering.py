@@ -10,6 +10,7 @@ from PIL import Image
 from lorapipe.generation.grid import Cell
 from lorapipe.generation.rendering import GridRenderer
 from lorapipe.generation.samplers import make_scheduler
+from lorapipe.models import SD1
 
 # Images are compared as 8-bit pixels: batched and one-off runs may differ by float rounding in
 # the UNet's matrix products, which moves a pixel by at most one level.
@@ -28,6 +29,7 @@ def max_difference(a: Image.Image, b: Image.Image) -> int:
 def renderer(pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8) -> GridRenderer:
     return GridRenderer(
         pipe,
+        family=SD1,
         adapters={"film_style": "lora_0"},
         sampler=sampler,
         steps=STEPS,
@@ -52,8 +54,8 @@ def one_off(pipe, grid_renderer: GridRenderer, cell: Cell) -> Image.Image:
     positive, negative = grid_renderer.conditioning(cell)
     pipe.scheduler = make_scheduler("DPM++ 2M Karras", pipe.scheduler.config)
     return pipe(
-        prompt_embeds=positive,
-        negative_prompt_embeds=negative,
+        prompt_embeds=positive.embeds,
+        negative_prompt_embeds=negative.embeds,
         guidance_scale=cell.cfg_scale,
         num_inference_steps=STEPS,
         height=cell.height,

@@ -156,12 +156,13 @@ def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) 
     ]
 
 
-def count_prompt_tokens(tokenizer: Any, prompts: Sequence[ParsedPrompt]) -> list[Lint]:
-    """A note for each prompt longer than one 75-token chunk (nothing is cut, as in WebUI)."""
+def count_prompt_tokens(tokenizers: Sequence[Any], prompts: Sequence[ParsedPrompt]) -> list[Lint]:
+    """A note for each prompt longer than one 75-token chunk of any of the model's tokenizers
+    (nothing is cut, as in WebUI)."""
     notes = []
-    limit = tokenizer.model_max_length - 2
+    limit = min(tokenizer.model_max_length for tokenizer in tokenizers) - 2
     for index, parsed in enumerate(prompts):
-        tokens = count_tokens(tokenizer, parsed)
+        tokens = max(count_tokens(tokenizer, parsed) for tokenizer in tokenizers)
         if tokens > limit:
             notes.append(
                 Lint(

@@ -1,6 +1,7 @@
 """Cells into images on one diffusers pipeline: LoRA weights set once per group, conditioning
 cached, batched UNet calls of one image size, each image from its own seed; then PNGs with their
-parameters and index rows."""
+parameters and index rows. What differs between model families (text encoders, SDXL's pooled
+embedding and size conditioning, a VAE that overflows in float16) is asked of the family."""
 
 from __future__ import annotations
 
@@ -19,12 +20,14 @@ from lorapipe.generation.infotext import ParameterContext, a1111_parameters, sav
 from lorapipe.generation.layout import IMAGES_DIR
 from lorapipe.generation.loras import LoraSource
 from lorapipe.generation.samplers import make_scheduler
-from lorapipe.prompts.encoding import PromptEncoder, chunk_count, pad_chunks
+from lorapipe.prompts.encoding import Conditioning, ConditioningEncoder, chunk_count
 from lorapipe.prompts.syntax import LoraTag, ParsedPrompt, parse_prompt
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
+
+    from lorapipe.models import ModelFamily
 
 T = TypeVar("T")
 
@@ -35,8 +38,9 @@ class GridRenderer:
 
     def __init__(
         self,
-        pipe: StableDiffusionPipeline,
+        pipe: DiffusionPipeline,
         *,
+        family: ModelFamily,
         adapters: Mapping[str, str],
         sampler: str,
         steps: int,
@@ -45,13 +49,16 @@ class GridRenderer:
         clip_skip: int = 1,
     ) -> None:
         self.pipe = pipe
+        self.family = family
         self.adapters = dict(adapters)  # LoRA name -> adapter name
         self.sampler = sampler
         self.steps = steps
         self.guidance_rescale = guidance_rescale
         self.batch_size = batch_size
-        self.encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, clip_skip=clip_skip)
-        self._conditioning: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.encoder = ConditioningEncoder(pipe, family, clip_skip=clip_skip)
+        # SDXL's: an empty negative prompt conditions with zeros, as WebUI does
+        self.zeros_for_empty_negative = bool(pipe.config.get("force_zeros_for_empty_prompt"))
+        self._conditioning: dict[tuple[Any, ...], Conditioning] = {}
 
     def render(self, cells: Sequence[Cell]) -> Iterator[tuple[list[Cell], list[Image.Image]]]:
         """Yield (cells, images) batch by batch, grouped by LoRA weights; a batch holds images of
@@ -60,12 +67,13 @@ class GridRenderer:
             self.apply_loras(loras)
             conditioned = [(cell, *self.conditioning(cell)) for cell in group]
             for _, batchable in group_by(
-                conditioned, lambda item: (item[0].width, item[0].height, item[1].shape[1])
+                conditioned,
+                lambda item: (item[0].width, item[0].height, item[1].embeds.shape[1]),
             ):
                 for batch in _batched(batchable, self.batch_size):
                     batch_cells = [cell for cell, _, _ in batch]
-                    positive = _cat([pos for _, pos, _ in batch])
-                    negative = _cat([neg for _, _, neg in batch])
+                    positive = _stack([pos for _, pos, _ in batch])
+                    negative = _stack([neg for _, _, neg in batch])
                     yield batch_cells, self.denoise(batch_cells, positive, negative)
 
     def apply_loras(self, loras: Sequence[LoraTag]) -> None:
@@ -85,27 +93,29 @@ class GridRenderer:
         ]
         self.pipe.set_adapters(names, weights)
 
-    def conditioning(self, cell: Cell) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt, negative) conditioning of a cell, padded to the same chunk count; each text
-        is encoded once per text-encoder LoRA weights."""
+    def conditioning(self, cell: Cell) -> tuple[Conditioning, Conditioning]:
+        """(prompt, negative) conditioning of a cell, padded to the same chunk count with the
+        empty prompt's; each text is encoded once per text-encoder LoRA weights."""
         text_encoder_weights = tuple((tag.name, tag.te_weight) for tag in cell.loras)
         positive = self._encode(cell.parsed, text_encoder_weights)
         negative = self._encode(parse_prompt(cell.negative.text), text_encoder_weights)
+        if self.zeros_for_empty_negative and not cell.negative.text:
+            negative = negative.zeros()
         empty = self._encode(parse_prompt(""), text_encoder_weights)
-        chunks = max(chunk_count(positive), chunk_count(negative))
-        return pad_chunks(positive, chunks, empty), pad_chunks(negative, chunks, empty)
+        chunks = max(chunk_count(positive.embeds), chunk_count(negative.embeds))
+        return positive.padded(chunks, empty), negative.padded(chunks, empty)
 
-    def _encode(self, parsed: ParsedPrompt, text_encoder_weights: tuple[Any, ...]) -> torch.Tensor:
+    def _encode(self, parsed: ParsedPrompt, text_encoder_weights: tuple[Any, ...]) -> Conditioning:
         key = (parsed.segments, text_encoder_weights)
         if key not in self._conditioning:
             self._conditioning[key] = self.encoder.encode(parsed)
         return self._conditioning[key]
 
     def denoise(
-        self, cells: Sequence[Cell], positive: torch.Tensor, negative: torch.Tensor
+        self, cells: Sequence[Cell], positive: Conditioning, negative: Conditioning
     ) -> list[Image.Image]:
         """The images of one batch (one size): per-image seeds and CFG, one UNet call per
-        step."""
+        step (negatives first, as diffusers' pipelines batch them)."""
         import inspect
 
         import torch
@@ -132,14 +142,19 @@ class GridRenderer:
             if "generator" in inspect.signature(scheduler.step).parameters
             else {}
         )
-        conditioning = torch.cat([negative, positive]).to(device=device, dtype=dtype)
+        conditioning = torch.cat([negative.embeds, positive.embeds]).to(device=device, dtype=dtype)
+        added_conditioning = self.added_conditioning(cells, positive, negative)
         guidance = torch.tensor([c.cfg_scale for c in cells], device=device, dtype=dtype)
         guidance = guidance.view(-1, 1, 1, 1)
         with torch.inference_mode():
             for timestep in scheduler.timesteps:
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 noise = pipe.unet(
-                    model_input, timestep, encoder_hidden_states=conditioning, return_dict=False
+                    model_input,
+                    timestep,
+                    encoder_hidden_states=conditioning,
+                    return_dict=False,
+                    **added_conditioning,
                 )[0]
                 noise_uncond, noise_text = noise.chunk(2)
                 noise = noise_uncond + guidance * (noise_text - noise_uncond)
@@ -148,8 +163,30 @@ class GridRenderer:
                 latents = scheduler.step(
                     noise, timestep, latents, **step_options, return_dict=False
                 )[0]
-            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)
+            latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+            decoded = pipe.vae.decode(latents, return_dict=False)
         return pipe.image_processor.postprocess(decoded[0], output_type="pil")
+
+    def added_conditioning(
+        self, cells: Sequence[Cell], positive: Conditioning, negative: Conditioning
+    ) -> dict[str, Any]:
+        """The UNet's extra inputs for a family with added conditioning (SDXL): the pooled
+        embeddings and the size time ids, original size = target size = the image's, crop
+        (0, 0), as WebUI sets them; none for the other families."""
+        import torch
+
+        if not self.family.added_conditioning:
+            return {}
+        device, dtype = self.pipe.unet.device, self.pipe.unet.dtype
+        height, width = cells[0].height, cells[0].width
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
+        pooled = torch.cat([negative.pooled, positive.pooled]).to(device=device, dtype=dtype)
+        return {
+            "added_cond_kwargs": {
+                "text_embeds": pooled,
+                "time_ids": time_ids.repeat(len(pooled), 1),
+            }
+        }
 
 
 def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -157,22 +194,36 @@ def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         yield items[start : start + size]
 
 
-def _cat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def _stack(conditionings: Sequence[Conditioning]) -> Conditioning:
+    """One batch's conditioning: the cells' along the batch axis."""
     import torch
 
-    return torch.cat(list(tensors))
+    embeds = torch.cat([c.embeds for c in conditionings])
+    if conditionings[0].pooled is None:
+        return Conditioning(embeds)
+    return Conditioning(embeds, torch.cat([c.pooled for c in conditionings]))
 
 
 def load_pipeline(
-    base_model_uri: str, loras: Sequence[LoraSource], *, device: torch.device, dtype: torch.dtype
-) -> StableDiffusionPipeline:
-    """The base model with each LoRA loaded as its adapter, on ``device``, progress bars off."""
+    base_model_uri: str,
+    loras: Sequence[LoraSource],
+    *,
+    family: ModelFamily,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> DiffusionPipeline:
+    """The base model with each LoRA loaded as its adapter, on ``device``, progress bars off;
+    a VAE that overflows in float16 (SDXL's) stays in float32, as diffusers upcasts it."""
+    import torch
+
     from lorapipe import models
 
     pipe = models.load_base_model(base_model_uri, torch_dtype=dtype)
     for lora in loras:
         lora_format.load_into_pipeline(pipe, lora.weights_uri, adapter_name=lora.adapter)
     pipe.to(device)
+    if family.vae_overflows_in_fp16 and dtype == torch.float16:
+        pipe.vae.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -7,19 +7,26 @@ AUTOMATIC1111's WebUI computes it:
   sequence axis: long prompts are not truncated.
 - Weights multiply each token's hidden state, then the chunk is rescaled so its mean is what it
   was (A1111's "Original" emphasis): ``z = z * w; z *= mean_before / mean_after``.
+- A family with several text encoders (SDXL) runs every chunk through each of them, each with
+  its own tokenizer and emphasis, and concatenates their hidden states along the feature axis
+  (WebUI's SDXL conditioner); the UNet also reads the last encoder's projected pooled output of
+  the first chunk (``Conditioning.pooled``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from lorapipe.errors import PromptError
+from lorapipe.errors import ConfigError, PromptError
 from lorapipe.prompts.syntax import ParsedPrompt, parse_prompt
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import DiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lorapipe.models import ModelFamily
 
 CLIP_CONTEXT = 77  # tokens CLIP encodes at once: BOS, 75 prompt tokens, EOS
 COMMA_BACKTRACK = 20  # A1111's "comma_padding_backtrack": tokens a chunk may hand to the next
@@ -97,41 +104,38 @@ def count_tokens(tokenizer: CLIPTokenizer, parsed: ParsedPrompt) -> int:
 
 
 class PromptEncoder:
-    """Weighted, chunked CLIP conditioning for SD 1.x, as A1111 computes it.
+    """Weighted, chunked conditioning from one CLIP text encoder, as A1111 computes it.
 
     ``clip_skip`` follows WebUI's "Clip skip" setting: 1 uses the last layer, 2 the one before
-    it (then the final layer norm), and so on.
+    it (then the final layer norm), and so on. ``penultimate_hidden_states`` is SDXL's reading
+    instead: the layer before the last as it is, without the final layer norm (``clip_skip`` is
+    then not used).
     """
 
     def __init__(
-        self, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, *, clip_skip: int = 1
+        self,
+        tokenizer: CLIPTokenizer,
+        text_encoder: CLIPTextModel,
+        *,
+        clip_skip: int = 1,
+        penultimate_hidden_states: bool = False,
     ) -> None:
         if clip_skip < 1:
             raise PromptError(f"clip_skip {clip_skip} must be 1 (last layer) or more")
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = clip_skip
+        self.penultimate_hidden_states = penultimate_hidden_states
 
     def encode(self, prompt: str | ParsedPrompt) -> torch.Tensor:
         """(1, 77 * chunks, hidden) conditioning for one prompt."""
-        import torch
+        return self._encode(prompt)[0]
 
-        parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
-        chunks = tokenize_chunks(self.tokenizer, parsed)
-        device = self.text_encoder.device
-        token_ids = torch.tensor([c.tokens for c in chunks], device=device)
-        weights = torch.tensor([c.weights for c in chunks], device=device)
-        with torch.no_grad():
-            hidden = self._hidden_states(token_ids)
-            weights = weights.to(hidden.dtype)
-            mean_before = hidden.mean(dim=(1, 2), keepdim=True)
-            hidden = hidden * weights.unsqueeze(-1)
-            mean_after = hidden.mean(dim=(1, 2), keepdim=True)
-            # chunks without emphasis stay exactly as CLIP gave them (and a zero mean, which a
-            # randomly initialized CLIP can have, does not turn into 0/0)
-            emphasized = (weights != 1).any(dim=1).view(-1, 1, 1) & (mean_after != 0)
-            hidden = torch.where(emphasized, hidden * (mean_before / mean_after), hidden)
-        return hidden.reshape(1, -1, hidden.shape[-1])
+    def encode_with_pooled(self, prompt: str | ParsedPrompt) -> tuple[torch.Tensor, torch.Tensor]:
+        """The conditioning and, from a text encoder with a projection, the projected pooled
+        output of the first chunk, unweighted: WebUI conditions SDXL's UNet on that one only."""
+        hidden, output = self._encode(prompt)
+        return hidden, output.text_embeds[:1]
 
     def encode_pair(
         self, positive: str | ParsedPrompt, negative: str | ParsedPrompt
@@ -145,13 +149,111 @@ class PromptEncoder:
             negative_embeds, chunks, empty
         )
 
-    def _hidden_states(self, token_ids: torch.Tensor) -> torch.Tensor:
-        output = self.text_encoder(token_ids, output_hidden_states=self.clip_skip > 1)
+    def _encode(self, prompt: str | ParsedPrompt) -> tuple[torch.Tensor, Any]:
+        import torch
+
+        parsed = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+        chunks = tokenize_chunks(self.tokenizer, parsed)
+        device = self.text_encoder.device
+        token_ids = torch.tensor([c.tokens for c in chunks], device=device)
+        weights = torch.tensor([c.weights for c in chunks], device=device)
+        with torch.no_grad():
+            output = self.text_encoder(
+                token_ids,
+                output_hidden_states=self.penultimate_hidden_states or self.clip_skip > 1,
+            )
+            hidden = emphasize(self._hidden_states(output), weights)
+        return hidden.reshape(1, -1, hidden.shape[-1]), output
+
+    def _hidden_states(self, output: Any) -> torch.Tensor:
+        if self.penultimate_hidden_states:
+            return output.hidden_states[-2]
         if self.clip_skip == 1:
             return output[0]
         # transformers >= 5 flattens CLIPTextModel; older versions keep .text_model
         text_model = getattr(self.text_encoder, "text_model", self.text_encoder)
         return text_model.final_layer_norm(output.hidden_states[-self.clip_skip])
+
+
+def emphasize(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111's "Original" emphasis on (chunks, 77, width) hidden states: each token's times its
+    weight, then each chunk rescaled to the mean it had."""
+    import torch
+
+    weights = weights.to(hidden.dtype)
+    mean_before = hidden.mean(dim=(1, 2), keepdim=True)
+    weighted = hidden * weights.unsqueeze(-1)
+    mean_after = weighted.mean(dim=(1, 2), keepdim=True)
+    # chunks without emphasis stay exactly as CLIP gave them (and a zero mean, which a randomly
+    # initialized CLIP can have, does not turn into 0/0)
+    emphasized = (weights != 1).any(dim=1).view(-1, 1, 1) & (mean_after != 0)
+    return torch.where(emphasized, weighted * (mean_before / mean_after), weighted)
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """What the UNet reads of one prompt: the hidden states it cross-attends to,
+    (1, 77 * chunks, width), and for a family with added conditioning (SDXL) the pooled
+    embedding, (1, pooled width)."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def padded(self, chunks: int, empty: Conditioning) -> Conditioning:
+        """Padded to ``chunks`` with the empty prompt's chunk (see :func:`pad_chunks`); the
+        pooled embedding stays the first chunk's."""
+        return Conditioning(pad_chunks(self.embeds, chunks, empty.embeds), self.pooled)
+
+    def zeros(self) -> Conditioning:
+        """All zeros, as SDXL conditions on an empty negative prompt (WebUI's and diffusers'
+        ``force_zeros_for_empty_prompt``)."""
+        import torch
+
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return Conditioning(torch.zeros_like(self.embeds), pooled)
+
+
+def check_clip_skip(family: ModelFamily, clip_skip: int) -> None:
+    """Refuse a Clip skip the family's reading of its text encoders ignores (SDXL's is fixed
+    to the penultimate layer, and WebUI ignores Clip skip there too)."""
+    if family.penultimate_hidden_states and clip_skip != 1:
+        raise ConfigError(
+            f"clip_skip {clip_skip}: {family.label} reads the penultimate layer of its text "
+            "encoders (as WebUI does); leave clip_skip at 1"
+        )
+
+
+class ConditioningEncoder:
+    """A prompt's conditioning for a model family, as WebUI computes it: every text encoder of
+    the family (in its order) encodes every chunk with its own tokenizer and emphasis, their
+    hidden states are concatenated along the feature axis, and for a family with added
+    conditioning the last encoder's pooled output of the first chunk comes along."""
+
+    def __init__(self, pipe: DiffusionPipeline, family: ModelFamily, *, clip_skip: int = 1):
+        check_clip_skip(family, clip_skip)
+        self.encoders = [
+            PromptEncoder(
+                getattr(pipe, tokenizer),
+                getattr(pipe, text_encoder),
+                clip_skip=clip_skip,
+                penultimate_hidden_states=family.penultimate_hidden_states,
+            )
+            for tokenizer, text_encoder in zip(family.tokenizers, family.text_encoders, strict=True)
+        ]
+        self.with_pooled = family.added_conditioning
+
+    def encode(self, prompt: str | ParsedPrompt) -> Conditioning:
+        """The conditioning of one prompt (padding to a negative's chunks is the caller's)."""
+        import torch
+
+        prompt = parse_prompt(prompt) if isinstance(prompt, str) else prompt
+        *others, last = self.encoders
+        if self.with_pooled:
+            last_hidden, pooled = last.encode_with_pooled(prompt)
+        else:
+            last_hidden, pooled = last.encode(prompt), None
+        hidden = [encoder.encode(prompt) for encoder in others] + [last_hidden]
+        return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
 
 def chunk_count(embeds: torch.Tensor) -> int:

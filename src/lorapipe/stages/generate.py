@@ -19,7 +19,13 @@ per-image tensor). Each image's noise comes from its own ``torch.Generator`` see
 seed, used for the initial latents and, in ancestral/SDE samplers, for the noise of every step;
 so an image does not depend on the batch it ran in, and equals a one-off
 ``StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...,
-generator=torch.Generator().manual_seed(seed))`` call with the same scheduler, steps and CFG.
+generator=torch.Generator().manual_seed(seed))`` call with the same scheduler, steps and CFG
+(SDXL's ``StableDiffusionXLPipeline`` with ``pooled_prompt_embeds`` and
+``negative_pooled_prompt_embeds`` too).
+
+Every model family renders the same grid; what differs (SDXL's two text encoders, its pooled
+embedding and size conditioning, its 1024 px native size) comes from the family
+(``lorapipe.models.ModelFamily``) and the model's config.
 
 Output (a directory, local or s3://, published whole when everything is written):
 
@@ -73,6 +79,7 @@ from lorapipe.generation.rendering import (
 from lorapipe.generation.report import lint_table, run_report, write_reports
 from lorapipe.generation.samplers import SAMPLERS
 from lorapipe.generation.sheets import write_contact_sheets
+from lorapipe.prompts.encoding import check_clip_skip
 from lorapipe.prompts.negatives import NegativeLibrary
 from lorapipe.prompts.syntax import parse_prompt
 
@@ -164,7 +171,12 @@ class GenerateConfig:
         minimum=0.0,
         maximum=1.0,
     )
-    clip_skip: int = option(1, help="WebUI's Clip skip: 1 = last CLIP layer", minimum=1, maximum=12)
+    clip_skip: int = option(
+        1,
+        help="WebUI's Clip skip: 1 = last CLIP layer (SD 1.x/2.x; SDXL reads the penultimate)",
+        minimum=1,
+        maximum=12,
+    )
     batch_size: int = option(8, help="images per UNet call", minimum=1, maximum=4096)
     adapt_negatives: bool = option(
         True,
@@ -390,9 +402,11 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     # 2. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
     model_dir = models.resolve_model_dir(base_model_uri)
-    pipe = load_pipeline(base_model_uri, loras, device=device, dtype=dtype)
+    family = models.model_family(str(model_dir))
+    check_clip_skip(family, config.clip_skip)  # before the model loads
+    pipe = load_pipeline(base_model_uri, loras, family=family, device=device, dtype=dtype)
     config = with_sizes_resolved(config, pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    job_lints += count_prompt_tokens(pipe.tokenizer, prompts)
+    job_lints += count_prompt_tokens([getattr(pipe, name) for name in family.tokenizers], prompts)
 
     # 3. the grid: every cell with its size and negative prompt
     cells = plan_grid(config, prompts, library)
@@ -400,6 +414,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     # 4. the renderer, what every image's parameters text shares, the optional CLIP scorer
     renderer = GridRenderer(
         pipe,
+        family=family,
         adapters={lora.name: lora.adapter for lora in loras},
         sampler=config.sampler,
         steps=config.steps,
