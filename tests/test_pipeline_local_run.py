@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from lorapipe import store
 from pipelines import local_run
@@ -65,6 +66,37 @@ def test_with_a_bucket_inputs_checkpoints_and_the_lora_live_in_s3(
     assert store.exists(store.join(latest["uri"], "filmstyle.safetensors"))
     checkpoints = store.list_uris(f"{prefix}/checkpoints/{latest['run_id']}/")
     assert any(uri.endswith("checkpoint-20/_COMPLETE") for uri in checkpoints), checkpoints
+
+
+def test_the_dag_runs_unchanged_with_an_sdxl_base_model(
+    tmp_path: Path, tiny_sdxl_dir: Path
+) -> None:
+    """The demo's photos and tagger with the tiny SDXL as the base model: every stage reads the
+    family off the model, nothing in the DAG changes."""
+    from lorapipe.demo import inputs as demo
+
+    folder = demo.write_sample_folder(tmp_path / "photos", count=12)
+    run = local_run.run_local(
+        tmp_path,
+        {
+            **QUICK,
+            "data_uri": str(folder),
+            "base_model_uri": str(tiny_sdxl_dir),
+            "tagger_uri": str(demo.WORLD_TAGGER),
+            "publish_uri": str(tmp_path / "published"),
+            "prompts": ["filmstyle, a red circle in the middle, white background"],
+        },
+    )
+
+    assert run.report.is_file() and not run.claims  # claims are the world model's
+    training = json.loads(
+        (_task_dir(tmp_path, "train") / "training" / "training_report.json").read_text()
+    )
+    assert training["model_family"] == "sdxl"
+    latest = json.loads((tmp_path / "published" / "latest.json").read_text())
+    kohya_file = Path(latest["uri"]) / "filmstyle.safetensors"
+    with safe_open(kohya_file, "pt") as kohya:
+        assert kohya.metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
 
 
 def test_without_a_tagger_the_no_tagger_branch_runs_instead(tmp_path: Path) -> None:
