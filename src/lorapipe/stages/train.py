@@ -264,7 +264,7 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         config.mixed_precision, torch.float32
     )
-    model_dir = resolve_model_dir(config.base_model)
+    model_dir = resolve_model_dir(config.base_model, config_dir=config.base_model_config)
     pipeline = load_base_model(str(model_dir), torch_dtype=weight_dtype)
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
     vae.requires_grad_(False)
@@ -661,7 +661,8 @@ def launch(config: TrainConfig) -> int:
 
     from lorapipe.models import resolve_model_dir
 
-    resolve_model_dir(config.base_model or "")  # a wrong model fails here, in one line
+    # a wrong model fails here, in one line
+    resolve_model_dir(config.base_model or "", config_dir=config.base_model_config)
     if torch.cuda.is_available() and config.num_processes > torch.cuda.device_count():
         raise ConfigError(
             f"num_processes {config.num_processes} is more than the {torch.cuda.device_count()} GPUs here"
