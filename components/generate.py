@@ -22,7 +22,7 @@ def generate(
     """The review grid: prompts x negative presets x LoRA scales x CFG scales x seeds.
 
     Args:
-        base_model_uri: Diffusers-format base model directory (local or s3://).
+        base_model_uri: A diffusers directory or a .safetensors checkpoint (local or s3://).
         lora: Select's output; every prompt uses its LoRA.
         prompts: A1111-syntax prompts.
         negative_presets: Negative-prompt presets or layers.

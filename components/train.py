@@ -22,7 +22,7 @@ def train(
 
     Args:
         dataset: The augmented dataset.
-        base_model_uri: Diffusers-format base model directory (local or s3://).
+        base_model_uri: A diffusers directory or a .safetensors checkpoint (local or s3://).
         training_config: YAML of lorapipe train keys (the seed's my_film_config.yaml keys).
         num_gpus: GPUs of this pod (of each node with num_nodes > 1).
         checkpoint_mirror_uri: s3:// prefix; checkpoints go to <prefix>/<run_id>/.

@@ -19,7 +19,8 @@ F = TypeVar("F", bound=Callable[..., object])
 # parameters of the pipeline's own (the data, the cluster, the DAG's wiring)
 PIPELINE_HELP = {
     "data_uri": "Raw images: a folder, a .zip/.tar.gz archive or an s3:// prefix.",
-    "base_model_uri": "A diffusers SD 1.x model directory, local or s3://.",
+    "base_model_uri": "The base model (SD 1.x, SD 2.x, SDXL): a diffusers directory or a "
+    ".safetensors checkpoint, local or s3://.",
     "tagger_uri": "A DeepDanbooru project folder (local or s3://); empty skips tagging.",
     "metadata_uri": "A lora-scripts metadata.csv (filename,text) elsewhere than beside the "
     "images; empty: the one beside them, if any.",

@@ -1,4 +1,5 @@
-"""Base models: loading models from disk and S3."""
+"""Base models: loading diffusers directories from disk and S3 (single files:
+test_models_single_file.py)."""
 
 from __future__ import annotations
 
@@ -18,13 +19,6 @@ def _weight_digests(model_dir: Path) -> dict[str, str]:
         str(path.relative_to(model_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(model_dir.rglob("*.safetensors"))
     }
-
-
-def test_single_file_checkpoint_is_refused_with_the_fix(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "v1-5-pruned.safetensors"
-    checkpoint.write_bytes(b"\0" * 16)
-    with pytest.raises(ModelError, match="single-file checkpoint.*save_pretrained"):
-        resolve_model_dir(str(checkpoint))
 
 
 def test_missing_or_foreign_directory_is_a_one_line_error(tmp_path: Path) -> None:

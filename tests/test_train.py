@@ -522,10 +522,7 @@ def test_config_errors_are_one_line(
     ("base_model", "expected"),
     [
         ("missing-model", "base model 'missing-model' does not exist"),
-        (
-            "v1-5-pruned.safetensors",
-            "is a single-file checkpoint; lorapipe needs a diffusers-format",
-        ),
+        ("v1-5-pruned.safetensors", "is not a safetensors file (its header does not parse)"),
     ],
 )
 def test_an_unusable_base_model_is_one_line(

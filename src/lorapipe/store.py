@@ -295,6 +295,38 @@ def download_file(uri: str, local_path: str | os.PathLike) -> None:
     _atomic_local_write(destination, fetch)
 
 
+def object_info(uri: str | os.PathLike) -> ObjectInfo:
+    """One file's listing entry (size and ETag), without reading it."""
+    uri = str(uri)
+    if not is_s3(uri):
+        info = _local_object(_local(uri))
+        if info is None:
+            raise ObjectNotFoundError(f"{uri} does not exist")
+        return info
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri):
+        head = client().head_object(Bucket=bucket, Key=key)
+    return ObjectInfo(uri, head["ContentLength"], head["ETag"].strip('"'))
+
+
+def read_range(uri: str | os.PathLike, start: int, length: int) -> bytes:
+    """``length`` bytes of a file from ``start`` (fewer at its end), without fetching the rest."""
+    uri = str(uri)
+    if not is_s3(uri):
+        try:
+            with _local(uri).open("rb") as file:
+                file.seek(start)
+                return file.read(length)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{uri} does not exist") from None
+    bucket, key = split_s3(uri)
+    with _s3_errors(uri):
+        answer = client().get_object(
+            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
+        )
+        return answer["Body"].read()
+
+
 def list_objects(prefix_uri: str | os.PathLike) -> list[ObjectInfo]:
     """Every file below a prefix (recursive), sorted by URI."""
     prefix_uri = str(prefix_uri)

@@ -88,7 +88,16 @@ class TrainConfig:
         default_text="<train_data_dir>/metadata.csv",
     )
     base_model: str = option(
-        "", help="diffusers-format SD 1.x directory, local or `s3://`", default_text="(required)"
+        "",
+        help="SD 1.x, SD 2.x or SDXL: a diffusers directory or a `.safetensors` checkpoint, local "
+        "or `s3://` (see Bring your model)",
+        default_text="(required)",
+    )
+    base_model_config: str = option(
+        "",
+        help="for a `.safetensors` `base_model` of another architecture: a local diffusers "
+        "directory whose component configs fit it",
+        default_text="lorapipe's configs of the file's family",
     )
     lora_rank: int = option(16, help="LoRA rank r", minimum=1)
     lora_alpha: float = option(

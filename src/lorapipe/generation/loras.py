@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lorapipe import lora_format, store
 from lorapipe.errors import ModelError
+from lorapipe.models import single_file_sha256
 
 HASH_CHUNK = 1 << 20
 
@@ -90,9 +91,13 @@ def webui_lora_hash(uri: str) -> str:
 
 
 def model_short_hash(model_dir: Path) -> str:
-    """10 hex digits, like WebUI's model short hash, of the sha256 of the UNet weights (a
-    diffusers directory has no single checkpoint file); the start of training's
-    ``base_model_hash``."""
+    """The PNG's ``Model hash``: for a base model given as a single file, WebUI's own (the
+    first 10 hex digits of the file's sha256), so its PNG Info finds the model; for a diffusers
+    directory, which has no single file, 10 hex digits of the sha256 of the UNet weights (the
+    start of training's ``base_model_hash``)."""
+    file_sha256 = single_file_sha256(model_dir)
+    if file_sha256:
+        return file_sha256[:10]
     digest = hashlib.sha256()
     weights = sorted((model_dir / "unet").glob("*.safetensors")) or sorted(
         (model_dir / "unet").glob("*.bin")

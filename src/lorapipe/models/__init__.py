@@ -1,13 +1,14 @@
-"""Base models: families (SD 1.x, SD 2.x, SDXL) and loading them offline from disk or S3."""
+"""Base models: families (SD 1.x, SD 2.x, SDXL) and loading them offline from disk or S3, as
+diffusers directories or single .safetensors files."""
 
 from lorapipe.models.families import FAMILIES, SD1, SD2, SDXL, ModelFamily
 from lorapipe.models.loading import (
-    SINGLE_FILE_SUFFIXES,
     load_base_model,
     model_cache_root,
     model_family,
     resolve_model_dir,
 )
+from lorapipe.models.single_file import SINGLE_FILE_SUFFIXES, single_file_sha256
 
 __all__ = [
     "FAMILIES",
@@ -20,4 +21,5 @@ __all__ = [
     "model_cache_root",
     "model_family",
     "resolve_model_dir",
+    "single_file_sha256",
 ]

@@ -89,6 +89,8 @@ SDXL = ModelFamily(
 )
 FAMILIES = (SD1, SD2, SDXL)
 
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")  # SD 1.x and 2.x
+SDXL_PIPELINES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 # pipeline classes of families lorapipe does not train yet -> how to name them
 UNSUPPORTED_PIPELINES = {
     "StableDiffusion3Pipeline": "SD3",
@@ -128,18 +130,21 @@ def family_of_directory(directory: Path) -> ModelFamily:
     the text encoder's width (768 vs 1024)."""
     index = json.loads((directory / "model_index.json").read_text())
     pipeline_class = str(index.get("_class_name", ""))
-    if pipeline_class in UNSUPPORTED_PIPELINES:
-        raise ModelError(
-            f"base model '{directory}': not supported yet: {UNSUPPORTED_PIPELINES[pipeline_class]}"
-            " (lorapipe trains SD 1.x, SD 2.x and SDXL)"
-        )
-    if pipeline_class in ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"):
+    check_pipeline_class(pipeline_class, str(directory))
+    if pipeline_class in SDXL_PIPELINES:
         return SDXL
-    if pipeline_class in ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"):
-        return SD2 if _text_encoder_width(directory) == 1024 else SD1
+    return SD2 if _text_encoder_width(directory) == 1024 else SD1
+
+
+def check_pipeline_class(pipeline_class: str, source: str) -> None:
+    """Refuse a diffusers pipeline class lorapipe cannot train, in one line that names its
+    family (an s3:// model is checked this way before it is downloaded)."""
+    if pipeline_class in SD_PIPELINES or pipeline_class in SDXL_PIPELINES:
+        return
+    name = UNSUPPORTED_PIPELINES.get(pipeline_class, pipeline_class or "no _class_name")
     raise ModelError(
-        f"base model '{directory}': not supported yet: {pipeline_class or 'no _class_name'} "
-        "(lorapipe trains SD 1.x, SD 2.x and SDXL)"
+        f"base model '{source}': not supported yet: {name} (lorapipe trains SD 1.x, SD 2.x and "
+        "SDXL)"
     )
 
 
@@ -157,8 +162,8 @@ def family_of_keys(keys: Iterable[str], source: str) -> ModelFamily:
             )
     raise ModelError(
         f"base model '{source}' is not a Stable Diffusion checkpoint lorapipe knows (no "
-        "cond_stage_model. or conditioner. tensors); if it is one with another layout, give "
-        "base_model_config: DIR, a diffusers directory whose configs fit it"
+        "cond_stage_model. or conditioner. tensors: a LoRA, a VAE or a UNet alone?); give a "
+        "full SD 1.x, SD 2.x or SDXL checkpoint or a diffusers directory"
     )
 
 

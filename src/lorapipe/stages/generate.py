@@ -198,6 +198,12 @@ class GenerateConfig:
         help="extra negative presets `{name: [layers]}`, merged last (job file only)",
         flag=False,
     )
+    base_model_config: str = option(
+        "",
+        help="for a `.safetensors` base model of another architecture: a local diffusers "
+        "directory whose component configs fit it",
+        default_text="lorapipe's configs of the file's family",
+    )
     clip_model: str | None = option(
         None, help="a local transformers CLIP model directory: adds a CLIP score per image"
     )
@@ -401,10 +407,10 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
 
     # 2. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
-    model_dir = models.resolve_model_dir(base_model_uri)
+    model_dir = models.resolve_model_dir(base_model_uri, config_dir=config.base_model_config)
     family = models.model_family(str(model_dir))
     check_clip_skip(family, config.clip_skip)  # before the model loads
-    pipe = load_pipeline(base_model_uri, loras, family=family, device=device, dtype=dtype)
+    pipe = load_pipeline(str(model_dir), loras, family=family, device=device, dtype=dtype)
     config = with_sizes_resolved(config, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     job_lints += count_prompt_tokens([getattr(pipe, name) for name in family.tokenizers], prompts)
 
@@ -426,7 +432,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         sampler=config.sampler,
         steps=config.steps,
         model_hash=model_short_hash(model_dir),
-        model_name=basename(base_model_uri),
+        model_name=basename(base_model_uri).removesuffix(".safetensors"),  # WebUI: the stem
         clip_skip=config.clip_skip,
         guidance_rescale=config.guidance_rescale,
         lora_hashes={lora.name: lora.webui_hash for lora in loras},
@@ -477,7 +483,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--job", help="YAML or JSON job file: the options below + base_model")
-    parser.add_argument("--base-model", help="diffusers model directory, local or s3://")
+    parser.add_argument("--base-model", help="diffusers dir or .safetensors file, local or s3://")
     parser.add_argument("--out", required=True, help="output directory, local or s3://")
     parser.add_argument(
         "--lora",

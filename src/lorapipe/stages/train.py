@@ -275,7 +275,7 @@ def load_models(config: TrainConfig, accelerator: Accelerator) -> Models:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         config.mixed_precision, torch.float32
     )
-    model_dir = resolve_model_dir(config.base_model)
+    model_dir = resolve_model_dir(config.base_model, config_dir=config.base_model_config)
     family = model_family(str(model_dir))
     pipeline = load_base_model(str(model_dir), torch_dtype=weight_dtype)
     unet, vae = pipeline.unet, pipeline.vae
@@ -703,7 +703,8 @@ def launch(config: TrainConfig) -> int:
 
     from lorapipe.models import resolve_model_dir
 
-    resolve_model_dir(config.base_model or "")  # a wrong model fails here, in one line
+    # a wrong model fails here, in one line
+    resolve_model_dir(config.base_model or "", config_dir=config.base_model_config)
     if torch.cuda.is_available() and config.num_processes > torch.cuda.device_count():
         raise ConfigError(
             f"num_processes {config.num_processes} is more than the {torch.cuda.device_count()} GPUs here"
