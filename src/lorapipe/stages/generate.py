@@ -59,6 +59,7 @@ from lorapipe.generation.infotext import ParameterContext
 from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
 from lorapipe.generation.loras import (
     basename,
+    check_lora_family,
     locate_lora,
     model_short_hash,
     parse_lora_flag,
@@ -368,6 +369,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     """Generate the grid of ``config`` with the base model and the job's LoRAs; write images,
     sheets, index and reports to ``output_uri``; return the report."""
     from lorapipe import __version__, models
+    from lorapipe.models.families import family_of_directory
 
     config.validate()
     config = with_trained_lora(config)
@@ -387,9 +389,13 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         for index, (name, uri) in enumerate(config.loras.items())
     ]
 
-    # 2. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
+    # 2. the pipeline: base model with the LoRAs (made for its family) as adapters; the size
+    # defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
     model_dir = models.resolve_model_dir(base_model_uri)
+    family = family_of_directory(model_dir)
+    for lora in loras:
+        check_lora_family(lora, family)
     pipe = load_pipeline(base_model_uri, loras, device=device, dtype=dtype)
     config = with_sizes_resolved(config, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     job_lints += count_prompt_tokens(pipe.tokenizer, prompts)
