@@ -1,7 +1,7 @@
 """LoRAs and training outputs built the way train builds them, for tests of the stages after it.
 
-A LoRA is a PEFT adapter on the tiny pipeline's UNet (and text encoder) with random, non-zero
-weights, saved with ``StableDiffusionPipeline.save_lora_weights(dir,
+A LoRA is a PEFT adapter on the tiny pipeline's UNet (and text encoders: SDXL's both) with
+random, non-zero weights, saved with the pipeline class's ``save_lora_weights(dir,
 unet_lora_layers=get_peft_model_state_dict(unet), ...)``; a training output is
 ``checkpoint-<step>/`` directories with that file, ``lora_config.json``, ``record.json`` and
 ``_COMPLETE``, plus ``training_report.json`` (see "Training output layout" in the contracts).
@@ -48,15 +48,24 @@ def add_random_lora(
     if text_encoder_targets:
         # peft directly: transformers' own add_adapter wants a newer peft than is installed
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(text_encoder_targets))
-        inject_adapter_in_model(config, pipeline.text_encoder, adapter_name="default")
-        pipeline.text_encoder.peft_config = {"default": config}
+        for text_encoder in _text_encoders(pipeline):
+            inject_adapter_in_model(config, text_encoder, adapter_name="default")
+            text_encoder.peft_config = {"default": config}
     randomize_lora(pipeline, seed=seed)
+
+
+def _text_encoders(pipeline: Any) -> list[Any]:
+    return [
+        model
+        for model in (pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None))
+        if model is not None
+    ]
 
 
 def randomize_lora(pipeline: Any, *, seed: int) -> None:
     """New random values for every LoRA weight of ``pipeline`` (a different "training step")."""
     generator = torch.Generator().manual_seed(seed)
-    for model in (pipeline.unet, pipeline.text_encoder):
+    for model in (pipeline.unet, *_text_encoders(pipeline)):
         for name, parameter in model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
                 with torch.no_grad():
@@ -68,16 +77,17 @@ def lora_state_dicts(pipeline: Any) -> dict[str, dict[str, torch.Tensor]]:
     from peft.utils import get_peft_model_state_dict
 
     layers = {"unet_lora_layers": get_peft_model_state_dict(pipeline.unet)}
-    if getattr(pipeline.text_encoder, "peft_config", None):
-        layers["text_encoder_lora_layers"] = get_peft_model_state_dict(pipeline.text_encoder)
+    for component in ("text_encoder", "text_encoder_2"):
+        if getattr(getattr(pipeline, component, None), "peft_config", None):
+            layers[f"{component}_lora_layers"] = get_peft_model_state_dict(
+                getattr(pipeline, component)
+            )
     return layers
 
 
 def save_lora(pipeline: Any, directory: Path) -> Path:
     """``pytorch_lora_weights.safetensors`` in ``directory``, exactly as train saves it."""
-    from diffusers import StableDiffusionPipeline
-
-    StableDiffusionPipeline.save_lora_weights(directory, **lora_state_dicts(pipeline))
+    type(pipeline).save_lora_weights(directory, **lora_state_dicts(pipeline))
     return directory / "pytorch_lora_weights.safetensors"
 
 

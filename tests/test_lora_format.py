@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from lorapipe import lora_format
 from lorapipe.errors import LoraFormatError
+from lorapipe.kohya_names import neutral_name
 from lorapipe.lora_format import LoraModule, TrainingFacts
 
 IMAGE_TOLERANCE = 1e-4
@@ -104,7 +105,7 @@ def test_every_sd15_layer_name_survives_the_kohya_round_trip() -> None:
     modules = {
         name: LoraModule(down=torch.ones(1, 1), up=torch.ones(1, 1), alpha=1.0) for name in names
     }
-    expected = {lora_format._neutral_name(*name.split(".", 1)) for name in names}
+    expected = {neutral_name(*name.split(".", 1)) for name in names}
 
     assert len(names) > 250
     assert set(lora_format.modules_from_kohya(lora_format.modules_to_kohya(modules))) == expected
@@ -544,3 +545,393 @@ def test_train_style_save_is_what_the_reader_expects(tiny_model_dir: Path, tmp_p
     assert (
         found == "diffusers" and len(lora_format.modules_from_diffusers(state_dict)) * 2 == written
     )
+
+
+# --------------------------------------------------------------------------- SDXL
+
+SDXL_TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+@pytest.fixture(scope="module")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (two text encoders, DownBlock2D first), built once per module."""
+    from lorapipe.demo.tiny_model import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", preset="tiny-sdxl")
+
+
+def _sdxl_pipeline(model_dir: Path):
+    from lorapipe.models import load_base_model
+
+    pipeline = load_base_model(str(model_dir))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def _generate_sdxl(pipeline, *, scale: float = 1.0) -> np.ndarray:
+    return pipeline(
+        "street photo of a man in the rain, film grain",
+        num_inference_steps=2,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(7),
+        output_type="np",
+        cross_attention_kwargs={"scale": scale},
+    ).images[0]
+
+
+def _enable_adapters(*models, enabled: bool) -> None:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.enable_adapters(enabled)
+
+
+def _meta_sdxl_unet(preset: str):
+    """An SDXL preset's UNet without weights (as ``build_sdxl`` configures it)."""
+    from diffusers import UNet2DConditionModel
+
+    from lorapipe.demo.tiny_model import SDXL_PRESETS
+
+    spec = SDXL_PRESETS[preset]
+    with torch.device("meta"):
+        return UNet2DConditionModel(
+            block_out_channels=spec.unet_channels,
+            layers_per_block=spec.unet_layers_per_block,
+            transformer_layers_per_block=spec.transformer_layers_per_block,
+            attention_head_dim=spec.attention_head_dim,
+            down_block_types=spec.down_blocks,
+            up_block_types=spec.up_blocks,
+            cross_attention_dim=sum(spec.text_hidden),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=spec.addition_time_embed_dim,
+            projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim
+            + spec.text_hidden[1],
+            norm_num_groups=spec.unet_norm_groups,
+        )
+
+
+# kohya sd-scripts' names (library/sdxl_original_unet.py) for layers of SDXL base's UNet
+FULL_SDXL_NAMES = {
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+    "down_blocks.1.attentions.1.transformer_blocks.1.ff.net.0.proj": "input_blocks_5_1_transformer_blocks_1_ff_net_0_proj",
+    "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0": "input_blocks_8_1_transformer_blocks_9_attn2_to_out_0",
+    "down_blocks.2.attentions.0.proj_in": "input_blocks_7_1_proj_in",
+    "mid_block.attentions.0.transformer_blocks.0.attn2.to_k": "middle_block_1_transformer_blocks_0_attn2_to_k",
+    "mid_block.resnets.1.time_emb_proj": "middle_block_2_emb_layers_1",
+    "up_blocks.0.attentions.0.proj_out": "output_blocks_0_1_proj_out",
+    "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_v": "output_blocks_2_1_transformer_blocks_0_attn1_to_v",
+    "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.2": "output_blocks_5_1_transformer_blocks_1_ff_net_2",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks_2_2_conv",
+    "up_blocks.1.upsamplers.0.conv": "output_blocks_5_2_conv",
+    "up_blocks.2.resnets.2.conv_shortcut": "output_blocks_8_0_skip_connection",
+    "down_blocks.0.resnets.0.conv1": "input_blocks_1_0_in_layers_2",
+    "down_blocks.0.resnets.1.conv2": "input_blocks_2_0_out_layers_3",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks_3_0_op",
+    "down_blocks.1.downsamplers.0.conv": "input_blocks_6_0_op",
+    "conv_in": "input_blocks_0_0",
+    "conv_out": "out_2",
+    "time_embedding.linear_1": "time_embed_0",
+    "add_embedding.linear_2": "label_emb_0_2",
+}  # fmt: skip
+# the same layers' names in tiny-sdxl (one resnet per level, two levels)
+TINY_SDXL_NAMES = {
+    "down_blocks.0.resnets.0.conv1": "input_blocks_1_0_in_layers_2",
+    "down_blocks.0.downsamplers.0.conv": "input_blocks_2_0_op",
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": "input_blocks_3_1_transformer_blocks_0_attn1_to_q",
+    "mid_block.attentions.0.proj_in": "middle_block_1_proj_in",
+    "up_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k": "output_blocks_1_1_transformer_blocks_0_attn2_to_k",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks_1_2_conv",
+    "up_blocks.1.resnets.1.time_emb_proj": "output_blocks_3_0_emb_layers_1",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [("sdxl", FULL_SDXL_NAMES), ("tiny-sdxl", TINY_SDXL_NAMES)],
+    ids=["full-sdxl", "tiny-sdxl"],
+)
+def test_sdxl_kohya_names_are_sd_scripts_ldm_names_numbered_by_the_unet_config(
+    preset: str, expected: dict[str, str]
+) -> None:
+    """Spot checks against sd-scripts' own names, and diffusers' single-file converter (LDM
+    checkpoint -> diffusers) turning the LDM path of every UNet parameter back into its own."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from lorapipe.kohya_names import kohya_names
+    from lorapipe.models import SDXL
+
+    unet = _meta_sdxl_unet(preset)
+    names = kohya_names(SDXL, unet.config)
+
+    assert {path: names.kohya_name(f"unet.{path}") for path in expected} == {
+        path: f"lora_unet_{name}" for path, name in expected.items()
+    }
+    checkpoint = {}
+    for parameter, _ in unet.named_parameters():
+        module, leaf = parameter.rsplit(".", 1)
+        checkpoint[f"model.diffusion_model.{names.ldm.to_ldm(module)}.{leaf}"] = torch.zeros(1)
+    converted = convert_ldm_unet_checkpoint(checkpoint, unet.config)
+    assert set(converted) == {parameter for parameter, _ in unet.named_parameters()}
+
+
+def test_every_full_sdxl_layer_name_survives_the_kohya_round_trip() -> None:
+    """Without a UNet config the names are SDXL base's; both CLIPs under lora_te1_/lora_te2_."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lorapipe.models import SDXL
+
+    unet = _meta_sdxl_unet("sdxl")
+    with torch.device("meta"):
+        text_encoder = CLIPTextModel(CLIPTextConfig())
+        text_encoder_2 = CLIPTextModelWithProjection(
+            CLIPTextConfig(hidden_size=1280, num_hidden_layers=32, num_attention_heads=20)
+        )
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    names = [
+        f"{component}.{path}"
+        for component, model in models.items()
+        for path, layer in model.named_modules()
+        if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d)
+    ]
+    modules = {
+        name: LoraModule(down=torch.ones(1, 1), up=torch.ones(1, 1), alpha=1.0) for name in names
+    }
+
+    kohya = lora_format.modules_to_kohya(modules, family=SDXL)
+
+    assert len(names) > 1000
+    assert {key.split("_", 2)[1] for key in kohya} == {"unet", "te1", "te2"}
+    assert "lora_te2_text_model_encoder_layers_31_mlp_fc2.alpha" in kohya
+    assert "lora_te2_text_projection.alpha" in kohya
+    expected = {neutral_name(*name.split(".", 1)) for name in names}
+    assert set(lora_format.modules_from_kohya(kohya, family=SDXL)) == expected
+
+
+def test_sdxl_kohya_to_diffusers_to_kohya_is_exact(sdxl_model_dir: Path) -> None:
+    from lorapipe.models import SDXL
+
+    pipeline = _sdxl_pipeline(sdxl_model_dir)
+    names = lora_format.pipeline_module_names(pipeline)
+    unet_config = pipeline.unet.config
+    assert {name.split(".", 1)[0] for name in names} == {"unet", *SDXL_TEXT_ENCODERS}
+    rng = random.Random(99)
+    for _ in range(10):
+        torch.manual_seed(rng.randint(0, 2**31))
+        kohya = lora_format.modules_to_kohya(
+            _random_modules(rng, names), family=SDXL, unet_config=unet_config
+        )
+
+        for module_names in (None, names):
+            state_dict, metadata = lora_format.kohya_to_diffusers(
+                kohya, family=SDXL, module_names=module_names, unet_config=unet_config
+            )
+            back = lora_format.diffusers_to_kohya(
+                state_dict, metadata, family=SDXL, unet_config=unet_config
+            )
+
+            assert list(back) == list(kohya)
+            assert all(
+                torch.equal(back[key], kohya[key]) and back[key].dtype == kohya[key].dtype
+                for key in kohya
+            )
+
+
+def test_diffusers_loads_the_sdxl_kohya_file_and_generates_the_same_images(
+    sdxl_model_dir: Path, tmp_path: Path
+) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    from lorapipe.models import SDXL
+
+    trained = _sdxl_pipeline(sdxl_model_dir)
+    base_image = _generate_sdxl(trained)
+    add_random_lora(
+        trained,
+        alpha=12.0,
+        unet_targets=UNET_ALL_TARGETS,
+        text_encoder_targets=TEXT_ENCODER_TARGETS,
+    )
+    trained_image = _generate_sdxl(trained)
+    assert _difference(trained_image, base_image) > 0.01
+    _enable_adapters(trained.unet, trained.text_encoder, enabled=False)
+    assert _difference(_generate_sdxl(trained), base_image) > 0.01  # text_encoder_2 alone
+    _enable_adapters(trained.unet, trained.text_encoder, enabled=True)
+    state_dict, metadata, _ = lora_format.load_lora_state_dict(
+        str(save_lora(trained, tmp_path / "train"))
+    )
+    assert any(key.startswith("text_encoder_2.") for key in state_dict)
+    modules = lora_format.modules_from_diffusers(state_dict, metadata, default_alpha=12.0)
+    lora_format.save_kohya(
+        tmp_path / "film_style.safetensors",
+        modules,
+        {},
+        family=SDXL,
+        unet_config=trained.unet.config,
+    )
+    lora_format.save_diffusers(tmp_path / lora_format.DIFFUSERS_WEIGHT_NAME, modules)
+    with safe_open(tmp_path / "film_style.safetensors", "pt") as handle:
+        prefixes = {key.split("_", 2)[1] for key in handle.keys()}  # noqa: SIM118
+    assert prefixes == {"unet", "te1", "te2"}
+
+    for weight_name in ("film_style.safetensors", lora_format.DIFFUSERS_WEIGHT_NAME):
+        loaded = _sdxl_pipeline(sdxl_model_dir)
+        assert isinstance(loaded, StableDiffusionXLPipeline)
+        loaded.load_lora_weights(tmp_path, weight_name=weight_name)
+        assert _difference(_generate_sdxl(loaded), trained_image) < IMAGE_TOLERANCE, weight_name
+    by_lorapipe = _sdxl_pipeline(sdxl_model_dir)
+    lora_format.load_into_pipeline(
+        by_lorapipe, str(tmp_path / "film_style.safetensors"), adapter_name="film_style"
+    )
+    assert _difference(_generate_sdxl(by_lorapipe), trained_image) < IMAGE_TOLERANCE
+
+
+@pytest.mark.parametrize("unet_spelling", ["ldm", "diffusers"])
+def test_load_into_pipeline_reads_another_tools_sdxl_kohya_file_like_diffusers_does(
+    sdxl_model_dir: Path, tmp_path: Path, unet_spelling: str
+) -> None:
+    """Another tool's SDXL file: float16 weights and alphas, one alpha per model, no hashes, the
+    UNet under LDM names (sd-scripts) or under diffusers names (some converters)."""
+    from lorapipe.kohya_names import kohya_names
+    from lorapipe.models import SDXL
+
+    trained = _sdxl_pipeline(sdxl_model_dir)
+    add_random_lora(trained, rank=2, alpha=1.0, text_encoder_targets=TEXT_ENCODER_TARGETS)
+    modules = lora_format.modules_from_diffusers(
+        lora_format.load_lora_state_dict(str(save_lora(trained, tmp_path / "train")))[0],
+        default_alpha=1.0,
+    )
+    names = kohya_names(SDXL, trained.unet.config)
+    state_dict = {}
+    for name, module in modules.items():
+        kohya_name = names.spellings(name)[-1 if unet_spelling == "diffusers" else 0]
+        state_dict[f"{kohya_name}.lora_down.weight"] = module.down.to(torch.float16)
+        state_dict[f"{kohya_name}.lora_up.weight"] = module.up.to(torch.float16)
+        state_dict[f"{kohya_name}.alpha"] = torch.tensor(1.0, dtype=torch.float16)
+    assert any(key.startswith("lora_unet_input_blocks_") for key in state_dict) == (
+        unet_spelling == "ldm"
+    )
+    save_file(state_dict, tmp_path / "other.safetensors", metadata={"ss_network_dim": "2"})
+    by_diffusers = _sdxl_pipeline(sdxl_model_dir)
+    by_diffusers.load_lora_weights(tmp_path, weight_name="other.safetensors")
+    by_lorapipe = _sdxl_pipeline(sdxl_model_dir)
+
+    loaded = lora_format.load_into_pipeline(
+        by_lorapipe, str(tmp_path / "other.safetensors"), adapter_name="other"
+    )
+
+    assert set(loaded) == set(modules)
+    expected = _generate_sdxl(by_diffusers, scale=0.7)
+    assert _difference(_generate_sdxl(by_lorapipe, scale=0.7), expected) < IMAGE_TOLERANCE
+
+
+def test_kohya_metadata_says_the_family() -> None:
+    from lorapipe.models import SD2, SDXL
+
+    sdxl = lora_format.kohya_metadata(_facts(family=SDXL, resolution=(1024, 1024)))
+    sd2 = lora_format.kohya_metadata(_facts(family=SD2, resolution=(768, 768)))
+
+    assert (sdxl["ss_base_model_version"], sdxl["ss_v2"]) == ("sdxl_base_v1-0", "False")
+    assert sdxl["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert sdxl["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert (sdxl["modelspec.resolution"], sdxl["ss_resolution"]) == ("1024x1024", "(1024, 1024)")
+    assert (sd2["ss_base_model_version"], sd2["ss_v2"]) == ("sd_v2", "True")
+    assert sd2["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert sd2["modelspec.implementation"] == "diffusers"
+
+
+def _tiny_file(path: Path, names: list[str], metadata: dict[str, str] | None = None) -> str:
+    """A LoRA file with one-number weights for module ``names`` (kohya or diffusers ones)."""
+    state_dict = {}
+    for name in names:
+        down, up = ("lora_down", "lora_up") if name.startswith("lora_") else ("lora_A", "lora_B")
+        state_dict[f"{name}.{down}.weight"] = torch.ones(1, 1)
+        state_dict[f"{name}.{up}.weight"] = torch.ones(1, 1)
+    save_file(state_dict, path, metadata=metadata)
+    return str(path)
+
+
+SD1_KOHYA = ["lora_te_text_model_encoder_layers_0_self_attn_q_proj"]
+SDXL_KOHYA = ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj"]
+
+
+@pytest.mark.parametrize(
+    ("model", "keys", "metadata", "evidence"),
+    [
+        ("sdxl", SD1_KOHYA, None, "key 'lora_te_text_model"),
+        ("sd1", SDXL_KOHYA, None, "key 'lora_te2_text_model"),
+        ("sd1", ["text_encoder_2.text_model.encoder.layers.0.mlp.fc1"], None, "text_encoder_2."),
+        ("sd1", ["lora_unet_input_blocks_4_1_proj_in"], None, "original LDM module names"),
+        (
+            "sd1",
+            ["lora_unet_down_blocks_1_attentions_0_proj_in"],
+            {"ss_base_model_version": "sdxl_base_v1-0"},
+            "ss_base_model_version is 'sdxl_base_v1-0'",
+        ),
+        (
+            "sdxl",
+            ["unet.down_blocks.1.attentions.0.proj_in"],
+            {"modelspec.architecture": "stable-diffusion-v1/lora"},
+            "modelspec.architecture is 'stable-diffusion-v1'",
+        ),
+    ],
+    ids=["sd1-on-sdxl", "sdxl-on-sd1", "diffusers-te2", "ldm-unet", "ss-metadata", "modelspec"],
+)
+def test_a_lora_for_another_family_is_one_line_naming_the_lora_and_both_families(
+    tiny_model_dir: Path,
+    sdxl_model_dir: Path,
+    tmp_path: Path,
+    model: str,
+    keys: list[str],
+    metadata: dict[str, str] | None,
+    evidence: str,
+) -> None:
+    pipeline = _sdxl_pipeline(sdxl_model_dir) if model == "sdxl" else _pipeline(tiny_model_dir)
+    uri = _tiny_file(tmp_path / "other_family.safetensors", keys, metadata)
+    lora_family, model_family = ("SD 1.x", "SDXL") if model == "sdxl" else ("SDXL", "SD 1.x")
+
+    with pytest.raises(LoraFormatError) as error:
+        lora_format.load_into_pipeline(pipeline, uri, adapter_name="other")
+
+    message = str(error.value)
+    assert uri in message and evidence in message and "\n" not in message
+    assert f"is for {lora_family}" in message and f"the base model is {model_family}" in message
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("lora_unet_input_blocks_4_1_proj_in.dora_scale", "DoRA"),
+        ("lora_te1_text_model_encoder_layers_0_mlp_fc1.hada_w1_a", "LyCORIS"),
+        ("lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "not an SDXL kohya LoRA"),
+        ("lora_te3_text_model_encoder_layers_0_mlp_fc1.lora_down.weight", "none of 'lora_unet_'"),
+    ],
+)
+def test_unsupported_sdxl_kohya_keys_are_named_in_one_line(key: str, message: str) -> None:
+    from lorapipe.models import SDXL
+
+    state_dict = {
+        "lora_unet_input_blocks_0_0.lora_down.weight": torch.ones(1),
+        "lora_unet_input_blocks_0_0.lora_up.weight": torch.ones(1),
+        key: torch.ones(1),
+    }
+
+    with pytest.raises(LoraFormatError, match=message) as error:
+        lora_format.modules_from_kohya(state_dict, family=SDXL)
+    assert key in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_unet_module_the_ldm_unet_lacks_cannot_go_into_an_sdxl_kohya_file() -> None:
+    from lorapipe.models import SDXL
+
+    modules = {
+        "unet.class_embedding.linear_1": LoraModule(
+            down=torch.ones(1, 1), up=torch.ones(1, 1), alpha=1.0
+        )
+    }
+
+    with pytest.raises(LoraFormatError, match="'unet.class_embedding.linear_1' has no place"):
+        lora_format.modules_to_kohya(modules, family=SDXL)

@@ -427,3 +427,102 @@ def test_select_replaces_its_older_output_but_nothing_else(training_output, tmp_
     with pytest.raises(ConfigError, match="holds files that are not a lorapipe select output"):
         run(str(root), str(tmp_path / "photos"))
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
+
+
+# --------------------------------------------------------------------------- SDXL
+
+
+@pytest.fixture(scope="module")
+def sdxl_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lorapipe.demo.tiny_model import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", preset="tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_trained_pipeline(sdxl_model_dir: Path):
+    """tiny-sdxl with a LoRA on the UNet's attention and two layers of each text encoder."""
+    from lorapipe.models import load_base_model
+
+    pipeline = load_base_model(str(sdxl_model_dir))
+    add_random_lora(pipeline, rank=4, alpha=8.0, text_encoder_targets=("q_proj", "out_proj"))
+    return pipeline
+
+
+def _sdxl_training_output(root: Path, pipeline, model_dir: Path, **report) -> None:
+    write_training_output(
+        root,
+        pipeline,
+        RECORDS[:2],
+        report={**training_report(model_dir), "model_family": "sdxl", **report},
+    )
+
+
+def test_select_exports_an_sdxl_lora_with_kohyas_sdxl_names_and_metadata(
+    sdxl_trained_pipeline, sdxl_model_dir: Path, tmp_path: Path
+) -> None:
+    from lorapipe.models import SDXL
+
+    _sdxl_training_output(tmp_path / "train-out", sdxl_trained_pipeline, sdxl_model_dir)
+    out = tmp_path / "selected"
+
+    report = run(str(tmp_path / "train-out"), str(out))
+
+    kohya, header, _ = lora_format.load_lora_state_dict(str(out / "film_style.safetensors"))
+    assert {key.split("_", 2)[1] for key in kohya} == {"unet", "te1", "te2"}
+    for name in (
+        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q",  # down_blocks.1.attentions.0
+        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0",
+        "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_k",  # up_blocks.0.attentions.1
+        "lora_te1_text_model_encoder_layers_1_self_attn_out_proj",
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
+    ):
+        assert f"{name}.lora_down.weight" in kohya and kohya[f"{name}.alpha"].item() == 8.0
+    assert (header["ss_base_model_version"], header["ss_v2"]) == ("sdxl_base_v1-0", "False")
+    assert header["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert header["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert header["modelspec.resolution"] == "64x64" and header["ss_text_encoder_lr"] == "0.0001"
+    assert report["lora"]["text_encoder"] is True
+
+    diffusers, diffusers_header, _ = lora_format.load_lora_state_dict(
+        str(out / lora_format.DIFFUSERS_WEIGHT_NAME)
+    )
+    unet_config = json.loads((sdxl_model_dir / "unet" / "config.json").read_text())
+    back, back_header = lora_format.kohya_to_diffusers(kohya, family=SDXL, unet_config=unet_config)
+    assert list(back) == list(diffusers)
+    assert all(torch.equal(back[key], diffusers[key]) for key in diffusers)
+    assert (
+        back_header[lora_format.ADAPTER_METADATA_KEY]
+        == (diffusers_header[lora_format.ADAPTER_METADATA_KEY])
+    )
+
+
+def test_without_a_readable_base_model_sdxl_blocks_are_numbered_as_in_sdxl_base(
+    sdxl_trained_pipeline, sdxl_model_dir: Path, tmp_path: Path, caplog
+) -> None:
+    _sdxl_training_output(
+        tmp_path / "train-out",
+        sdxl_trained_pipeline,
+        sdxl_model_dir,
+        base_model=str(tmp_path / "gone"),
+    )
+
+    run(str(tmp_path / "train-out"), str(tmp_path / "selected"))
+
+    kohya, _, _ = lora_format.load_lora_state_dict(
+        str(tmp_path / "selected/film_style.safetensors")
+    )
+    # down_blocks.1.attentions.0 sits at input_blocks.4 when every level has two resnets
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" in kohya
+    assert "unet/config.json is not readable" in caplog.text
+
+
+def test_an_unknown_model_family_in_the_training_report_is_one_line(
+    trained_pipeline, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    root = tmp_path / "train-out"
+    report = {**training_report(tiny_model_dir), "model_family": "flux"}
+    write_training_output(root, trained_pipeline, RECORDS[:1], report=report)
+
+    with pytest.raises(InputError, match="model_family 'flux' is not one lorapipe exports"):
+        run(str(root), str(tmp_path / "out"))

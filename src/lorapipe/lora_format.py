@@ -1,27 +1,25 @@
-"""LoRA files in the two formats SD 1.x tools read: diffusers/PEFT and kohya.
+"""LoRA files in the two formats SD tools read: diffusers/PEFT and kohya, for SD 1.x, 2.x, SDXL.
 
-- **diffusers/PEFT** (``pytorch_lora_weights.safetensors``): keys as
-  ``StableDiffusionPipeline.save_lora_weights`` writes them,
-  ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight`` and ``text_encoder.<module path>...``.
-  The LoRA scale (alpha / rank) is not in the tensors: it travels as PEFT ``LoraConfig`` arguments
-  in the header key ``lora_adapter_metadata``, which diffusers' ``load_lora_weights`` reads. A file
-  without it loads with alpha = rank (scale 1).
+- **diffusers/PEFT** (``pytorch_lora_weights.safetensors``): keys as the pipelines'
+  ``save_lora_weights`` writes them, ``unet.<module path>.lora_A.weight`` / ``.lora_B.weight``,
+  ``text_encoder.<module path>...`` (SDXL also ``text_encoder_2.``). The LoRA scale
+  (alpha / rank) is not in the tensors: it travels as PEFT ``LoraConfig`` arguments in the header
+  key ``lora_adapter_metadata``, which diffusers' ``load_lora_weights`` reads. A file without it
+  loads with alpha = rank (scale 1).
 - **kohya** (what A1111 WebUI's ``models/Lora`` and ComfyUI load; they ignore diffusers keys):
-  ``lora_unet_<module path with "." as "_">.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``,
-  text encoder as ``lora_te_text_model_encoder_layers_0_self_attn_q_proj...``. ``alpha`` is the
-  trained ``lora_alpha`` as a 0-d float32 tensor, so every reader applies alpha / rank exactly as
-  trained.
+  ``<kohya module name>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, module names as
+  kohya sd-scripts writes them for the model family (``lorapipe.kohya_names``: SD 1.x/2.x
+  ``lora_unet_down_blocks_0_...`` and ``lora_te_...``; SDXL the original LDM UNet names,
+  ``lora_unet_input_blocks_4_1_...``, and ``lora_te1_`` / ``lora_te2_``). ``alpha`` is the
+  trained ``lora_alpha`` as a 0-d float32 tensor, so every reader applies alpha / rank exactly
+  as trained. The header carries kohya's ``ss_*`` and ModelSpec's ``modelspec.*`` keys with the
+  family's values.
 
-Naming choice: the module path inside ``lora_unet_`` is the *diffusers* UNet path
-(``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``), not the original LDM one
-(``input_blocks_1_1_...``). It is what kohya sd-scripts itself writes for SD 1.x (its SD 1.x UNet
-uses diffusers module names), what ComfyUI maps through ``unet_to_diffusers``, what A1111 converts
-to its own names, and the only UNet spelling diffusers' ``load_lora_weights`` converts for SD 1.x
-without extra configuration. LDM-named files are refused with a message saying so.
-
-Both formats convert through one neutral form, ``{"unet.<path>": LoraModule}``; every conversion
-is a pure function over state dicts and header metadata. Files are read only after their
-safetensors header checks out: a pickle or zip offered as weights is refused, never unpickled.
+Both formats convert through one neutral form, ``{"unet.<diffusers path>": LoraModule}``; every
+conversion is a pure function over state dicts and header metadata, told the model family. A LoRA
+for another family than the base model's is refused in one line naming both. Files are read only
+after their safetensors header checks out: a pickle or zip offered as weights is refused, never
+unpickled.
 """
 
 from __future__ import annotations
@@ -41,6 +39,17 @@ from typing import TYPE_CHECKING, Any
 
 from lorapipe import store
 from lorapipe.errors import LoraFormatError
+from lorapipe.kohya_names import (
+    LDM_ROOTS,
+    TEXT_MODEL_PREFIX,
+    UNET_PREFIX,
+    KohyaNames,
+    kohya_names,
+    modelspec_implementation,
+    neutral_name,
+    numbers_unet_blocks,
+)
+from lorapipe.models.families import FAMILIES, SD1, SD2, ModelFamily
 
 if TYPE_CHECKING:
     import torch
@@ -53,27 +62,12 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for Lora
 DIFFUSERS = "diffusers"
 KOHYA = "kohya"
 
-# pipeline component -> kohya key prefix
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# CLIP's layers live under "text_model." in checkpoints and kohya names; transformers >= 5
-# flattens the module tree, and diffusers strips the prefix when it loads into such a model.
-TEXT_MODEL_PREFIX = "text_model."
-
-# Module-path segments that contain "_" in SD 1.x UNets and CLIP text encoders. kohya names join
-# every segment with "_", so turning a kohya name back into a path needs to know these.
-COMPOUND_SEGMENTS = frozenset(
-    {
-        # UNet
-        "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "proj_in", "proj_out",
-        "to_q", "to_k", "to_v", "to_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out",
-        "conv_norm_out", "time_embedding", "linear_1", "linear_2", "add_embedding",
-        "class_embedding",
-        # CLIP text encoder
-        "text_model", "self_attn", "q_proj", "k_proj", "v_proj", "out_proj", "final_layer_norm",
-        "token_embedding", "position_embedding", "text_projection",
-    }
-)  # fmt: skip
-LONGEST_COMPOUND = max(name.count("_") + 1 for name in COMPOUND_SEGMENTS)
+# every pipeline component a LoRA can adapt, over all families
+COMPONENTS = ("unet", *dict.fromkeys(c for family in FAMILIES for c in family.text_encoders))
+TEXT_ENCODER_PREFIXES = tuple(
+    dict.fromkeys(prefix for family in FAMILIES for prefix in family.kohya_text_encoder_prefixes)
+)
+SD2_TEXT_WIDTH = 1024  # SD 2.x's OpenCLIP text encoder; SD 1.x's CLIP is 768 wide
 
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 HASH_LEGACY_OFFSET = 0x100000
@@ -132,6 +126,7 @@ class TrainingFacts:
     training_started_at: float | None = None  # unix seconds
     training_finished_at: float | None = None  # unix seconds
     base_model_name: str | None = None
+    family: ModelFamily = SD1  # the base model's: ss_base_model_version, modelspec.architecture
     # lorapipe's own keys, written as "lorapipe.<key>"
     lorapipe: Mapping[str, Any] = field(default_factory=dict)
 
@@ -157,7 +152,7 @@ def modules_from_diffusers(
         alpha = _configured_alpha(adapter_configs.get(component), path)
         if alpha is None:
             alpha = default_alpha if default_alpha is not None else float(down.shape[0])
-        modules[_neutral_name(component, path)] = LoraModule(
+        modules[neutral_name(component, path)] = LoraModule(
             down=down, up=up, alpha=float(alpha), source_key=down_key
         )
     return modules
@@ -199,10 +194,11 @@ def _split_diffusers_key(key: str) -> tuple[str, str | None]:
         if key.endswith(suffix):
             name = key[: -len(suffix)]
             component = name.split(".", 1)[0]
-            if component not in KOHYA_PREFIXES or "." not in name:
+            if component not in COMPONENTS or "." not in name:
                 raise LoraFormatError(
-                    f"LoRA key '{key}' does not start with 'unet.' or 'text_encoder.'; "
-                    "only SD 1.x UNet and text-encoder LoRAs are supported"
+                    f"LoRA key '{key}' starts with none of "
+                    f"{', '.join(repr(c + '.') for c in COMPONENTS)}; only UNet and "
+                    "text-encoder LoRAs are supported"
                 )
             return name, role
     raise LoraFormatError(f"LoRA key '{key}' is not a LoRA weight ({_unsupported_hint(key)})")
@@ -260,21 +256,26 @@ def _most_common(values: Iterable[float]) -> Any:
 
 
 def modules_from_kohya(
-    state_dict: Mapping[str, torch.Tensor], *, module_names: Iterable[str] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    family: ModelFamily = SD1,
+    module_names: Iterable[str] | None = None,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> LoraModules:
-    """Read a kohya state dict. Names are resolved against ``module_names`` ("unet.<path>", e.g.
-    from a pipeline) when given, else by SD 1.x segment names. A module without ``.alpha`` gets
+    """Read a kohya state dict made for ``family``. Names are resolved against ``module_names``
+    ("unet.<path>", e.g. from a pipeline) when given, else by their segment names (SDXL's LDM
+    block numbers by ``unet_config``, see ``kohya_names``). A module without ``.alpha`` gets
     alpha = rank, as kohya, A1111 and ComfyUI do."""
-    lookup = None
-    if module_names is not None:
-        lookup = {_kohya_name(name): name for name in module_names}
+    check_family(state_dict, {}, family, "the LoRA")
+    names = kohya_names(family, unet_config)
+    lookup = names.lookup(module_names) if module_names is not None else None
     modules: LoraModules = {}
-    pairs = _pair_keys(state_dict, _split_kohya_key)
+    pairs = _pair_keys(state_dict, lambda key: _split_kohya_key(key, names))
     for kohya_name, (down_key, up_key) in pairs.items():
-        name = lookup.get(kohya_name) if lookup is not None else _name_from_kohya(kohya_name)
+        name = lookup.get(kohya_name) if lookup is not None else names.neutral_name(kohya_name)
         if name is None:
             raise LoraFormatError(
-                f"LoRA key '{down_key}' names a module the pipeline does not have; "
+                f"LoRA key '{down_key}' names a module this {family.label} model does not have; "
                 "the LoRA was made for another model architecture"
             )
         down = state_dict[down_key]
@@ -286,70 +287,46 @@ def modules_from_kohya(
     return modules
 
 
-def modules_to_kohya(modules: LoraModules) -> dict[str, torch.Tensor]:
-    """The kohya state dict for ``modules``; ``alpha`` as a 0-d float32 tensor."""
+def modules_to_kohya(
+    modules: LoraModules,
+    *,
+    family: ModelFamily = SD1,
+    unet_config: Mapping[str, Any] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The kohya state dict for ``modules`` under ``family``'s names; ``alpha`` as a 0-d float32
+    tensor."""
     import torch
 
+    names = kohya_names(family, unet_config)
     state_dict: dict[str, torch.Tensor] = {}
     for name in sorted(modules):
         module = modules[name]
-        kohya_name = _kohya_name(name)
+        kohya_name = names.kohya_name(name)
         state_dict[f"{kohya_name}.lora_down.weight"] = module.down
         state_dict[f"{kohya_name}.lora_up.weight"] = module.up
         state_dict[f"{kohya_name}.alpha"] = torch.tensor(module.alpha, dtype=torch.float32)
     return state_dict
 
 
-def _neutral_name(component: str, path: str) -> str:
-    """``component.path``, a text-encoder path with its ``text_model.`` prefix."""
-    if component == "text_encoder" and not path.startswith(TEXT_MODEL_PREFIX):
-        path = TEXT_MODEL_PREFIX + path
-    return f"{component}.{path}"
-
-
-def _kohya_name(name: str) -> str:
-    """``unet.down_blocks.0.attentions.0.proj_in`` -> ``lora_unet_down_blocks_0_attentions_0_proj_in``."""
-    component, path = name.split(".", 1)
-    return KOHYA_PREFIXES[component] + path.replace(".", "_")
-
-
-def _name_from_kohya(kohya_name: str) -> str:
-    """Inverse of ``_kohya_name`` for SD 1.x: rejoin the segments that contain "_"."""
-    component = next(c for c, prefix in KOHYA_PREFIXES.items() if kohya_name.startswith(prefix))
-    words = kohya_name[len(KOHYA_PREFIXES[component]) :].split("_")
-    segments: list[str] = []
-    start = 0
-    while start < len(words):
-        for length in range(min(LONGEST_COMPOUND, len(words) - start), 0, -1):
-            candidate = "_".join(words[start : start + length])
-            if length == 1 or candidate in COMPOUND_SEGMENTS:
-                segments.append(candidate)
-                start += length
-                break
-    return _neutral_name(component, ".".join(segments))
-
-
-def _split_kohya_key(key: str) -> tuple[str, str | None]:
+def _split_kohya_key(key: str, names: KohyaNames) -> tuple[str, str | None]:
     """Split ``lora_unet_x.lora_down.weight`` into ("lora_unet_x", "down"); role None for ``.alpha``."""
     name, _, suffix = key.partition(".")
-    if name.startswith(("lora_te1_", "lora_te2_")):
+    if names.component(name) is None:
         raise LoraFormatError(
-            f"LoRA key '{key}' is for SDXL's two text encoders; lorapipe supports SD 1.x LoRAs"
-        )
-    if not name.startswith(tuple(KOHYA_PREFIXES.values())):
-        raise LoraFormatError(
-            f"LoRA key '{key}' starts with neither 'lora_unet_' nor 'lora_te_'; "
-            "it is not an SD 1.x kohya LoRA"
-        )
-    if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", name):
-        raise LoraFormatError(
-            f"LoRA key '{key}' uses original LDM module names (input_blocks/middle_block/"
-            "output_blocks); re-save it with diffusers-style names (lora_unet_down_blocks_...)"
+            f"LoRA key '{key}' starts with {_none_of(names.prefixes.values())}; "
+            f"it is not an {names.family.label} kohya LoRA"
         )
     roles = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": None}
     if suffix not in roles:
         raise LoraFormatError(f"LoRA key '{key}' is not a LoRA weight ({_unsupported_hint(key)})")
     return name, roles[suffix]
+
+
+def _none_of(prefixes: Iterable[str]) -> str:
+    quoted = [f"'{prefix}'" for prefix in prefixes]
+    if len(quoted) == 2:
+        return f"neither {quoted[0]} nor {quoted[1]}"
+    return f"none of {', '.join(quoted)}"
 
 
 def _unsupported_hint(key: str) -> str:
@@ -404,19 +381,31 @@ def diffusers_to_kohya(
     state_dict: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None = None,
     *,
+    family: ModelFamily = SD1,
     default_alpha: float | None = None,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A diffusers/PEFT state dict (+ its header metadata) as a kohya state dict."""
+    """A diffusers/PEFT state dict (+ its header metadata) as a kohya state dict for ``family``."""
     return modules_to_kohya(
-        modules_from_diffusers(state_dict, metadata, default_alpha=default_alpha)
+        modules_from_diffusers(state_dict, metadata, default_alpha=default_alpha),
+        family=family,
+        unet_config=unet_config,
     )
 
 
 def kohya_to_diffusers(
-    state_dict: Mapping[str, torch.Tensor], *, module_names: Iterable[str] | None = None
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    family: ModelFamily = SD1,
+    module_names: Iterable[str] | None = None,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A kohya state dict as a diffusers/PEFT state dict and the header metadata carrying alpha."""
-    return modules_to_diffusers(modules_from_kohya(state_dict, module_names=module_names))
+    return modules_to_diffusers(
+        modules_from_kohya(
+            state_dict, family=family, module_names=module_names, unet_config=unet_config
+        )
+    )
 
 
 def modules_from_state_dict(
@@ -424,11 +413,15 @@ def modules_from_state_dict(
     metadata: Mapping[str, str],
     lora_format: str,
     *,
+    family: ModelFamily = SD1,
     module_names: Iterable[str] | None = None,
+    unet_config: Mapping[str, Any] | None = None,
 ) -> LoraModules:
     """The neutral form of a state dict in either format (as ``load_lora_state_dict`` returns it)."""
     if lora_format == KOHYA:
-        return modules_from_kohya(state_dict, module_names=module_names)
+        return modules_from_kohya(
+            state_dict, family=family, module_names=module_names, unet_config=unet_config
+        )
     return modules_from_diffusers(state_dict, metadata)
 
 
@@ -447,21 +440,78 @@ def detect_format(state_dict: Mapping[str, Any], source: str = "the LoRA") -> st
     return lora_format
 
 
+# --------------------------------------------------------------------------- families
+
+# kohya UNet names under the original LDM module tree (what kohya writes for SDXL)
+LDM_UNET_KEY = re.compile(rf"{UNET_PREFIX}({'|'.join(LDM_ROOTS)})_\d")
+
+
+def lora_families(
+    keys: Iterable[str], metadata: Mapping[str, str]
+) -> tuple[tuple[ModelFamily, ...], str]:
+    """(the families a LoRA can be for, the evidence in words). The header decides when it names
+    a family (kohya's ``ss_base_model_version``, ModelSpec's architecture), else the first key
+    that only some families have: a text encoder's kohya prefix or diffusers component, a UNet
+    under LDM names. A UNet-only file with diffusers names fits every family."""
+    version = metadata.get("ss_base_model_version", "")
+    architecture = metadata.get("modelspec.architecture", "").split("/")[0]
+    for family in FAMILIES:
+        if version == family.base_model_version:
+            return (family,), f"its ss_base_model_version is '{version}'"
+        if architecture == family.modelspec_architecture:
+            return (family,), f"its modelspec.architecture is '{architecture}'"
+    for key in keys:
+        fitting = tuple(family for family in FAMILIES if _key_fits(key, family))
+        if len(fitting) < len(FAMILIES):
+            evidence = f"key '{key}'"
+            if LDM_UNET_KEY.match(key):
+                evidence += " uses the original LDM module names"
+            return fitting, evidence
+    return FAMILIES, "its keys fit every family"
+
+
+def _key_fits(key: str, family: ModelFamily) -> bool:
+    name = key.split(".", 1)[0]
+    if name.startswith(UNET_PREFIX):
+        return not LDM_UNET_KEY.match(name) or numbers_unet_blocks(family)
+    if name.startswith(TEXT_ENCODER_PREFIXES):
+        return name.startswith(family.kohya_text_encoder_prefixes)
+    if name in COMPONENTS and name != "unet":
+        return name in family.text_encoders
+    return True  # not a LoRA key: the format's reader names it
+
+
+def check_family(
+    keys: Iterable[str], metadata: Mapping[str, str], family: ModelFamily, source: str
+) -> None:
+    """Raise LoraFormatError, in one line naming ``source`` and both families, when the LoRA
+    was made for another family than ``family``."""
+    fitting, evidence = lora_families(keys, metadata)
+    if family not in fitting:
+        made_for = " or ".join(f.label for f in fitting)
+        raise LoraFormatError(
+            f"{source} is for {made_for} ({evidence}), but the base model is {family.label}; "
+            f"give a LoRA made for {family.label}"
+        )
+
+
 # --------------------------------------------------------------------------- kohya metadata
 
 
 def kohya_metadata(facts: TrainingFacts) -> dict[str, str]:
-    """Header metadata as kohya sd-scripts writes it for an SD 1.x LoRA (all values strings),
-    with ModelSpec keys and lorapipe's own. The ``sshs_*`` hashes are added by ``save_kohya``."""
+    """Header metadata as kohya sd-scripts writes it for a LoRA of ``facts.family`` (all values
+    strings), with ModelSpec keys and lorapipe's own. The ``sshs_*`` hashes are added by
+    ``save_kohya``."""
     finished = facts.training_finished_at
     width, height = facts.resolution
+    family = facts.family
     metadata = {
         "ss_output_name": facts.output_name,
         "ss_network_module": "networks.lora",
         "ss_network_dim": facts.network_dim,
         "ss_network_alpha": float(facts.network_alpha),
-        "ss_base_model_version": "sd_v1",
-        "ss_v2": False,
+        "ss_base_model_version": family.base_model_version,
+        "ss_v2": family == SD2,
         "ss_steps": facts.steps,
         "ss_epoch": facts.epoch,
         "ss_learning_rate": facts.learning_rate,
@@ -479,8 +529,8 @@ def kohya_metadata(facts: TrainingFacts) -> dict[str, str]:
         "ss_training_started_at": facts.training_started_at,
         "ss_training_finished_at": finished,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": f"{family.modelspec_architecture}/lora",
+        "modelspec.implementation": modelspec_implementation(family),
         "modelspec.title": facts.output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.prediction_type": "epsilon",
@@ -525,9 +575,17 @@ def save_diffusers(
     return _write_safetensors(Path(path), state_dict, {**(extra_metadata or {}), **metadata})
 
 
-def save_kohya(path: str | os.PathLike, modules: LoraModules, metadata: Mapping[str, str]) -> Path:
-    """Write ``modules`` as a kohya safetensors file with ``metadata`` plus kohya's hashes."""
-    state_dict = modules_to_kohya(modules)
+def save_kohya(
+    path: str | os.PathLike,
+    modules: LoraModules,
+    metadata: Mapping[str, str],
+    *,
+    family: ModelFamily = SD1,
+    unet_config: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``modules`` as a kohya safetensors file under ``family``'s names, with ``metadata``
+    plus kohya's hashes."""
+    state_dict = modules_to_kohya(modules, family=family, unet_config=unet_config)
     model_hash, legacy_hash = kohya_hashes(state_dict, metadata)
     header = {**metadata, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}
     return _write_safetensors(Path(path), state_dict, header)
@@ -565,8 +623,18 @@ def load_lora_state_dict(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, s
             raise LoraFormatError(
                 f"'{uri}' is a damaged safetensors file ({error}); export it again"
             ) from error
-    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    return state_dict, metadata, detect_format(state_dict, f"'{uri}'")
+    return state_dict, _header_metadata(header), detect_format(state_dict, f"'{uri}'")
+
+
+def load_lora_header(uri: str) -> tuple[list[str], dict[str, str]]:
+    """(tensor names, header metadata) of a LoRA safetensors file, without reading a tensor."""
+    with store.local_file(uri) as path:
+        header = _safetensors_header(Path(path), uri)
+    return [key for key in header if key != "__metadata__"], _header_metadata(header)
+
+
+def _header_metadata(header: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
 
 
 def _safetensors_header(path: Path, uri: str) -> dict[str, Any]:
@@ -595,8 +663,25 @@ def _safetensors_header(path: Path, uri: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- pipelines
 
 
+def pipeline_family(pipeline: Any) -> ModelFamily:
+    """The family of a loaded pipeline: the one with the most text encoders the pipeline has
+    (SDXL's two), SD 2.x told from SD 1.x by its text encoder's width as
+    ``models.families`` tells them apart on disk."""
+    fitting = [
+        family
+        for family in FAMILIES
+        if all(getattr(pipeline, component, None) is not None for component in family.text_encoders)
+    ]
+    most = max(len(family.text_encoders) for family in fitting)
+    fitting = [family for family in fitting if len(family.text_encoders) == most]
+    if len(fitting) > 1:
+        width = pipeline.text_encoder.config.hidden_size
+        return SD2 if width == SD2_TEXT_WIDTH else SD1
+    return fitting[0]
+
+
 def pipeline_module_names(pipeline: StableDiffusionPipeline) -> list[str]:
-    """Every layer a LoRA can adapt, as "unet.<path>" / "text_encoder.<path>"."""
+    """Every layer a LoRA can adapt, as "unet.<path>" / "text_encoder.<path>" / ..."""
     return [name for name, _ in _adaptable_layers(pipeline)]
 
 
@@ -604,20 +689,21 @@ def check_against_pipeline(modules: LoraModules, pipeline: StableDiffusionPipeli
     """Raise LoraFormatError naming the first key whose module the pipeline lacks or whose
     shapes do not fit that module."""
     layers = dict(_adaptable_layers(pipeline))
+    label = pipeline_family(pipeline).label
     for name, module in sorted(modules.items()):
         layer = layers.get(name)
         key = module.source_key or name
         if layer is None:
             raise LoraFormatError(
                 f"LoRA key '{key}' targets '{name}', which the base model does not have; "
-                "the LoRA was made for another model architecture"
+                f"the LoRA was made for another architecture than this {label} model"
             )
         expected_down, expected_up = _expected_shapes(layer, module.rank)
         if tuple(module.down.shape) != expected_down or tuple(module.up.shape) != expected_up:
             raise LoraFormatError(
                 f"LoRA key '{key}' has shapes {list(module.down.shape)}/{list(module.up.shape)} "
                 f"but '{name}' needs {list(expected_down)}/{list(expected_up)}; "
-                "the LoRA was made for another base model size"
+                f"the LoRA was made for another base model size or family than this {label} one"
             )
 
 
@@ -625,10 +711,18 @@ def load_into_pipeline(
     pipeline: StableDiffusionPipeline, uri: str, *, adapter_name: str
 ) -> LoraModules:
     """Load a LoRA file in either format (local or s3://) into ``pipeline`` as ``adapter_name``,
-    with its trained alpha, after checking it against the pipeline."""
+    with its trained alpha, after checking it against the pipeline: its family, then every
+    module's name and shapes."""
     state_dict, metadata, lora_format = load_lora_state_dict(uri)
+    family = pipeline_family(pipeline)
+    check_family(state_dict, metadata, family, f"LoRA '{uri}'")
     modules = modules_from_state_dict(
-        state_dict, metadata, lora_format, module_names=pipeline_module_names(pipeline)
+        state_dict,
+        metadata,
+        lora_format,
+        family=family,
+        module_names=pipeline_module_names(pipeline),
+        unet_config=pipeline.unet.config,
     )
     check_against_pipeline(modules, pipeline)
     with tempfile.TemporaryDirectory(prefix="lorapipe-lora-") as directory:
@@ -646,7 +740,7 @@ def _adaptable_layers(pipeline: StableDiffusionPipeline) -> list[tuple[str, Any]
     import torch
 
     layers = []
-    for component in KOHYA_PREFIXES:
+    for component in COMPONENTS:
         model = getattr(pipeline, component, None)
         if model is None:
             continue
@@ -655,7 +749,7 @@ def _adaptable_layers(pipeline: StableDiffusionPipeline) -> list[tuple[str, Any]
                 continue
             layer = getattr(layer, "base_layer", layer)
             if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
-                layers.append((_neutral_name(component, path), layer))
+                layers.append((neutral_name(component, path), layer))
     return layers
 
 

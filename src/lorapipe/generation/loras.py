@@ -1,15 +1,20 @@
 """The LoRAs of a generate job: located (a file or select's output), named as prompts tag them,
-and hashed as WebUI hashes them; and the base model's short hash."""
+hashed as WebUI hashes them and checked against the base model's family; and the base model's
+short hash."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lorapipe import lora_format, store
 from lorapipe.errors import ModelError
 from lorapipe.models import single_file_sha256
+
+if TYPE_CHECKING:
+    from lorapipe.models import ModelFamily
 
 HASH_CHUNK = 1 << 20
 
@@ -67,6 +72,14 @@ def resolve_lora(name: str, uri: str, *, adapter: str) -> LoraSource:
         webui_hash=webui_lora_hash(hash_file),
         adapter=adapter,
     )
+
+
+def check_lora_family(lora: LoraSource, family: ModelFamily) -> None:
+    """A LoRA made for another family than the base model's (an SD 1.x LoRA on SDXL, or the
+    reverse) fails in one line naming both, from the file's header alone, before the model
+    loads."""
+    keys, metadata = lora_format.load_lora_header(lora.weights_uri)
+    lora_format.check_family(keys, metadata, family, f"LoRA '{lora.name}' ({lora.weights_uri})")
 
 
 def basename(uri: str) -> str:

@@ -43,6 +43,10 @@ class ModelFamily:
     # text encoders whose last layer never reaches the UNet (SDXL's first: only its penultimate
     # hidden states are read); a LoRA there would never train
     unused_last_layer: tuple[str, ...] = ()
+    # kohya names this family's UNet modules by the original LDM paths (input_blocks_4_1_...)
+    # rather than diffusers' (down_blocks_1_attentions_0_...); ModelSpec then calls the LoRA's
+    # implementation Stability AI's generative-models
+    kohya_ldm_unet_names: bool = False
 
 
 SD1 = ModelFamily(
@@ -86,6 +90,7 @@ SDXL = ModelFamily(
     penultimate_hidden_states=True,
     has_safety_checker=False,
     unused_last_layer=("text_encoder",),
+    kohya_ldm_unet_names=True,
 )
 FAMILIES = (SD1, SD2, SDXL)
 

@@ -65,6 +65,7 @@ from lorapipe.generation.infotext import ParameterContext
 from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
 from lorapipe.generation.loras import (
     basename,
+    check_lora_family,
     locate_lora,
     model_short_hash,
     parse_lora_flag,
@@ -405,11 +406,14 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         for index, (name, uri) in enumerate(config.loras.items())
     ]
 
-    # 2. the pipeline: base model with the LoRAs as adapters; the size defaults to its native one
+    # 2. the pipeline: base model with the LoRAs (made for its family) as adapters; the size
+    # defaults to its native one
     device, dtype = device_and_dtype(config.device, config.dtype)
     model_dir = models.resolve_model_dir(base_model_uri, config_dir=config.base_model_config)
     family = models.model_family(str(model_dir))
     check_clip_skip(family, config.clip_skip)  # before the model loads
+    for lora in loras:
+        check_lora_family(lora, family)
     pipe = load_pipeline(str(model_dir), loras, family=family, device=device, dtype=dtype)
     config = with_sizes_resolved(config, pipe.unet.config.sample_size * pipe.vae_scale_factor)
     job_lints += count_prompt_tokens([getattr(pipe, name) for name in family.tokenizers], prompts)

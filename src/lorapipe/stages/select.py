@@ -14,8 +14,9 @@ ignored and listed in the report.
 Output (a directory, local or s3://):
 
 - ``pytorch_lora_weights.safetensors``: diffusers/PEFT format for ``pipe.load_lora_weights``
-- ``<output_name>.safetensors``: kohya format with kohya's metadata, for A1111 WebUI's
-  ``models/Lora`` (prompt ``<lora:output_name:0.7>``) and ComfyUI's ``models/loras``
+- ``<output_name>.safetensors``: kohya format with kohya's key names and metadata for the base
+  model's family (``model_family`` in ``training_report.json``, SD 1.x when absent), for A1111
+  WebUI's ``models/Lora`` (prompt ``<lora:output_name:0.7>``) and ComfyUI's ``models/loras``
 - ``selection.json``: the rule, every checkpoint's losses, the choice and why
 - ``loss_curve.png``: training EMA and validation loss per timestep against step, choice marked
 - ``metrics.json``: ``{"metrics": [...]}`` as the KFP v1 UI reads it, plus ``"values"``, a flat
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lorapipe import config as config_options
-from lorapipe import lora_format, store
+from lorapipe import kohya_names, lora_format, store
 from lorapipe.charts import draw_loss_curve
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
@@ -51,7 +52,8 @@ from lorapipe.checkpoint_layout import (
     read_losses,
 )
 from lorapipe.config import Where, option
-from lorapipe.errors import ConfigError, InputError, LoraFormatError
+from lorapipe.errors import ConfigError, InputError, LoraFormatError, ModelError, StorageError
+from lorapipe.models.families import SD1, ModelFamily, family_named
 from lorapipe.selection_rule import (
     DEFAULT_EPSILON,
     METRICS,
@@ -158,7 +160,11 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
             {f"lorapipe.{key}": str(value) for key, value in lorapipe_metadata.items()},
         )
         lora_format.save_kohya(
-            staging / report["files"]["kohya"], modules, lora_format.kohya_metadata(facts)
+            staging / report["files"]["kohya"],
+            modules,
+            lora_format.kohya_metadata(facts),
+            family=facts.family,
+            unet_config=_base_unet_config(training_report, facts.family),
         )
         draw_loss_curve(losses, selection, staging / report["files"]["loss_curve"])
         _write_json(
@@ -224,6 +230,42 @@ def _read_training_report(training_output_uri: str) -> dict[str, Any]:
     return read_json(uri)
 
 
+def _model_family(training_report: Mapping[str, Any]) -> ModelFamily:
+    """The base model's family as train reports it (``model_family``; SD 1.x when absent)."""
+    name = training_report.get("model_family", SD1.name)
+    try:
+        return family_named(str(name))
+    except ModelError as error:
+        raise InputError(
+            f"{TRAINING_REPORT_NAME}: model_family '{name}' is not one lorapipe exports "
+            "(sd1, sd2, sdxl); fix the report or retrain"
+        ) from error
+
+
+def _base_unet_config(
+    training_report: Mapping[str, Any], family: ModelFamily
+) -> dict[str, Any] | None:
+    """The base model's ``unet/config.json`` where the family's kohya names number the UNet's
+    blocks by its layout (SDXL); None where they do not, or where the base model cannot be read
+    from here (then SDXL base's layout numbers them, as it does every SDXL fine-tune)."""
+    base_model = training_report.get("base_model")
+    if not kohya_names.numbers_unet_blocks(family) or not base_model:
+        return None
+    uri = store.join(str(base_model), "unet", "config.json")
+    try:
+        if store.exists(uri):
+            return read_json(uri)
+        reason = "it does not exist"
+    except (StorageError, InputError) as error:
+        reason = str(error)
+    log.warning(
+        "%s is not readable here (%s); the kohya file numbers the UNet's blocks as SDXL base's",
+        uri,
+        reason,
+    )
+    return None
+
+
 # --------------------------------------------------------------------------- metadata
 
 
@@ -256,7 +298,8 @@ def training_facts(
     config = training_report.get("config") or {}
     ranks = sorted(module.rank for module in modules.values())
     alphas = sorted(module.alpha for module in modules.values())
-    trains_text_encoder = any(name.startswith("text_encoder.") for name in modules)
+    trains_text_encoder = any(name.startswith("text_encoder") for name in modules)
+    family = _model_family(training_report)
     learning_rate = config.get("learning_rate")
     dataset_name = Path(str(config.get("train_data_dir") or "dataset").rstrip("/")).name
     return lora_format.TrainingFacts(
@@ -271,7 +314,9 @@ def training_facts(
         if trains_text_encoder
         else None,
         num_train_images=training_report.get("num_train_images"),
-        resolution=_resolution(training_report.get("resolution", config.get("resolution"))),
+        resolution=_resolution(
+            training_report.get("resolution", config.get("resolution")), family.default_resolution
+        ),
         enable_bucket=bool(training_report.get("enable_bucket")),
         min_bucket_reso=training_report.get("min_bucket_reso"),
         max_bucket_reso=training_report.get("max_bucket_reso"),
@@ -282,16 +327,17 @@ def training_facts(
         training_started_at=_unix_seconds(training_report.get("started_at")),
         training_finished_at=_unix_seconds(training_report.get("finished_at")),
         base_model_name=_base_model_name(training_report.get("base_model")),
+        family=family,
         lorapipe=lorapipe_metadata,
     )
 
 
-def _resolution(value: Any) -> tuple[int, int]:
+def _resolution(value: Any, default: int) -> tuple[int, int]:
     if isinstance(value, int | float):
         return int(value), int(value)
     if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
         return int(value[0]), int(value[1])
-    return 512, 512
+    return default, default
 
 
 def _unix_seconds(iso: Any) -> float | None:
@@ -358,7 +404,7 @@ def _report(
             "alpha": facts.network_alpha,
             "scale": facts.network_alpha / facts.network_dim,
             "modules": len(modules),
-            "text_encoder": any(name.startswith("text_encoder.") for name in modules),
+            "text_encoder": any(name.startswith("text_encoder") for name in modules),
         },
         "files": {
             "diffusers": lora_format.DIFFUSERS_WEIGHT_NAME,
