@@ -31,13 +31,6 @@ POOLED_WIDTH = 32  # text_encoder_2's projection
 
 
 @pytest.fixture(scope="module")
-def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lorapipe.demo.tiny_model import build_model
-
-    return build_model(tmp_path_factory.mktemp("models") / "tiny-sdxl", preset="tiny-sdxl")
-
-
-@pytest.fixture(scope="module")
 def sdxl_pipe(tiny_sdxl_dir: Path):
     pipeline = load_base_model(str(tiny_sdxl_dir))
     pipeline.set_progress_bar_config(disable=True)
@@ -207,3 +200,26 @@ def test_an_unsized_sdxl_grid_renders_at_the_models_native_size(
     assert values["sizes"] == ["64x64"]  # unet sample_size x VAE scale (1024 for SDXL base)
     with Image.open(out / "images" / "p01_base_64x64_lora-tagged_cfg7_seed1.png") as image:
         assert image.size == (64, 64)
+
+
+def test_a_lora_at_scale_zero_leaves_both_text_encoders_as_the_base_model_has_them(
+    tiny_sdxl_dir: Path, tmp_path: Path
+) -> None:
+    from lora_fixtures import add_random_lora, save_lora
+
+    from lorapipe.generation.loras import resolve_lora
+
+    trained = load_base_model(str(tiny_sdxl_dir))
+    add_random_lora(trained, text_encoder_targets=("q_proj", "v_proj"))
+    lora_file = save_lora(trained, tmp_path / "film")
+    lora = resolve_lora("film", str(lora_file), adapter="lora_0")
+    pipe = load_pipeline(str(tiny_sdxl_dir), [lora], family=SDXL, device="cpu", dtype=torch.float32)
+    with_lora = GridRenderer(
+        pipe, family=SDXL, adapters={"film": "lora_0"}, sampler="Euler", steps=STEPS
+    )
+    base = renderer(load_base_model(str(tiny_sdxl_dir)))
+    off, on = grid(prompts=["red dog <lora:film:0>", "red dog <lora:film:1>"], seeds=[1])
+    with_lora.apply_loras(off.loras)
+    assert torch.equal(with_lora.conditioning(off)[0].embeds, base.conditioning(off)[0].embeds)
+    with_lora.apply_loras(on.loras)
+    assert not torch.equal(with_lora.conditioning(on)[0].embeds, base.conditioning(on)[0].embeds)

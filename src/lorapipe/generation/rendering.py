@@ -84,11 +84,15 @@ class GridRenderer:
             self.pipe.disable_lora()
             return
         self.pipe.enable_lora()
-        with_text_encoder = set(self.pipe.get_list_adapters().get("text_encoder", []))
+        adapters_by_component = self.pipe.get_list_adapters()
         names = [self.adapters[tag.name] for tag in loras]
         weights = [
             {"unet": tag.unet_weight}
-            | ({"text_encoder": tag.te_weight} if name in with_text_encoder else {})
+            | {
+                component: tag.te_weight
+                for component in self.family.text_encoders  # both of SDXL's
+                if name in adapters_by_component.get(component, [])
+            }
             for name, tag in zip(names, loras, strict=True)
         ]
         self.pipe.set_adapters(names, weights)
