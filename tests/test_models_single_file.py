@@ -314,13 +314,19 @@ def write_images(folder: Path, count: int = 4) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
 def test_a_single_file_base_trains_to_the_loss_of_its_directory(
-    sd_file: Path, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    family: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    single_file, model_dir = (
+        (request.getfixturevalue("sd_file"), request.getfixturevalue("tiny_model_dir"))
+        if family == "sd1"
+        else (request.getfixturevalue("sdxl_file"), request.getfixturevalue("sdxl_dir"))
+    )
     # the seed article's base_model, as written, holding the tiny model
     seed_path = tmp_path / "models" / "sd_v15" / "v1-5-pruned.safetensors"
     seed_path.parent.mkdir(parents=True)
-    seed_path.write_bytes(sd_file.read_bytes())
+    seed_path.write_bytes(single_file.read_bytes())
     monkeypatch.chdir(tmp_path)
     images = write_images(tmp_path / "data")
 
@@ -341,10 +347,10 @@ def test_a_single_file_base_trains_to_the_loss_of_its_directory(
             return [float(row["loss"]) for row in csv.DictReader(file)]
 
     from_file = train_on(
-        "./models/sd_v15/v1-5-pruned.safetensors", "file", base_model_config=str(tiny_model_dir)
+        "./models/sd_v15/v1-5-pruned.safetensors", "file", base_model_config=str(model_dir)
     )
     assert len(from_file) == 2
-    assert from_file == train_on(str(tiny_model_dir), "directory")
+    assert from_file == train_on(str(model_dir), "directory")
 
 
 def test_generated_pngs_carry_webuis_model_hash_of_the_file(
