@@ -935,3 +935,9 @@ def test_a_unet_module_the_ldm_unet_lacks_cannot_go_into_an_sdxl_kohya_file() ->
 
     with pytest.raises(LoraFormatError, match="'unet.class_embedding.linear_1' has no place"):
         lora_format.modules_to_kohya(modules, family=SDXL)
+
+
+def test_a_v_prediction_lora_says_so_in_its_modelspec() -> None:
+    assert lora_format.kohya_metadata(_facts())["modelspec.prediction_type"] == "epsilon"
+    v_prediction = lora_format.kohya_metadata(_facts(prediction_type="v_prediction"))
+    assert v_prediction["modelspec.prediction_type"] == "v"

@@ -331,6 +331,7 @@ def test_an_sdxl_run_records_its_family_and_keeps_the_vae_in_float32_under_fp16(
     )
     report = run(str(images), str(tmp_path / "out"), sdxl)
     assert report["model_family"] == "sdxl" and report["resolution"] == 64
+    assert report["prediction_type"] == "epsilon"
     accelerator = Accelerator(cpu=True)
     models = load_models(dataclasses.replace(sdxl, mixed_precision="fp16"), accelerator)
     assert models.vae.dtype == torch.float32 and models.unet.dtype == torch.float16

@@ -127,6 +127,7 @@ class TrainingFacts:
     training_finished_at: float | None = None  # unix seconds
     base_model_name: str | None = None
     family: ModelFamily = SD1  # the base model's: ss_base_model_version, modelspec.architecture
+    prediction_type: str = "epsilon"  # what the UNet was trained to predict: or "v_prediction"
     # lorapipe's own keys, written as "lorapipe.<key>"
     lorapipe: Mapping[str, Any] = field(default_factory=dict)
 
@@ -533,7 +534,7 @@ def kohya_metadata(facts: TrainingFacts) -> dict[str, str]:
         "modelspec.implementation": modelspec_implementation(family),
         "modelspec.title": facts.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if facts.prediction_type == "v_prediction" else "epsilon",
     }
     if facts.base_model_name:
         metadata["ss_sd_model_name"] = facts.base_model_name

@@ -321,6 +321,7 @@ def training_facts(
         min_bucket_reso=training_report.get("min_bucket_reso"),
         max_bucket_reso=training_report.get("max_bucket_reso"),
         bucket_no_upscale=bool(training_report.get("bucket_no_upscale")),
+        prediction_type=str(training_report.get("prediction_type") or "epsilon"),
         bucket_info=kohya_bucket_info(training_report),
         seed=config.get("seed"),
         tag_frequency={dataset_name: dict(training_report.get("tag_frequency") or {})},

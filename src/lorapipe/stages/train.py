@@ -575,6 +575,7 @@ def training_report(
         "config": config.to_dict(),
         "base_model": config.base_model,
         "model_family": models.family.name,
+        "prediction_type": models.noise_scheduler.config.prediction_type,
         "base_model_hash": _unet_weights_hash(models.model_dir),
         "num_train_images": len(data.train_examples),
         "num_val_images": len(data.val_examples),
