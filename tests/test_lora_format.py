@@ -593,25 +593,10 @@ def _meta_sdxl_unet(preset: str):
     """An SDXL preset's UNet without weights (as ``build_sdxl`` configures it)."""
     from diffusers import UNet2DConditionModel
 
-    from lorapipe.demo.tiny_model import SDXL_PRESETS
+    from lorapipe.demo.tiny_model import SDXL_PRESETS, sdxl_unet_config
 
-    spec = SDXL_PRESETS[preset]
     with torch.device("meta"):
-        return UNet2DConditionModel(
-            block_out_channels=spec.unet_channels,
-            layers_per_block=spec.unet_layers_per_block,
-            transformer_layers_per_block=spec.transformer_layers_per_block,
-            attention_head_dim=spec.attention_head_dim,
-            down_block_types=spec.down_blocks,
-            up_block_types=spec.up_blocks,
-            cross_attention_dim=sum(spec.text_hidden),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=spec.addition_time_embed_dim,
-            projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim
-            + spec.text_hidden[1],
-            norm_num_groups=spec.unet_norm_groups,
-        )
+        return UNet2DConditionModel(**sdxl_unet_config(SDXL_PRESETS[preset]))
 
 
 # kohya sd-scripts' names (library/sdxl_original_unet.py) for layers of SDXL base's UNet

@@ -202,12 +202,7 @@ def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") ->
     all: it is built under a temporary name and renamed into place.
     """
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if preset not in PRESETS:
@@ -231,18 +226,8 @@ def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") ->
             attention_head_dim=spec.unet_attention_heads,
             norm_num_groups=spec.unet_norm_groups,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=spec.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-            layers_per_block=spec.vae_layers_per_block,
-            norm_num_groups=spec.vae_norm_groups,
-            sample_size=spec.resolution,
-            scaling_factor=0.18215,
-        )
+        vae = _vae(spec.vae_channels, spec.vae_layers_per_block, spec.vae_norm_groups,
+                   spec.resolution, scaling_factor=0.18215)  # fmt: skip
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=max(len(tokenizer), spec.text_vocab_size),
@@ -277,13 +262,7 @@ def build_sd(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny") ->
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        staged = Path(tmp) / "pipeline"
-        pipeline.save_pretrained(staged, safe_serialization=True)
-        for vocabulary_file in ("vocab.json", "merges.txt"):  # for slow-tokenizer readers
-            shutil.copy(Path(tmp) / "tokenizer-src" / vocabulary_file, staged / "tokenizer")
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staged, destination)
+        _save_in_place(pipeline, Path(tmp), destination, {"tokenizer-src": "tokenizer"})
     log.info("wrote %s SD pipeline (seed %d) to %s", preset, seed, destination)
     return destination
 
@@ -364,12 +343,7 @@ def build_sdxl(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny-sd
     """Write an SDXL diffusers pipeline with random weights to ``path`` and return it (the same
     guarantees as ``build_sd``: byte-identical for a seed, complete or absent)."""
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     if preset not in SDXL_PRESETS:
@@ -399,37 +373,9 @@ def build_sdxl(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny-sd
 
         text_encoder = CLIPTextModel(text_config(0))
         text_encoder_2 = CLIPTextModelWithProjection(text_config(1))
-        pooled_width = spec.text_hidden[1]
-        unet = UNet2DConditionModel(
-            sample_size=spec.resolution // 8,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=spec.unet_channels,
-            layers_per_block=spec.unet_layers_per_block,
-            transformer_layers_per_block=spec.transformer_layers_per_block,
-            attention_head_dim=spec.attention_head_dim,
-            down_block_types=spec.down_blocks,
-            up_block_types=spec.up_blocks,
-            cross_attention_dim=sum(spec.text_hidden),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=spec.addition_time_embed_dim,
-            projection_class_embeddings_input_dim=6 * spec.addition_time_embed_dim + pooled_width,
-            norm_num_groups=spec.unet_norm_groups,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            latent_channels=4,
-            block_out_channels=spec.vae_channels,
-            down_block_types=("DownEncoderBlock2D",) * len(spec.vae_channels),
-            up_block_types=("UpDecoderBlock2D",) * len(spec.vae_channels),
-            layers_per_block=spec.vae_layers_per_block,
-            norm_num_groups=spec.vae_norm_groups,
-            sample_size=spec.resolution,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        unet = UNet2DConditionModel(**sdxl_unet_config(spec))
+        vae = _vae(spec.vae_channels, spec.vae_layers_per_block, spec.vae_norm_groups,
+                   spec.resolution, scaling_factor=0.13025)  # fmt: skip
         scheduler = EulerDiscreteScheduler(
             num_train_timesteps=1000,
             beta_start=0.00085,
@@ -447,16 +393,75 @@ def build_sdxl(path: str | os.PathLike, *, seed: int = 0, preset: str = "tiny-sd
             unet=unet,
             scheduler=scheduler,
         )
-        staged = Path(tmp) / "pipeline"
-        pipeline.save_pretrained(staged, safe_serialization=True)
-        for source, target in (("tokenizer-src", "tokenizer"), ("tokenizer-2-src", "tokenizer_2")):
-            for vocabulary_file in ("vocab.json", "merges.txt"):  # for slow-tokenizer readers
-                shutil.copy(Path(tmp) / source / vocabulary_file, staged / target)
-        if destination.exists():
-            shutil.rmtree(destination)
-        os.replace(staged, destination)
+        tokenizer_dirs = {"tokenizer-src": "tokenizer", "tokenizer-2-src": "tokenizer_2"}
+        _save_in_place(pipeline, Path(tmp), destination, tokenizer_dirs)
     log.info("wrote %s SDXL pipeline (seed %d) to %s", preset, seed, destination)
     return destination
+
+
+def sdxl_unet_config(spec: SDXLPreset) -> dict[str, Any]:
+    """``UNet2DConditionModel`` arguments of an SDXL preset: cross-attention over both text
+    encoders' widths, and the added embedding of the pooled text (the second encoder's width)
+    and the six size/crop time ids."""
+    return {
+        "sample_size": spec.resolution // 8,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": spec.unet_channels,
+        "layers_per_block": spec.unet_layers_per_block,
+        "transformer_layers_per_block": spec.transformer_layers_per_block,
+        "attention_head_dim": spec.attention_head_dim,
+        "down_block_types": spec.down_blocks,
+        "up_block_types": spec.up_blocks,
+        "cross_attention_dim": sum(spec.text_hidden),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": spec.addition_time_embed_dim,
+        "projection_class_embeddings_input_dim": 6 * spec.addition_time_embed_dim
+        + spec.text_hidden[1],
+        "norm_num_groups": spec.unet_norm_groups,
+    }
+
+
+def _vae(
+    channels: tuple[int, ...],
+    layers_per_block: int,
+    norm_groups: int,
+    resolution: int,
+    *,
+    scaling_factor: float,
+) -> Any:
+    """The KL autoencoder of SD 1.x (scaling 0.18215) and SDXL (0.13025), at the preset's
+    widths (with diffusers' default ``force_upcast``: decoded in float32 under float16)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=layers_per_block,
+        norm_num_groups=norm_groups,
+        sample_size=resolution,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _save_in_place(
+    pipeline: Any, tmp: Path, destination: Path, tokenizer_dirs: dict[str, str]
+) -> None:
+    """Save ``pipeline`` under ``tmp`` with the tokenizers' vocabulary files (for slow-tokenizer
+    readers) and rename it to ``destination``: the directory is complete or absent."""
+    staged = tmp / "pipeline"
+    pipeline.save_pretrained(staged, safe_serialization=True)
+    for source, target in tokenizer_dirs.items():
+        for vocabulary_file in ("vocab.json", "merges.txt"):
+            shutil.copy(tmp / source / vocabulary_file, staged / target)
+    if destination.exists():
+        shutil.rmtree(destination)
+    os.replace(staged, destination)
 
 
 def _byte_to_unicode() -> dict[int, str]:
