@@ -35,6 +35,27 @@ def _shapes(model_dir: Path, resolution: int) -> tuple[int, int]:
     return latent_side, tokens
 
 
+def added_conditions(
+    unet: Any, *, batch_size: int, resolution: int, generator: Any
+) -> dict[str, Any] | None:
+    """SDXL's ``added_cond_kwargs`` for a batch, sized from the UNet's config: random pooled
+    text embeddings and the time ids of an uncropped square image at ``resolution``. None for
+    a UNet without added conditioning (SD 1.x, 2.x)."""
+    import torch
+
+    if unet.config.addition_embed_type != "text_time":
+        return None
+    # the add embedding reads the pooled text and the six time ids, each projected to
+    # addition_time_embed_dim
+    time_ids_width = 6 * unet.config.addition_time_embed_dim
+    pooled_width = unet.config.projection_class_embeddings_input_dim - time_ids_width
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch_size)
+    return {
+        "text_embeds": torch.randn((batch_size, pooled_width), generator=generator),
+        "time_ids": time_ids.float(),
+    }
+
+
 def lora_unet_and_batch(
     model_dir: str | Path,
     *,
@@ -43,10 +64,10 @@ def lora_unet_and_batch(
     rank: int,
     alpha: float,
     target_modules: list[str],
-) -> tuple[Any, Any, Any, Any, Any]:
+) -> tuple[Any, Any, Any, Any, Any, dict[str, Any] | None]:
     """The model's UNet, frozen, with a LoRA adapter (only its weights train), and one random
     batch of the shapes a training step sees: (unet, latents, noise, timesteps, text
-    embeddings)."""
+    embeddings, SDXL's added conditions or None)."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
@@ -67,7 +88,10 @@ def lora_unet_and_batch(
     noise = torch.randn(shape, generator=generator)
     timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
     hidden = torch.randn((batch_size, tokens, unet.config.cross_attention_dim), generator=generator)
-    return unet, latents, noise, timesteps, hidden
+    added = added_conditions(
+        unet, batch_size=batch_size, resolution=resolution, generator=generator
+    )
+    return unet, latents, noise, timesteps, hidden, added
 
 
 def train_step_flops(
@@ -84,7 +108,7 @@ def train_step_flops(
     runs them every step, and neither is the model being trained."""
     import torch
 
-    unet, latents, noise, timesteps, hidden = lora_unet_and_batch(
+    unet, latents, noise, timesteps, hidden, added = lora_unet_and_batch(
         model_dir,
         batch_size=batch_size,
         resolution=resolution,
@@ -94,7 +118,7 @@ def train_step_flops(
     )
 
     def step() -> None:
-        prediction = unet(latents, timesteps, hidden).sample
+        prediction = unet(latents, timesteps, hidden, added_cond_kwargs=added).sample
         torch.nn.functional.mse_loss(prediction, noise).backward()
 
     return count_flops(step)

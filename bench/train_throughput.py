@@ -1,15 +1,18 @@
 """Training throughput: lorapipe (latent and caption caches on) against the per-step loop of
 diffusers' examples/text_to_image/train_text_to_image_lora.py (``baseline_diffusers_lora.py``,
-an independent re-implementation that decodes, VAE-encodes and text-encodes every batch), same
-model, images, LoRA (rank, alpha, targets, Gaussian init), learning rate, batch, resolution and
-steps.
+an independent re-implementation that decodes, VAE-encodes and text-encodes every batch), or
+for an SDXL model that of train_text_to_image_lora_sdxl.py (``baseline_diffusers_lora_sdxl.py``:
+both text encoders and the size conditioning as well), same model, images, LoRA (rank, alpha,
+targets, Gaussian init), learning rate, batch, resolution and steps.
 
-    python bench/train_throughput.py [--preset bench] [--steps 50] [--images 16] [--batch-size 4]
+    python bench/train_throughput.py [--model bench] [--steps 50] [--images 16] [--batch-size 4]
 
-The model is ``build_sd(preset="bench")`` (SD-1.5's block layout at reduced width, 256 px; its
-size is printed) unless ``--preset sd15`` asks for the full architecture (for a GPU). Each
-variant runs in its own process, so its peak memory is its own: the peak resident set size
-(``VmHWM``) on CPU, ``torch.cuda.max_memory_allocated`` on a GPU. Samples/s counts the
+The model is ``build_model(preset=NAME)`` with random weights (its size is printed): "bench"
+(the default) is SD-1.5's block layout at reduced width, 256 px, and "bench-sdxl" SDXL's;
+"sd15" and "sdxl" are the full architectures (for a GPU), "tiny"/"tiny-sdxl" the tests' ones
+(``--preset`` is the same option under its older name). Each variant runs in its own process,
+so its peak memory is its own: the peak resident set size (``VmHWM``) on CPU,
+``torch.cuda.max_memory_allocated`` on a GPU. Samples/s counts the
 training loop (lorapipe's includes writing its final checkpoint; the baseline saves nothing);
 wall time includes model loading and, for lorapipe, filling an empty latent cache (each image
 VAE-encoded once).
@@ -23,8 +26,9 @@ square in turn) in aspect-ratio buckets: its samples/s against ``lorapipe``'s is
 buckets (several tensor shapes, shorter batches for each bucket's remainder).
 
 A third variant, ``bare-unet-step``, is no trainer: the LoRA's forward, backward and AdamW step
-on one fixed batch of latents and text embeddings, nothing else. It is the most any caching
-can reach, so baseline/bare is the ceiling of the ratio on this model and machine.
+on one fixed batch of latents and text embeddings (and SDXL's pooled embeddings and time ids),
+nothing else. It is the most any caching can reach, so baseline/bare is the ceiling of the
+ratio on this model and machine.
 
 Model FLOPs per step are one UNet forward and backward on a batch (``flops.py``); achieved
 FLOP/s is that per sample times samples/s, the same for both variants, so the extra work the
@@ -41,10 +45,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from flops import human, lora_unet_and_batch, train_step_flops
+
+from lorapipe.demo.tiny_model import PRESETS, SDXL_PRESETS
 
 VARIANTS = ("lorapipe", "diffusers-script", "bare-unet-step", "lorapipe-buckets")
 # the mixed-aspect set: portrait, landscape and square photos in turn
@@ -58,7 +65,7 @@ SEED = 0
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="bench", choices=("bench", "sd15"))
+    parser.add_argument("--model", "--preset", default="bench", choices=(*PRESETS, *SDXL_PRESETS))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -75,19 +82,22 @@ def main() -> None:
 
 
 def compare(args: argparse.Namespace, workdir: Path) -> None:
-    from lorapipe.demo.tiny_model import build_sd, describe
+    from lorapipe.demo.tiny_model import build_model, describe
     from lorapipe.models import load_base_model
 
-    model = build_sd(workdir / "model", seed=0, preset=args.preset)
+    model = build_model(workdir / "model", seed=0, preset=args.model)
     pipe = load_base_model(str(model))
     sizes = describe(pipe)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     del pipe
     write_images(workdir / "images", args.images, [(320, 288)])
     write_images(workdir / "mixed", args.images, MIXED_SIZES)
+    text_encoders = " + ".join(
+        f"{sizes[name] / 1e6:.1f}M" for name in ("text_encoder", "text_encoder_2") if name in sizes
+    )
     print(
-        f"model: {args.preset} preset, UNet {sizes['unet'] / 1e6:.1f}M, VAE {sizes['vae'] / 1e6:.1f}M, "
-        f"text encoder {sizes['text_encoder'] / 1e6:.1f}M parameters; {args.images} images at "
+        f"model: {args.model} preset, UNet {sizes['unet'] / 1e6:.1f}M, VAE {sizes['vae'] / 1e6:.1f}M, "
+        f"text encoder {text_encoders} parameters; {args.images} images at "
         f"{resolution} px, batch {args.batch_size}, {args.steps} steps, LoRA rank {RANK} "
         f"alpha {ALPHA:g}, lr {LEARNING_RATE:g}, mixed precision {args.mixed_precision}"
     )
@@ -106,7 +116,7 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     results = {}
     for variant in VARIANTS:
         command = [sys.executable, __file__, "--variant", variant, "--workdir", str(workdir)]
-        command += ["--preset", args.preset, "--steps", str(args.steps)]
+        command += ["--model", args.model, "--steps", str(args.steps)]
         command += ["--images", str(args.images), "--batch-size", str(args.batch_size)]
         command += ["--mixed-precision", args.mixed_precision, "--resolution", str(resolution)]
         finished = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -176,10 +186,8 @@ def train_variant(args: argparse.Namespace) -> dict[str, object]:
     elif args.variant == "bare-unet-step":
         samples_per_second, losses = train_bare_unet_step(args)
     else:
-        from baseline_diffusers_lora import train_diffusers_lora
-
         workdir = Path(args.workdir)
-        result = train_diffusers_lora(
+        result = baseline_for(workdir / "model")(
             workdir / "model",
             workdir / "images",
             resolution=args.resolution,
@@ -204,6 +212,20 @@ def train_variant(args: argparse.Namespace) -> dict[str, object]:
         "mean_loss": sum(losses) / len(losses),
         **extra,
     }
+
+
+def baseline_for(model_dir: Path) -> Callable[..., dict[str, Any]]:
+    """The diffusers script re-implementation for the model's family: SDXL's has a loop of its
+    own (two text encoders, pooled text and size conditioning)."""
+    from lorapipe.models import model_family
+
+    if model_family(str(model_dir)).added_conditioning:
+        from baseline_diffusers_lora_sdxl import train_diffusers_lora_sdxl
+
+        return train_diffusers_lora_sdxl
+    from baseline_diffusers_lora import train_diffusers_lora
+
+    return train_diffusers_lora
 
 
 def peak_rss_mib() -> float:
@@ -262,7 +284,7 @@ def train_bare_unet_step(args: argparse.Namespace) -> tuple[float, list[float]]:
     import torch
 
     torch.manual_seed(SEED)
-    unet, latents, noise, timesteps, hidden = lora_unet_and_batch(
+    unet, latents, noise, timesteps, hidden, added = lora_unet_and_batch(
         Path(args.workdir) / "model",
         batch_size=args.batch_size,
         resolution=args.resolution,
@@ -275,7 +297,8 @@ def train_bare_unet_step(args: argparse.Namespace) -> tuple[float, list[float]]:
     losses = []
     started = time.perf_counter()
     for _ in range(args.steps):
-        loss = torch.nn.functional.mse_loss(unet(latents, timesteps, hidden).sample, noise)
+        prediction = unet(latents, timesteps, hidden, added_cond_kwargs=added).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -5,8 +5,9 @@
 (``lorapipe.demo.world_model`` trains it from these random weights); "bench" keeps SD-1.5's
 block layout at reduced width so benchmark ratios mean something on a CPU; "sd15" is the full
 SD-1.5 architecture for GPU benchmarks. ``build_sdxl`` does the same for SDXL: "tiny-sdxl"
-(two text encoders, the added size conditioning, CPU-fast) for tests and "sdxl", SDXL base's
-full architecture, for GPU benchmarks. ``build_model`` takes any preset name. They are ordinary
+(two text encoders, the added size conditioning, CPU-fast) for tests, "bench-sdxl" (SDXL's
+block layout at reduced width) for CPU benchmarks and "sdxl", SDXL base's full architecture,
+for GPU benchmarks. ``build_model`` takes any preset name. They are ordinary
 diffusers directories: they load through ``lorapipe.models`` and nothing in lorapipe
 special-cases them.
 """
@@ -311,6 +312,27 @@ SDXL_PRESETS: dict[str, SDXLPreset] = {
         resolution=64,
         unet_norm_groups=16,
     ),
+    # SDXL's block layout, attention-free first level and deeper transformers further down at
+    # reduced width (64-channel heads as in SDXL), 256 px, so benchmark ratios mean something
+    # on a CPU
+    "bench-sdxl": SDXLPreset(
+        unet_channels=(64, 128, 256),
+        unet_layers_per_block=2,
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(1, 2, 4),
+        down_blocks=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_blocks=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        addition_time_embed_dim=64,
+        vae_channels=(32, 64, 128, 128),
+        vae_layers_per_block=2,
+        vae_norm_groups=32,
+        text_hidden=(256, 384),
+        text_layers=(4, 6),
+        text_heads=(4, 6),
+        text_intermediate=(1024, 1536),
+        text_vocab_size=0,
+        resolution=256,
+    ),
     "sdxl": SDXLPreset(
         unet_channels=(320, 640, 1280),
         unet_layers_per_block=2,
@@ -527,7 +549,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted({*PRESETS, *SDXL_PRESETS}),
         default="tiny",
-        help="architecture: SD 1.x tiny, world, bench, sd15; SDXL tiny-sdxl, sdxl (default tiny)",
+        help="architecture: SD 1.x tiny, world, bench, sd15; SDXL tiny-sdxl, bench-sdxl, sdxl "
+        "(default tiny)",
     )
 
 
