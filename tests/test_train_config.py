@@ -110,6 +110,8 @@ def test_a_wrong_type_names_the_key_line_and_expected_type(tmp_path: Path) -> No
         ("resolution", "100", "multiple of 8"),
         ("max_timestep", "0", "must be above min_timestep"),
         ("checkpoint_mirror", "/tmp/x", "s3:// prefix"),
+        ("bucket_reso_steps", "60", "must be a multiple of 8"),
+        ("min_bucket_reso", "4", "must be at least 8"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_flag(
