@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lorapipe import store
+from lorapipe.store import MANIFEST_NAME
 from lorapipe.dataset import (
     INFO_NAME,
     SCHEMA,
@@ -218,6 +219,19 @@ def test_a_newer_schema_version_asks_for_an_upgrade(tmp_path: Path) -> None:
         list(read_records(uri))
 
 
+@pytest.mark.parametrize(
+    "path", ["../other/part-00000.parquet", "/etc/passwd", "s3://elsewhere/p.parquet", "a//b", ""]
+)
+def test_a_shard_path_that_leaves_the_dataset_is_refused(tmp_path: Path, path: str) -> None:
+    uri = str(tmp_path / "ds")
+    write_dataset(uri, [make_record(1)])
+    info_path = tmp_path / "ds" / INFO_NAME
+    info = json.loads(info_path.read_text())
+    info_path.write_text(json.dumps({**info, "shards": [{"path": path, "rows": 1}]}))
+    with pytest.raises(DatasetError, match=r"shard path .* leaves the dataset's folder"):
+        count_rows(uri)
+
+
 def test_an_exception_inside_with_publishes_nothing(tmp_path: Path) -> None:
     older = [make_record(i) for i in range(3)]
     kept, fresh = str(tmp_path / "kept"), str(tmp_path / "fresh")
@@ -243,7 +257,11 @@ def test_close_replaces_an_older_dataset(tmp_path: Path) -> None:
     write_dataset(uri, [make_record(42)], rows_per_shard=4)
 
     assert [r.id for r in read_records(uri)] == [f"{42:016x}"]
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [INFO_NAME, "part-00000.parquet"]
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [
+        MANIFEST_NAME,
+        INFO_NAME,
+        "part-00000.parquet",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
@@ -273,6 +291,7 @@ def test_s3_round_trip(s3_bucket: str) -> None:
 
     write_dataset(uri, records[:3], rows_per_shard=8)
     assert list(read_records(uri)) == records[:3]
+    version = store.resolve(uri)  # on S3 the files are under the version the pointer names
     assert [u for u in store.list_uris(uri) if u.endswith(".parquet")] == [
-        f"{uri}/part-00000.parquet"
+        f"{version}/part-00000.parquet"
     ]

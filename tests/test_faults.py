@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import random
@@ -16,18 +17,21 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fault_proxy import CuttingProxy
 from PIL import Image
 from safetensors.torch import load_file
 from test_train import flags, write_folder
 
 from lorapipe import checkpoint_layout as layout
-from lorapipe import store
-from lorapipe.dataset import DatasetWriter, ImageRecord, read_info
+from lorapipe import outputs, store
+from lorapipe.dataset import DatasetWriter, ImageRecord, read_info, read_records
+from lorapipe.errors import LorapipeError
 from lorapipe.stages import augment, ingest, select
 from lorapipe.stages.select import publish
 from lorapipe.stages.train import run
@@ -311,6 +315,202 @@ def test_training_reads_the_dataset_streaming_not_all_at_once(
         f"\ntraining peak RSS: 40 images {peaks[40] / 1e3:.0f} MB, 400 images {peaks[400] / 1e3:.0f} MB"
     )
     assert growth < extra_decoded_kb / 4
+
+
+# --------------------------------------------------------------------------- interrupted publishes
+
+CUT_POINTS = 12  # interruption points tried per output kind on S3
+LOCAL_KILLS = 5  # SIGKILLs of a local ingest over an existing dataset, at random moments
+
+
+@pytest.fixture
+def cut_line(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[CuttingProxy]:
+    """Every S3 request of this test goes through a proxy that can cut the line; a cut
+    request is tried twice, not eight times, so each interrupted publish fails in seconds."""
+    proxy = CuttingProxy(s3_server)
+    monkeypatch.setenv("LORAPIPE_S3_ENDPOINT", proxy.url)
+    monkeypatch.setenv("LORAPIPE_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setattr(store, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part
+    yield proxy
+    proxy.close()
+
+
+def noise_records(generation: int, count: int, size: int) -> list[ImageRecord]:
+    """``count`` records of incompressible pixels, different for every ``generation``."""
+    rng = np.random.default_rng(generation)
+    records = []
+    for index in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG", compress_level=0)
+        digest = hashlib.sha256(pixels.tobytes()).hexdigest()
+        records.append(
+            ImageRecord(
+                id=digest[:16], image=buffer.getvalue(), format="png", width=size, height=size,
+                sha256=digest, caption=f"generation {generation} image {index}",
+            )
+        )  # fmt: skip
+    return records
+
+
+def publish_dataset(uri: str, generation: int) -> None:
+    """A dataset of three shards, the last above the multipart threshold."""
+    with DatasetWriter(uri, rows_per_shard=2) as writer:
+        for record in dataset_records(generation):
+            writer.write(record)
+
+
+def dataset_records(generation: int) -> list[ImageRecord]:
+    large = dataclasses.replace(LARGE_RECORD, caption=f"generation {generation} large image")
+    return [*noise_records(generation, 4, 64), large]
+
+
+LARGE_RECORD = noise_records(1000, 1, 1400)[0]  # 5.9 MB of PNG
+
+
+def dataset_version(uri: str) -> tuple[str, ...]:
+    """The captions of the one whole dataset readable at ``uri``: every file its manifest
+    lists is there with that sha256, and every shard has the rows ``_dataset.json`` says."""
+    with store.local_dir(uri) as local:
+        return tuple(record.caption for record in read_records(str(local), columns=["caption"]))
+
+
+def expected_dataset(generation: int) -> tuple[str, ...]:
+    return tuple(record.caption for record in dataset_records(generation))
+
+
+GENERATE_KIND = outputs.OutputKind("a generate output", ("report.json", "index.parquet"))
+
+
+def publish_generate_output(uri: str, generation: int) -> None:
+    """Like generate's output: images, an index and the report."""
+    with outputs.staged_output(uri, GENERATE_KIND) as staging:
+        (staging / "images").mkdir()
+        for index, record in enumerate(noise_records(generation, 12, 48)):
+            (staging / "images" / f"{index:05d}.png").write_bytes(record.image)
+        (staging / "index.parquet").write_text(f"generation {generation}")
+        (staging / "report.json").write_text(json.dumps({"generation": generation}))
+
+
+def generate_version(uri: str) -> tuple[str, ...]:
+    """The report's generation and every image's sha256, of the one whole output at ``uri``."""
+    with store.local_dir(uri) as local:
+        report = json.loads((local / "report.json").read_text())
+        images = sorted((local / "images").iterdir())
+        return (report["generation"], *(hashlib.sha256(p.read_bytes()).hexdigest() for p in images))
+
+
+def expected_generate_output(generation: int) -> tuple[str, ...]:
+    images = [hashlib.sha256(r.image).hexdigest() for r in noise_records(generation, 12, 48)]
+    return (generation, *images)
+
+
+def cut_points(request_starts: list[int], total: int) -> list[int]:
+    """The middle of CUT_POINTS of a publish's requests: spread over all of them, and every
+    one of the last five (the pointer's PUT and the clean-up after it)."""
+    ends = [*request_starts[1:], total]
+    middles = [(start + end) // 2 for start, end in zip(request_starts, ends, strict=True)]
+    spread = np.linspace(0, len(middles) - 1, CUT_POINTS - 5).round().astype(int)
+    chosen = sorted({*spread.tolist(), *range(max(0, len(middles) - 5), len(middles))})
+    return [middles[index] for index in chosen]
+
+
+@pytest.mark.parametrize(
+    ("publish", "read", "expected"),
+    [
+        (publish_dataset, dataset_version, expected_dataset),
+        (publish_generate_output, generate_version, expected_generate_output),
+    ],
+    ids=["dataset", "generate-output"],
+)
+def test_a_publish_cut_at_any_point_leaves_the_old_version_or_the_new_one_whole(
+    cut_line: CuttingProxy,
+    s3_bucket: str,
+    publish,
+    read,
+    expected,  # noqa: ANN001
+) -> None:
+    """The endpoint dies in the middle of one request of a publish over an existing S3
+    output, for requests spread over the whole publish (uploads, the pointer, the clean-up);
+    after it comes back exactly one whole version is readable, and the next publish leaves
+    exactly its own files (no old version, orphan or multipart upload)."""
+    uri = f"{s3_bucket}/output"
+    publish(uri, 0)
+    cut_line.restore()
+    publish(uri, 1)
+    points = cut_points(cut_line.request_starts, cut_line.sent)
+    current = expected(1)
+    outcomes = {"old": 0, "new": 0}
+    for generation, point in enumerate(points, start=2):
+        cut_line.cut_after(point)
+        with pytest.raises(LorapipeError):
+            publish(uri, generation)
+        assert cut_line.was_cut
+        cut_line.restore()
+        seen = read(uri)
+        assert seen in (current, expected(generation)), f"cut at byte {point}: a mixed output"
+        outcomes["old" if seen == current else "new"] += 1
+        current = seen
+
+    publish(uri, 99)
+    assert read(uri) == expected(99)
+    manifest = store.read_manifest(uri)
+    root = store.resolve(uri)
+    assert set(store.list_uris(uri)) == {store.join(uri, store.MANIFEST_NAME)} | {
+        store.join(root, name) for name in manifest["files"]
+    }
+    bucket, key = store.split_s3(uri)
+    uploads = store.client().list_multipart_uploads(Bucket=bucket, Prefix=key + "/")
+    assert not uploads.get("Uploads")
+    assert outcomes["old"] and outcomes["new"]  # cuts before and after the pointer moved
+    requests = len(cut_line.request_starts)
+    print(f"\n{len(points)} cuts of a {requests}-request publish: {outcomes}, never mixed")
+
+
+def ingest_command(folder: Path, dataset: Path) -> list[str]:
+    cli = [sys.executable, "-m", "lorapipe.cli", "ingest"]
+    return [*cli, str(folder), "--out", str(dataset), "--min_size", "1"]
+
+
+def test_a_local_publish_killed_at_any_moment_leaves_one_whole_dataset(
+    images: Path, tmp_path: Path
+) -> None:
+    """``lorapipe ingest`` over an existing local dataset, SIGKILLed at random moments of its
+    run, alternating between two inputs: the dataset is always one of the two, whole (every
+    file as its manifest lists it), and no staging folder outlives the next publish."""
+    fewer = tmp_path / "changed"
+    shutil.copytree(images, fewer)
+    first = next(p for p in sorted(fewer.iterdir()) if p.suffix == ".png")
+    Image.open(first).transpose(Image.Transpose.ROTATE_90).save(first)
+    dataset = tmp_path / "dataset"
+    versions, started = {}, time.monotonic()
+    for folder in (fewer, images):
+        subprocess.run(ingest_command(folder, dataset), check=True, capture_output=True)
+        versions[folder] = tuple(r.sha256 for r in read_records(str(dataset)))
+    duration = (time.monotonic() - started) / 2
+    rng = random.Random(0)
+    outcomes = {"old": 0, "new": 0}
+    current = versions[images]
+    for kill in range(LOCAL_KILLS):
+        folder = fewer if kill % 2 == 0 else images
+        process = subprocess.Popen(
+            ingest_command(folder, dataset),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.5, 1.5) * duration)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        seen = tuple(r.sha256 for r in read_records(str(dataset)))
+        assert seen in (current, versions[folder])
+        assert json.loads((dataset / store.MANIFEST_NAME).read_text()) == store.manifest_for(
+            dataset
+        )
+        outcomes["old" if seen == current else "new"] += 1
+        current = seen
+    subprocess.run(ingest_command(images, dataset), check=True, capture_output=True)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".dataset")) == []
+    print(f"\n{LOCAL_KILLS} kills of a local ingest: {outcomes}, always one whole dataset")
 
 
 # --------------------------------------------------------------------------- determinism

@@ -6,9 +6,10 @@ A dataset is a directory, local or ``s3://``, of Parquet shards plus ``_dataset.
     part-00001.parquet
     _dataset.json           {"schema_version": 1, "rows": 70, "shards": [{"path": ..., "rows": ...}]}
 
-``_dataset.json`` is written last, so a directory without it is not (yet) a dataset. Stages
-may put their own files (``report.json``, ``metadata.csv``) next to the shards; readers only
-open the shards that ``_dataset.json`` lists.
+A dataset is published whole (:mod:`lorapipe.outputs`): on S3 its files live under a version
+prefix that ``_MANIFEST.json`` points at, and readers follow the pointer. Stages may put their
+own files (``report.json``, ``metadata.csv``) next to the shards; readers only open the shards
+that ``_dataset.json`` lists, and only inside the dataset's folder.
 
 The schema version is stored twice: in ``_dataset.json`` and in every shard's Parquet
 metadata (key ``lorapipe.schema_version``), so a shard copied out of its dataset still says
@@ -22,25 +23,23 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import TracebackType
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lorapipe import __version__, store
+from lorapipe import __version__, outputs, store
 from lorapipe.errors import DatasetError, ObjectNotFoundError
 
 SCHEMA_VERSION = 1
 SCHEMA_VERSION_KEY = "lorapipe.schema_version"
 INFO_NAME = "_dataset.json"
 SHARD_NAME = "part-{index:05d}.parquet"
-# only an older dataset (or nothing) is replaced; on S3 _dataset.json is swapped last
-OUTPUT_KIND = store.OutputKind(
+# only an older dataset (or nothing) is replaced
+OUTPUT_KIND = outputs.OutputKind(
     name="a lorapipe dataset",
     markers=(INFO_NAME,),
     error=DatasetError,
@@ -48,7 +47,6 @@ OUTPUT_KIND = store.OutputKind(
         "'{uri}' exists and is not a lorapipe dataset; write the dataset to a new or "
         "empty folder (lorapipe only replaces an older dataset)"
     ),
-    written_last=INFO_NAME,
 )
 
 SCHEMA = pa.schema(
@@ -103,6 +101,7 @@ class DatasetInfo:
     schema_version: int
     rows: int
     shards: dict[str, int]  # shard file name -> rows, in reading order
+    root: str = ""  # where the shards are read from (the current version's prefix on S3)
 
     def to_json(self) -> str:
         shards = [{"path": name, "rows": rows} for name, rows in self.shards.items()]
@@ -136,7 +135,8 @@ class DatasetWriter:
         self.uri = uri
         self.rows_per_shard = rows_per_shard
         self.row_group_rows = row_group_rows
-        self._staging_dir = store.make_staging_dir(uri, OUTPUT_KIND)
+        self._output = outputs.OutputStaging(uri, OUTPUT_KIND)
+        self._staging_dir = self._output.path
         self._buffer: list[ImageRecord] = []
         self._shard: pq.ParquetWriter | None = None
         self._shard_name = ""
@@ -159,6 +159,16 @@ class DatasetWriter:
         if len(self._buffer) >= self.row_group_rows or rows_pending >= self.rows_per_shard:
             self._flush_row_group()
 
+    def extra_file(self, name: str) -> Path:
+        """Where to write a file that is published with the dataset, in the same step (a
+        stage's ``report.json``, ``metadata.csv``): never written into the output after it."""
+        if "/" in name or name in (INFO_NAME, store.MANIFEST_NAME) or name.startswith("part-"):
+            raise ValueError(f"{name!r} is not a name for a file beside the shards")
+        return self._staging_dir / name
+
+    def write_extra(self, name: str, text: str) -> None:
+        self.extra_file(name).write_text(text, encoding="utf-8")
+
     def close(self) -> int:
         """Finish the last shard, publish the dataset at ``uri`` and return its row count."""
         if self._closed:
@@ -170,7 +180,8 @@ class DatasetWriter:
                 self._open_shard()  # an empty dataset still has one shard carrying the schema
             self._finish_shard()
             info = DatasetInfo(SCHEMA_VERSION, self._rows, dict(self._shards))
-            _publish(self._staging_dir, self.uri, info)
+            (self._staging_dir / INFO_NAME).write_text(info.to_json(), encoding="utf-8")
+            self._output.publish()
         finally:
             self._discard_staging()
         return self._rows
@@ -229,21 +240,17 @@ class DatasetWriter:
             self._shard.close()
             self._shard = None
         self._buffer.clear()
-        shutil.rmtree(self._staging_dir, ignore_errors=True)
-
-
-def _publish(staging_dir: Path, uri: str, info: DatasetInfo) -> None:
-    """``_dataset.json`` goes in last: a directory without it is not (yet) a dataset."""
-    (staging_dir / INFO_NAME).write_text(info.to_json(), encoding="utf-8")
-    store.publish_dir(staging_dir, uri, OUTPUT_KIND)
+        self._output.discard()
 
 
 # --------------------------------------------------------------------------- reading
 
 
 def read_info(uri: str) -> DatasetInfo:
-    """The dataset's ``_dataset.json``, checked: a DatasetError if missing, broken or newer."""
-    info_uri = store.join(uri, INFO_NAME)
+    """The dataset's ``_dataset.json``, checked: a DatasetError if missing, broken or newer,
+    or if it lists a shard outside the dataset's folder."""
+    root = store.resolve(uri)
+    info_uri = store.join(root, INFO_NAME)
     try:
         text = store.read_text(info_uri)
     except ObjectNotFoundError:
@@ -256,12 +263,31 @@ def read_info(uri: str) -> DatasetInfo:
         version = document["schema_version"]
         _check_version(version, info_uri)
         shards = {entry["path"]: int(entry["rows"]) for entry in document["shards"]}
-        return DatasetInfo(version, int(document["rows"]), shards)
+        info = DatasetInfo(version, int(document["rows"]), shards, root)
     except (ValueError, KeyError, TypeError) as error:
         raise DatasetError(
             f"{info_uri}: not a valid dataset description ({error!r}); write the dataset "
             "again with lorapipe"
         ) from None
+    for name in info.shards:
+        _check_shard_path(name, info_uri)
+    return info
+
+
+def _check_shard_path(name: str, info_uri: str) -> None:
+    """A shard path is a file inside the dataset's folder: relative, no ``..``, no scheme, so
+    an edited or hostile ``_dataset.json`` cannot make a stage read someone else's files."""
+    parts = name.split("/")
+    if ":" in name or "\\" in name or any(part in ("", ".", "..") for part in parts):
+        raise DatasetError(
+            f"{info_uri}: shard path {name!r} leaves the dataset's folder; a dataset lists "
+            "only its own shards (e.g. part-00000.parquet), write it again with lorapipe"
+        )
+
+
+def is_dataset(uri: str) -> bool:
+    """Whether ``uri`` holds a lorapipe dataset (rather than, say, a folder of images)."""
+    return store.exists(store.join(store.resolve(uri), INFO_NAME))
 
 
 def count_rows(uri: str) -> int:
@@ -312,7 +338,7 @@ def _stream(
     uri: str, info: DatasetInfo, columns: list[str], batch_rows: int
 ) -> Iterator[ImageRecord]:
     for name, expected_rows in info.shards.items():
-        shard_uri = store.join(uri, name)
+        shard_uri = store.join(info.root, name)
         with store.local_file(shard_uri) as path, pq.ParquetFile(path) as shard:
             _check_shard(shard, shard_uri, expected_rows)
             for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):

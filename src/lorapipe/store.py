@@ -10,9 +10,10 @@ live on a laptop disk, in MinIO inside the cluster or on AWS S3 without the stag
   or absent (a failed multipart upload is aborted by boto3's transfer manager).
 - A "directory" written with :func:`put_dir` gets ``_MANIFEST.json`` LAST, listing every file
   with size and sha256, so readers can tell a complete directory from a partial one.
-- A stage's output directory is published whole with :func:`staged_output` (or
-  :func:`make_staging_dir` + :func:`publish_dir`): readers never see a half-written output, and
-  only an older output of the same :class:`OutputKind` is ever replaced.
+- A manifest may also be a *pointer*: with a ``version`` key its files live under
+  ``<dir>/<version>/`` (how :mod:`lorapipe.outputs` publishes on S3, where a set of objects
+  cannot be swapped at once). :func:`resolve` and :func:`get_dir` follow it; readers of a
+  stage's output start there.
 - Errors are one line, typed, and never contain credentials.
 """
 
@@ -27,26 +28,26 @@ import shutil
 import stat
 import tempfile
 import threading
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lorapipe.errors import (
     AccessDeniedError,
     BucketNotFoundError,
     EndpointUnreachableError,
-    LorapipeError,
     ObjectNotFoundError,
     StorageError,
 )
 
 MANIFEST_NAME = "_MANIFEST.json"
+VERSION_KEY = "version"  # in a manifest: the files are under <dir>/<version>/
 SHA256_METADATA_KEY = "lorapipe-sha256"
 MULTIPART_THRESHOLD = int(os.environ.get("LORAPIPE_S3_MULTIPART_THRESHOLD", 8 * 1024 * 1024))
 HASH_CHUNK = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def client() -> Any:
     with _clients_lock:
         if key not in _clients:
             config = Config(
-                retries={"mode": "standard", "total_max_attempts": 8},
+                retries={"mode": "standard", "total_max_attempts": _max_attempts()},
                 connect_timeout=float(os.environ.get("LORAPIPE_S3_CONNECT_TIMEOUT", 5)),
                 read_timeout=float(os.environ.get("LORAPIPE_S3_READ_TIMEOUT", 60)),
                 s3={"addressing_style": "path" if endpoint_url() else "auto"},
@@ -114,6 +115,17 @@ def client() -> Any:
         return _clients[key]
 
 
+def _max_attempts() -> int:
+    """Attempts per S3 request (``LORAPIPE_S3_MAX_ATTEMPTS``, default 8): botocore retries
+    throttling, 5xx and dropped connections with exponential backoff in between."""
+    text = os.environ.get("LORAPIPE_S3_MAX_ATTEMPTS", "8")
+    if not text.isdigit() or int(text) < 1:
+        raise StorageError(
+            f"LORAPIPE_S3_MAX_ATTEMPTS={text!r} is not a whole number >= 1; unset it or give e.g. 8"
+        )
+    return int(text)
+
+
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
     """Turn botocore's many exceptions into one-line lorapipe errors without credentials."""
@@ -121,6 +133,7 @@ def _s3_errors(uri: str) -> Iterator[None]:
         ClientError,
         ConnectTimeoutError,
         EndpointConnectionError,
+        HTTPClientError,
         NoCredentialsError,
         ReadTimeoutError,
     )
@@ -152,7 +165,13 @@ def _s3_errors(uri: str) -> Iterator[None]:
             f"no S3 credentials for {uri}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
             "or mount the S3 Secret"
         ) from None
-    except (EndpointConnectionError, ConnectTimeoutError, BotoConnectionError, ReadTimeoutError):
+    except (
+        EndpointConnectionError,
+        ConnectTimeoutError,
+        BotoConnectionError,
+        ReadTimeoutError,
+        HTTPClientError,  # e.g. the connection closed in the middle of a request
+    ):
         where = endpoint_url() or "the default AWS S3 endpoint"
         raise EndpointUnreachableError(
             f"cannot reach S3 endpoint {where} (for {uri}); check LORAPIPE_S3_ENDPOINT "
@@ -193,10 +212,8 @@ def exists(uri: str | os.PathLike) -> bool:
     uri = str(uri)
     if not is_s3(uri):
         return _local(uri).exists()
-    bucket, key = split_s3(uri)
     try:
-        with _s3_errors(uri):
-            client().head_object(Bucket=bucket, Key=key)
+        _s3_read(uri, lambda bucket, key: client().head_object(Bucket=bucket, Key=key))
     except ObjectNotFoundError:
         return False
     return True
@@ -209,9 +226,43 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
             return _local(uri).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{uri} does not exist") from None
+    return _s3_read(
+        uri, lambda bucket, key: client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    )
+
+
+def _s3_read(uri: str, read: Callable[[str, str], T]) -> T:
+    """``read(bucket, key)`` for ``uri``. A file that is not under its own key but is named
+    in a published output's pointer manifest (``s3://b/lora/film.safetensors``) is read from
+    the output's current version, so readers never need to know the version prefix."""
     bucket, key = split_s3(uri)
-    with _s3_errors(uri):
-        return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    try:
+        with _s3_errors(uri):
+            return read(bucket, key)
+    except ObjectNotFoundError:
+        moved = _follow_pointer(uri)
+        if moved is None:
+            raise
+    with _s3_errors(moved):
+        return read(*split_s3(moved))
+
+
+def _follow_pointer(uri: str) -> str | None:
+    """Where the nearest enclosing published output keeps ``uri`` now; None if no output
+    with a pointer manifest lists it."""
+    bucket, key = split_s3(uri)
+    parts = key.rstrip("/").split("/")
+    for depth in range(len(parts) - 1, -1, -1):
+        output = "/".join([f"s3://{bucket}", *parts[:depth]])
+        manifest = read_manifest(output)
+        if manifest is None:
+            continue
+        relative = "/".join(parts[depth:])
+        version = manifest.get(VERSION_KEY)
+        if version is None or relative not in manifest["files"]:
+            return None
+        return join(output, version, relative)
+    return None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
@@ -279,14 +330,14 @@ def download_file(uri: str, local_path: str | os.PathLike) -> None:
             raise ObjectNotFoundError(f"{uri} does not exist")
         _atomic_local_write(destination, lambda tmp: shutil.copyfile(source, tmp))
         return
-    bucket, key = split_s3(uri)
 
     def fetch(tmp: Path) -> None:
-        with _s3_errors(uri):
-            expected = (
-                client().head_object(Bucket=bucket, Key=key)["Metadata"].get(SHA256_METADATA_KEY)
-            )
+        def head_and_download(bucket: str, key: str) -> str | None:
+            head = client().head_object(Bucket=bucket, Key=key)
             client().download_file(bucket, key, str(tmp), Config=_transfer_config())
+            return head["Metadata"].get(SHA256_METADATA_KEY)
+
+        expected = _s3_read(uri, head_and_download)
         if expected and _sha256_file(tmp) != expected:
             raise StorageError(
                 f"{uri} failed its sha256 check after download; retry, then re-upload it"
@@ -303,9 +354,7 @@ def object_info(uri: str | os.PathLike) -> ObjectInfo:
         if info is None:
             raise ObjectNotFoundError(f"{uri} does not exist")
         return info
-    bucket, key = split_s3(uri)
-    with _s3_errors(uri):
-        head = client().head_object(Bucket=bucket, Key=key)
+    head = _s3_read(uri, lambda bucket, key: client().head_object(Bucket=bucket, Key=key))
     return ObjectInfo(uri, head["ContentLength"], head["ETag"].strip('"'))
 
 
@@ -319,12 +368,14 @@ def read_range(uri: str | os.PathLike, start: int, length: int) -> bytes:
                 return file.read(length)
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{uri} does not exist") from None
-    bucket, key = split_s3(uri)
-    with _s3_errors(uri):
-        answer = client().get_object(
-            Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}"
-        )
-        return answer["Body"].read()
+    return _s3_read(
+        uri,
+        lambda bucket, key: (
+            client()
+            .get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")["Body"]
+            .read()
+        ),
+    )
 
 
 def list_objects(prefix_uri: str | os.PathLike) -> list[ObjectInfo]:
@@ -396,7 +447,53 @@ def delete(uri: str) -> None:
         client().delete_object(Bucket=bucket, Key=key)
 
 
-def _manifest_for(local_dir: Path) -> dict[str, Any]:
+def delete_many(uris: list[str]) -> None:
+    """Delete many files; on S3 a thousand keys per request instead of one each."""
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if not is_s3(uri):
+            delete(uri)
+            continue
+        bucket, key = split_s3(uri)
+        by_bucket.setdefault(bucket, []).append(key)
+    for bucket, keys in by_bucket.items():
+        for start in range(0, len(keys), 1000):
+            batch = [{"Key": key} for key in keys[start : start + 1000]]
+            with _s3_errors(f"s3://{bucket}/{batch[0]['Key']}"):
+                answer = client().delete_objects(
+                    Bucket=bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            if answer.get("Errors"):
+                failed = answer["Errors"][0]
+                raise StorageError(
+                    f"could not delete s3://{bucket}/{failed.get('Key')} "
+                    f"({failed.get('Code')}); check the bucket policy allows s3:DeleteObject"
+                )
+
+
+def abort_uploads(prefix_uri: str) -> int:
+    """Abort the multipart uploads left under an S3 prefix by a crashed writer (they hold
+    storage until aborted); returns how many. Local prefixes have none."""
+    if not is_s3(prefix_uri):
+        return 0
+    bucket, key = split_s3(prefix_uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    aborted = 0
+    with _s3_errors(prefix_uri):
+        pages = (
+            client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                client().abort_multipart_upload(
+                    Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                )
+                aborted += 1
+    return aborted
+
+
+def manifest_for(local_dir: Path) -> dict[str, Any]:
+    """``{"files": {relative path: {"size", "sha256"}}}`` for every file under ``local_dir``."""
     files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     return {
         "files": {
@@ -414,40 +511,112 @@ def put_dir(local_dir: str | os.PathLike, dest_uri: str, max_workers: int = 8) -
     source = Path(local_dir)
     if not source.is_dir():
         raise ObjectNotFoundError(f"{source} is not a directory")
-    manifest = _manifest_for(source)
-    names = list(manifest["files"])
-    with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for future in [pool.submit(upload_file, source / n, join(dest_uri, n)) for n in names]:
-            future.result()
+    manifest = manifest_for(source)
+    upload_files(source, dest_uri, list(manifest["files"]), max_workers)
     write_text(join(dest_uri, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True))
 
 
+def upload_files(source: Path, dest_uri: str, names: list[str], max_workers: int = 8) -> None:
+    """Upload ``source/<name>`` to ``dest_uri/<name>`` for every name, in parallel."""
+    with ThreadPoolExecutor(max_workers=max_workers) as pool:
+        for future in [pool.submit(upload_file, source / n, join(dest_uri, n)) for n in names]:
+            future.result()
+
+
+def read_manifest(uri: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``_MANIFEST.json`` of the directory ``uri``; None where it has none."""
+    manifest_uri = join(str(uri), MANIFEST_NAME)
+    try:
+        if is_s3(manifest_uri):
+            bucket, key = split_s3(manifest_uri)
+            with _s3_errors(manifest_uri):
+                text = client().get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        else:
+            text = _local(manifest_uri).read_text(encoding="utf-8")
+    except (ObjectNotFoundError, FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        manifest = json.loads(text)
+        files = manifest["files"]
+        version = manifest.get(VERSION_KEY)
+        if not isinstance(files, dict) or not (version is None or _is_segment(version)):
+            raise ValueError("'files' must map names to entries, 'version' be one path segment")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise StorageError(
+            f"{manifest_uri} is not a valid manifest ({error}); publish the output again"
+        ) from None
+    return manifest
+
+
+def _is_segment(text: object) -> bool:
+    return (
+        isinstance(text, str)
+        and re.fullmatch(r"[A-Za-z0-9._-]+", text) is not None
+        and (text not in (".", ".."))
+    )
+
+
+def resolve(uri: str | os.PathLike) -> str:
+    """Where ``uri`` is now, following pointer manifests (outputs published on S3).
+
+    A directory whose manifest is a pointer -> ``uri/<version>``; a file named by its path in
+    such an output (``s3://b/lora/film.safetensors``) -> the current version's copy; anything
+    else, and every local path, -> ``uri`` itself."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return uri
+    manifest = read_manifest(uri)
+    if manifest is not None:
+        version = manifest.get(VERSION_KEY)
+        return join(uri, version) if version is not None else uri
+    bucket, key = split_s3(uri)
+    if not key.strip("/"):
+        return uri
+    try:
+        with _s3_errors(uri):
+            client().head_object(Bucket=bucket, Key=key)
+        return uri
+    except ObjectNotFoundError:
+        return _follow_pointer(uri) or uri
+
+
 def get_dir(src_uri: str, local_dir: str | os.PathLike, max_workers: int = 8) -> None:
-    """Copy every file under ``src_uri`` into ``local_dir``; checked against the manifest."""
+    """Copy the directory ``src_uri`` into ``local_dir``, checked against its manifest.
+
+    A pointer manifest is followed: exactly the files of the current version are fetched, and
+    the local copy gets a plain manifest. Without a manifest every file below is copied."""
     destination = Path(local_dir)
     base = str(src_uri).rstrip("/")
-    objects = list_objects(base)
-    if not objects:
+    manifest = read_manifest(base)
+    if manifest is not None and manifest.get(VERSION_KEY) is not None:
+        root = join(base, manifest[VERSION_KEY])
+        relative = sorted(manifest["files"])
+        manifest = {"files": manifest["files"]}
+    else:
+        root = base
+        relative = [info.uri[len(base) :].lstrip("/") for info in list_objects(base)]
+        relative = [name for name in relative if name != MANIFEST_NAME]
+    if not relative and manifest is None:
         raise ObjectNotFoundError(f"{src_uri} has no files")
-    relative = [info.uri[len(base) :].lstrip("/") for info in objects]
     for name in relative:
         target = (destination / name).resolve()
         if not target.is_relative_to(destination.resolve()):
             raise StorageError(f"{src_uri}: key '{name}' would leave {destination}; refusing it")
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
         for future in [
-            pool.submit(download_file, join(base, name), destination / name) for name in relative
+            pool.submit(download_file, join(root, name), destination / name) for name in relative
         ]:
             future.result()
-    if MANIFEST_NAME in relative:
-        manifest = json.loads((destination / MANIFEST_NAME).read_text())
-        for name, entry in manifest["files"].items():
-            path = destination / name
-            if not path.is_file() or _sha256_file(path) != entry["sha256"]:
-                raise StorageError(
-                    f"{join(base, name)} does not match {MANIFEST_NAME}; the directory was "
-                    "changed after it was written, write it again"
-                )
+    if manifest is None:
+        return
+    for name, entry in manifest["files"].items():
+        path = destination / name
+        if not path.is_file() or _sha256_file(path) != entry["sha256"]:
+            raise StorageError(
+                f"{join(root, name)} does not match {MANIFEST_NAME}; the directory was "
+                "changed after it was written, write it again"
+            )
+    (destination / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def is_complete(uri: str) -> bool:
@@ -483,126 +652,6 @@ def local_dir(uri: str | os.PathLike) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="lorapipe-") as tmp:
         get_dir(uri, tmp)
         yield Path(tmp)
-
-
-# --------------------------------------------------------------------------- staged outputs
-
-
-@dataclass(frozen=True)
-class OutputKind:
-    """What a stage's output directory is, so that an older output of the same kind, and
-    nothing else (a user's photos, another stage's output), is ever replaced."""
-
-    name: str  # for messages, e.g. "a lorapipe dataset"
-    markers: tuple[str, ...]  # files every output of this kind has
-    error: type[LorapipeError] = StorageError
-    refusal: str = (
-        "'{uri}' holds files that are not {name}; write to a new or empty folder "
-        "(lorapipe replaces only an older output of the same kind)"
-    )
-    # a file that readers key on: on S3 the older output's copy is deleted first and the new
-    # one written after everything else (and after the manifest), so no reader pairs it with
-    # the other version's files
-    written_last: str | None = None
-
-
-def check_replaceable(dest_uri: str, kind: OutputKind) -> None:
-    """Raise ``kind.error`` unless ``dest_uri`` is absent, empty or an older output of
-    ``kind``: all its markers present (on S3 an interrupted replacement also counts: its
-    manifest and every marker but ``written_last``)."""
-    dest_uri = str(dest_uri)
-    if is_s3(dest_uri):
-        base = dest_uri.rstrip("/") + "/"
-        names = {uri.removeprefix(base) for uri in list_uris(dest_uri)}
-        others = [m for m in kind.markers if m != kind.written_last]
-        recognised = set(kind.markers) <= names or (
-            kind.written_last is not None and {MANIFEST_NAME, *others} <= names
-        )
-    else:
-        destination = _local(dest_uri)
-        if destination.exists() and not destination.is_dir():
-            raise kind.error(f"'{dest_uri}' is a file; give a folder")
-        names = set(os.listdir(destination)) if destination.is_dir() else set()
-        recognised = all((destination / m).is_file() for m in kind.markers)
-    if names and not recognised:
-        raise kind.error(kind.refusal.format(uri=dest_uri, name=kind.name))
-
-
-def make_staging_dir(dest_uri: str, kind: OutputKind) -> Path:
-    """A private directory to assemble an output in, after checking that ``dest_uri`` may be
-    replaced: a hidden sibling of a local destination (publishing is then a rename on one
-    filesystem), a temporary directory for S3."""
-    dest_uri = str(dest_uri)
-    check_replaceable(dest_uri, kind)
-    if is_s3(dest_uri):
-        return Path(tempfile.mkdtemp(prefix="lorapipe-output-"))
-    destination = _local(dest_uri)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.tmp"
-    staging.mkdir()
-    return staging
-
-
-def publish_dir(staging: Path, dest_uri: str, kind: OutputKind) -> None:
-    """Publish the assembled ``staging`` directory as the output at ``dest_uri``.
-
-    Local: ``staging`` (from :func:`make_staging_dir`) is renamed into place; an older output
-    is moved aside first and deleted only once the new one is there. S3: every file is
-    uploaded, the manifest after them (``written_last`` after that), then objects of the older
-    output that the new one does not have are deleted. ``staging`` is consumed locally and
-    left to the caller on S3.
-    """
-    dest_uri = str(dest_uri)
-    check_replaceable(dest_uri, kind)  # again: something may have appeared meanwhile
-    if is_s3(dest_uri):
-        _publish_s3(staging, dest_uri, kind)
-        return
-    destination = _local(dest_uri)
-    if not destination.exists():
-        os.rename(staging, destination)
-        return
-    retired = destination.parent / f".{destination.name}.{uuid.uuid4().hex[:8]}.old"
-    os.rename(destination, retired)
-    try:
-        os.rename(staging, destination)
-    except OSError:
-        os.rename(retired, destination)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
-
-
-def _publish_s3(staging: Path, dest_uri: str, kind: OutputKind) -> None:
-    last = staging / kind.written_last if kind.written_last else None
-    if last is not None and last.is_file():
-        last_uri = join(dest_uri, kind.written_last)
-        delete(last_uri)
-        with tempfile.TemporaryDirectory(prefix="lorapipe-last-") as aside:
-            held = Path(aside) / last.name
-            shutil.move(last, held)
-            try:
-                put_dir(staging, dest_uri)
-                upload_file(held, last_uri)
-            finally:
-                shutil.move(held, last)
-    else:
-        put_dir(staging, dest_uri)
-    new = {join(dest_uri, p.relative_to(staging).as_posix()) for p in staging.rglob("*")}
-    new.add(join(dest_uri, MANIFEST_NAME))
-    for uri in list_uris(dest_uri):
-        if uri not in new:
-            delete(uri)
-
-
-@contextlib.contextmanager
-def staged_output(dest_uri: str, kind: OutputKind) -> Iterator[Path]:
-    """A local directory to write an output into; published whole at ``dest_uri`` when the
-    block succeeds, removed either way (see :func:`publish_dir`)."""
-    staging = make_staging_dir(dest_uri, kind)
-    try:
-        yield staging
-        publish_dir(staging, dest_uri, kind)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def safe_name(text: str, default: str = "manual") -> str:

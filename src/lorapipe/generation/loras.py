@@ -43,9 +43,10 @@ def locate_lora(uri: str) -> tuple[str, str, str]:
     file or a directory. select's output holds ``pytorch_lora_weights.safetensors`` and a kohya
     ``<name>.safetensors``: the diffusers file is loaded, the kohya file names and hashes the
     LoRA, as WebUI sees it."""
-    if uri.rstrip("/").endswith(".safetensors"):
-        return _stem(uri), uri, uri
-    files = [u for u in store.list_uris(uri) if u.endswith(".safetensors")]
+    located = store.resolve(uri)
+    if located.rstrip("/").endswith(".safetensors"):
+        return _stem(located), located, located
+    files = [u for u in store.list_uris(located) if u.endswith(".safetensors")]
     diffusers = [u for u in files if basename(u) == lora_format.DIFFUSERS_WEIGHT_NAME]
     others = [u for u in files if u not in diffusers]
     if not files:

@@ -30,7 +30,6 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from lorapipe import config as config_options
-from lorapipe import store
 from lorapipe.captions import swap_left_right
 from lorapipe.config import option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
@@ -93,10 +92,10 @@ def run(dataset_uri: str, output_uri: str, config: AugmentConfig | None = None) 
                 continue
             writer.write(mirror_record(record))
             stats.added += 1
+        report = _report(dataset_uri, output_uri, config, stats)
+        writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
+        writer.write_extra("report.md", render_markdown(report))
 
-    report = _report(dataset_uri, output_uri, config, stats)
-    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
-    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
     log.info(
         "mirrored %d of %d images (%d skipped); wrote %s",
         stats.added,

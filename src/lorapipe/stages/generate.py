@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import yaml
 
 from lorapipe import config as config_options
-from lorapipe import image_metrics, store
+from lorapipe import image_metrics, outputs, store
 from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.generation.grid import check_lora_tags, count_prompt_tokens, plan_grid
@@ -88,7 +88,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 OUTPUT_MARKERS = ("report.json", "index.parquet")  # an older output that may be replaced
-OUTPUT_KIND = store.OutputKind(
+OUTPUT_KIND = outputs.OutputKind(
     "a lorapipe generate output",
     OUTPUT_MARKERS,
     ConfigError,
@@ -354,11 +354,12 @@ def with_trained_lora(config: GenerateConfig) -> GenerateConfig:
 
 def chosen_lora(lora_path: str) -> tuple[str, str]:
     """(name, kohya file) of the LoRA that ``select`` wrote to ``lora_path``."""
-    report_uri = store.join(lora_path, "report.json")
+    root = store.resolve(lora_path)
+    report_uri = store.join(root, "report.json")
     if not store.exists(report_uri):
         raise InputError(f"{lora_path}: no report.json; give the output of lorapipe select")
     files = json.loads(store.read_text(report_uri))["files"]
-    kohya = store.join(lora_path, files["kohya"])
+    kohya = store.join(root, files["kohya"])
     return Path(files["kohya"]).stem, kohya
 
 
@@ -446,7 +447,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     if config.clip_model:
         scorer = image_metrics.ClipScorer(config.clip_model, device=str(device))
 
-    with store.staged_output(output_uri, OUTPUT_KIND) as staging:
+    with outputs.staged_output(output_uri, OUTPUT_KIND) as staging:
         # 5. images, contact sheets, index and job file, into a private staging directory
         (staging / IMAGES_DIR).mkdir()
         (staging / SHEETS_DIR).mkdir()

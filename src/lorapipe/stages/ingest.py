@@ -61,7 +61,7 @@ from tqdm import tqdm
 from lorapipe import config as config_options
 from lorapipe import metadata_csv, store
 from lorapipe.config import Where, option
-from lorapipe.dataset import DatasetWriter, ImageRecord
+from lorapipe.dataset import DatasetWriter, ImageRecord, is_dataset
 from lorapipe.errors import DatasetError, InputError
 from lorapipe.metadata_csv import METADATA_CSV
 
@@ -183,18 +183,16 @@ def run(input_uri: str, output_uri: str, config: IngestConfig | None = None) -> 
         stats.decoded_sizes.update(_size_bucket(d) for _, d in decoded if not d.reason)
         if kept:
             _write_kept(source, kept, captions.by_name, writer, config, workers, stats)
+        report = _report(input_uri, output_uri, config, stats, captions)
+        if kept:
+            writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
+            writer.write_extra("report.md", render_markdown(report))
         else:
             writer.abort()  # an empty dataset is never published
 
-    report = _report(input_uri, output_uri, config, stats, captions)
-    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
-    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
-    log.info("kept %d of %d files; wrote %s", report["kept"], report["files"], output_uri)
     if not report["kept"]:
-        raise DatasetError(
-            f"no images survived ingest of '{input_uri}' ({report['files']} files, all dropped); "
-            f"see {store.join(output_uri, 'report.md')} for why each was dropped"
-        )
+        raise DatasetError(_nothing_kept(input_uri, output_uri, report))
+    log.info("kept %d of %d files; wrote %s", report["kept"], report["files"], output_uri)
     return report
 
 
@@ -756,18 +754,25 @@ def _write_kept(
         stats.fixes.update(result.fixes)
 
 
+def _nothing_kept(input_uri: str, output_uri: str, report: dict[str, Any]) -> str:
+    """The error of a run that kept no image. Its report goes to the output folder when that
+    holds no dataset; an older dataset there is left whole, so the reasons go in the message."""
+    reasons = ", ".join(f"{n} {reason}" for reason, n in report["dropped_by_reason"].items())
+    summary = f"no images survived ingest of '{input_uri}' ({report['files']} files: {reasons})"
+    if is_dataset(output_uri):
+        return f"{summary}; the older dataset at {output_uri} is left as it was"
+    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
+    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
+    return f"{summary}; see {store.join(output_uri, 'report.md')} for why each was dropped"
+
+
 def _remove_failed_report(output_uri: str) -> None:
     """A run that kept nothing leaves only its report in the output folder; remove it, since
     a dataset is published only into an empty folder or over an older dataset."""
-    if store.is_s3(output_uri):
-        return
-    folder = Path(output_uri.removeprefix("file://"))
-    if not folder.is_dir():
-        return
-    entries = list(folder.iterdir())
-    if entries and all(entry.name in REPORT_FILES and entry.is_file() for entry in entries):
-        for entry in entries:
-            entry.unlink()
+    base = output_uri.rstrip("/") + "/"
+    found = {uri.removeprefix(base): uri for uri in store.list_uris(output_uri)}
+    if found and set(found) <= set(REPORT_FILES):
+        store.delete_many(list(found.values()))
 
 
 def _size_bucket(result: _Decoded) -> str:

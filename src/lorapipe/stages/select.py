@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lorapipe import config as config_options
-from lorapipe import kohya_names, lora_format, store
+from lorapipe import kohya_names, lora_format, outputs, store
 from lorapipe.charts import draw_loss_curve
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
@@ -65,7 +65,7 @@ from lorapipe.training.buckets import kohya_bucket_info
 log = logging.getLogger(__name__)
 
 # an older select output (or nothing) at --out is replaced, anything else refused
-OUTPUT_KIND = store.OutputKind(
+OUTPUT_KIND = outputs.OutputKind(
     name="a lorapipe select output", markers=("selection.json", "report.json"), error=ConfigError
 )
 OUTPUT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -153,7 +153,7 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         training_output_uri, output_uri, selection, losses, complete, incomplete, facts, modules
     )
 
-    with store.staged_output(output_uri, OUTPUT_KIND) as staging:
+    with outputs.staged_output(output_uri, OUTPUT_KIND) as staging:
         lora_format.save_diffusers(
             staging / report["files"]["diffusers"],
             modules,
@@ -186,7 +186,7 @@ def publish(lora_dir: str | Path, publish_uri: str, run_id: str) -> str:
     upload, because the pointer is written only after every file (and the manifest) is there.
     """
     run_prefix = store.join(publish_uri, store.safe_name(run_id))
-    with store.staged_output(run_prefix, OUTPUT_KIND) as staging:
+    with outputs.staged_output(run_prefix, OUTPUT_KIND) as staging:
         ignore = shutil.ignore_patterns(store.MANIFEST_NAME)  # publishing writes its own
         shutil.copytree(lora_dir, staging, ignore=ignore, dirs_exist_ok=True)
     pointer = {"run_id": run_id, "uri": run_prefix}

@@ -26,7 +26,6 @@ import itertools
 import json
 import logging
 import math
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -134,11 +133,9 @@ def run(dataset_uri: str, output_uri: str, config: TagConfig) -> dict:
     tagger = DeepDanbooruTagger.load(config.project, threshold=config.threshold)
     stats = _TagStats()
 
-    with tempfile.TemporaryDirectory(prefix="lorapipe-tag-") as staging_dir:
-        csv_path = Path(staging_dir) / METADATA_CSV
+    with DatasetWriter(output_uri) as writer:
         with (
-            DatasetWriter(output_uri) as writer,
-            MetadataWriter(csv_path) as metadata,
+            MetadataWriter(writer.extra_file(METADATA_CSV)) as metadata,
             tqdm(total=total, desc="tag", unit="image", disable=None) as progress,
         ):
             records = read_records(dataset_uri, batch_rows=config.batch_size)
@@ -150,11 +147,9 @@ def run(dataset_uri: str, output_uri: str, config: TagConfig) -> dict:
                     metadata.write(metadata_filename(tagged), tagged.caption)
                     stats.add(record, tagged)
                 progress.update(len(batch))
-        store.upload_file(str(csv_path), store.join(output_uri, METADATA_CSV))
-
-    report = _report(dataset_uri, output_uri, config, rules, tagger, stats)
-    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
-    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
+        report = _report(dataset_uri, output_uri, config, rules, tagger, stats)
+        writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
+        writer.write_extra("report.md", render_markdown(report))
     log.info(
         "tagged %d images (%d distinct tags); wrote %s",
         stats.rows,

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps
 
 from lorapipe import metadata_csv, store
 from lorapipe.captions import split_caption, swap_left_right
-from lorapipe.dataset import INFO_NAME, ImageRecord, read_records
+from lorapipe.dataset import INFO_NAME, ImageRecord, is_dataset, read_records
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 from lorapipe.train_config import TrainConfig
@@ -60,11 +60,6 @@ class Example:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def is_dataset(uri: str) -> bool:
-    """Whether ``uri`` is a lorapipe dataset rather than a folder of images."""
-    return store.exists(store.join(uri, INFO_NAME))
 
 
 def load_examples(config: TrainConfig, image_cache: Path) -> list[Example]:
