@@ -93,12 +93,12 @@ class Redactor:
 def known_secrets(environ: Mapping[str, str] = os.environ) -> list[str]:
     """The credential values of the environment and of the AWS shared files it points at."""
     values = [environ[name] for name in CREDENTIAL_VARIABLES if environ.get(name)]
-    home = Path.home() / ".aws"
-    files = (
-        environ.get("AWS_SHARED_CREDENTIALS_FILE") or home / "credentials",
-        environ.get("AWS_CONFIG_FILE") or home / "config",
+    files = (  # as botocore finds them; expanduser, unlike Path.home, works without a home
+        environ.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials",
+        environ.get("AWS_CONFIG_FILE") or "~/.aws/config",
     )
-    return values + [value for path in files for value in _shared_file_secrets(Path(path))]
+    paths = [Path(os.path.expanduser(name)) for name in files]
+    return values + [value for path in paths for value in _shared_file_secrets(path)]
 
 
 def _shared_file_secrets(path: Path) -> list[str]:
