@@ -152,6 +152,51 @@ def test_a_column_of_the_wrong_type_is_refused_and_an_older_output_stays(
     assert snapshot(out) == before and leftovers(tmp_path) == []
 
 
+def _truncate(shard: Path) -> None:
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+
+def _replace_with_text(shard: Path) -> None:
+    shard.write_text("id,image\na,b\n")
+
+
+def _garble_the_pages(shard: Path) -> None:
+    """The footer stays (the shard opens, its schema checks out); the pages are noise."""
+    data = shard.read_bytes()
+    shard.write_bytes(data[:4] + bytes(range(256)) * 8 + data[4 + 2048 :])
+
+
+SHARD_DAMAGE = [_truncate, _replace_with_text, _garble_the_pages]
+SHARD_DAMAGE_IDS = ["truncated", "not-parquet", "garbled-pages"]
+
+
+@pytest.mark.parametrize("damage", SHARD_DAMAGE, ids=SHARD_DAMAGE_IDS)
+def test_a_damaged_shard_is_one_line_naming_it_and_an_older_output_stays(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], damage
+) -> None:
+    dataset = write_dataset(tmp_path / "ds", 40)
+    damage(dataset / "part-00000.parquet")
+    out = write_dataset(tmp_path / "out", 2)
+    before = snapshot(out)
+    line = one_error_line(capsys, "augment", main(["augment", str(dataset), "--out", str(out)]))
+    assert str(dataset / "part-00000.parquet") in line and "not a readable Parquet shard" in line
+    assert "write the dataset again" in line
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_a_truncated_shard_is_one_line_for_train(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dataset = write_dataset(tmp_path / "ds", 4)
+    _truncate(dataset / "part-00000.parquet")
+    out = tmp_path / "train-out"
+    argv = ["train", "--train-data-dir", str(dataset), "--output-dir", str(out)]
+    argv += ["--base-model", str(tiny_model_dir), "--max-train-steps", "1"]
+    line = one_error_line(capsys, "train", main(argv))
+    assert "part-00000.parquet" in line and "truncated, corrupted or not Parquet" in line
+    assert not list(out.glob("checkpoint-*"))
+
+
 def test_a_dataset_description_that_is_not_json_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -565,6 +610,49 @@ def test_zero_seeds_in_a_real_process(tiny_model_dir: Path, tmp_path: Path) -> N
     line = subprocess_error_line(code, err, "generate")
     assert "seeds is empty" in line and str(job_file) in line
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- S3 outputs
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("s3://no-such-bucket-here/x", "bucket 'no-such-bucket-here' does not exist"),
+        ("s3://../x", "'..' is not a bucket name"),
+        ("s3:///x", "names no bucket"),
+        ("s3://bucket/a/../x", "'..' segment"),
+    ],
+    ids=["missing-bucket", "dot-dot-bucket", "no-bucket", "dot-dot-key"],
+)
+def test_ingest_to_a_bad_s3_output_is_one_line(
+    s3_server: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], out: str, message: str
+) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "photo.png").write_bytes(png_bytes((200, 30, 30), size=600))
+    line = one_error_line(capsys, "ingest", main(["ingest", str(raw), "--out", out]))
+    assert message in line and out in line
+
+
+def test_select_to_a_missing_bucket_is_one_line(
+    s3_server: str, tmp_path: Path, good_lora: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lora_fixtures import record
+
+    checkpoint = tmp_path / "train-out" / "checkpoint-100"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "pytorch_lora_weights.safetensors").write_bytes(good_lora.read_bytes())
+    (checkpoint / "lora_config.json").write_text(json.dumps({"rank": 4, "alpha": 8}))
+    (checkpoint / "record.json").write_text(
+        json.dumps(record(100, val_loss=0.1, train_loss_ema=0.2))
+    )
+    (checkpoint / "_COMPLETE").write_text("")
+    out = "s3://no-such-bucket-here/lora"
+    line = one_error_line(
+        capsys, "select", main(["select", str(tmp_path / "train-out"), "--out", out])
+    )
+    assert "bucket 'no-such-bucket-here' does not exist" in line and "create it" in line
 
 
 # --------------------------------------------------------------------------- select

@@ -52,13 +52,45 @@ def test_a_lorapipe_error_is_one_line_and_exit_2(
     )
 
 
-def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_debug_shows_the_traceback_and_keeps_the_exit_status(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(*args: object, **kwargs: object) -> Path:
         raise ModelError("nope")
 
     monkeypatch.setattr("lorapipe.demo.tiny_model.build_sd", refuse)
-    with pytest.raises(ModelError):
-        main(["--debug", "tiny-model", str(tmp_path / "m")])
+    assert main(["--debug", "tiny-model", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and "in refuse" in err
+    assert err.splitlines()[-1] == "lorapipe tiny-model: error: nope"
+
+
+@pytest.mark.parametrize("debug", [[], ["--debug"]], ids=["plain", "debug"])
+def test_a_bug_is_its_traceback_and_exit_1(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    debug: list[str],
+) -> None:
+    def crash(*args: object, **kwargs: object) -> Path:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr("lorapipe.demo.tiny_model.build_sd", crash)
+    assert main([*debug, "tiny-model", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback") and err.splitlines()[-1] == "RuntimeError: a bug"
+
+
+def test_debug_in_a_real_process_exits_as_without_it(tmp_path: Path) -> None:
+    """A script that checks the exit status behaves the same when --debug is added."""
+    argv = [sys.executable, "-m", "lorapipe.cli", "select", str(tmp_path / "nowhere")]
+    argv += ["--out", str(tmp_path / "lora")]
+    plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    debug = subprocess.run([*argv[:3], "--debug", *argv[3:]], capture_output=True, text=True)
+    assert plain.returncode == debug.returncode == 2
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
+    assert plain.stderr.splitlines()[-1].startswith("lorapipe select: error: ")
 
 
 def test_console_script_runs_as_a_module() -> None:

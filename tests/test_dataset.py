@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from lorapipe import store
-from lorapipe.store import MANIFEST_NAME
 from lorapipe.dataset import (
     INFO_NAME,
     SCHEMA,
@@ -26,6 +25,7 @@ from lorapipe.dataset import (
     read_records,
 )
 from lorapipe.errors import DatasetError
+from lorapipe.store import MANIFEST_NAME
 
 
 def png_bytes(value: int, mode: str = "RGB", size: tuple[int, int] = (8, 6)) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import stat
 import struct
 import tarfile
@@ -267,6 +268,31 @@ def test_metadata_csv_captions_and_unused_rows(corpus: tuple) -> None:
     refused = {row["line"]: row["filename"] for row in captions["refused_rows"]}
     assert refused == {5: "../outside.png", 6: "/etc/passwd", 7: "x.png"}
     assert captions["captioned_images"] == 3
+
+
+def test_a_file_named_twice_keeps_its_first_caption_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "raw"
+    _save(_image(31), root / "a.png")
+    _save(_image(32), root / "b.png")
+    (root / "metadata.csv").write_text(
+        "filename,text\na.png,first caption\nb.png,a bee\na.png,second caption\n"
+        "./a.png,third caption\n"  # the same file, spelled otherwise
+    )
+    caplog.set_level(logging.WARNING, logger="lorapipe")
+    output = str(tmp_path / "out")
+    captions = run(str(root), output, IngestConfig(workers=1))["captions"]
+
+    assert _records(output)["a.png"].caption == "first caption"
+    assert captions["duplicate_rows"] == 2 and captions["captioned_images"] == 2
+    refused = {row["line"]: row["reason"] for row in captions["refused_rows"]}
+    assert set(refused) == {4, 5}
+    assert all("the caption of line 2 is kept" in reason for reason in refused.values())
+    (warning,) = [r.getMessage() for r in caplog.records if "named on lines" in r.getMessage()]
+    assert "'a.png' is named on lines 2, 4, 5" in warning
+    assert "the caption of line 2 (the first) is kept" in warning
+    assert "2 repeating a file name" in store.read_text(store.join(output, "report.md"))
 
 
 def test_exif_orientation_applied_and_stripped(corpus: tuple) -> None:

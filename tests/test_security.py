@@ -4,19 +4,24 @@ reach errors, logs, outputs, the compiled pipeline or the committed manifests an
 from __future__ import annotations
 
 import ast
+import io
 import logging
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import traceback
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 import yaml
 
-from lorapipe import store
+from lorapipe import redaction, store
 from lorapipe.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +31,16 @@ SECRET = "lorapipe-SeCrEt-wJalrXUtnFEMI-K7MDENG-bPxRfiCY"
 ACCESS_KEY_ID = "AKIALORAPIPETESTONLY"
 WRONG_SECRET = "WrOnG-sEcReT-9f8e7d6c5b4a-never-print-me"
 KFP_TOKEN = "kfp-token-eyJhbGciOiJSUzI1NiJ9-do-not-print"
+# shaped like STS's: base64 with '/', '+' and '=', so its URL-encoded form differs
+SESSION_TOKEN = "FwoGZXIvYXdzEJr/lorapipe+SeSsIoN+token/never-print=="
+DISTINCTIVE_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+    "AWS_SECRET_ACCESS_KEY": SECRET,
+    "AWS_SESSION_TOKEN": SESSION_TOKEN,
+    "KFP_TOKEN": KFP_TOKEN,
+}
+# what no output may hold: each value, and the token as a URL parameter spells it
+CREDENTIALS = (*DISTINCTIVE_ENVIRONMENT.values(), quote(SESSION_TOKEN, safe=""))
 
 
 # --------------------------------------------------------------------------- (a) the source
@@ -219,24 +234,28 @@ def test_a_wrong_secret_is_one_line_that_does_not_echo_it(
     assert ACCESS_KEY_ID not in everything
 
 
-def test_a_wrong_secret_with_debug_shows_no_secret(
-    refusing_s3: str, capsys: pytest.CaptureFixture[str]
+def test_a_wrong_secret_with_debug_shows_the_traceback_and_no_secret(
+    refusing_s3: str, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from lorapipe.errors import AccessDeniedError
-
-    with pytest.raises(AccessDeniedError) as error:
-        main(["--debug", "augment", "s3://photos/ds", "--out", "s3://photos/aug"])
-    text = "".join(traceback.format_exception(error.value))
+    caplog.set_level(logging.DEBUG)
+    code = main(["--debug", "augment", "s3://photos/ds", "--out", "s3://photos/aug"])
     captured = capsys.readouterr()
-    assert WRONG_SECRET not in text + captured.out + captured.err
+    assert code == 2  # as without --debug
+    assert "Traceback" in captured.err and "AccessDeniedError" in captured.err
+    assert captured.err.splitlines()[-1].startswith("lorapipe augment: error: access to")
+    # botocore logged the refusal's body, which echoes the key id: redacted
+    assert "<AWSAccessKeyId>***</AWSAccessKeyId>" in caplog.text
+    for value in (WRONG_SECRET, ACCESS_KEY_ID):
+        assert value not in captured.out + captured.err + caplog.text
 
 
 @pytest.fixture
 def distinctive_credentials(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """moto's endpoint with credentials that are easy to grep for (moto accepts any)."""
+    """moto's endpoint with credentials that are easy to grep for (moto accepts any, a session
+    token too), and the KFP token beside them."""
     monkeypatch.setattr(store, "_clients", {})
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    for variable, value in DISTINCTIVE_ENVIRONMENT.items():
+        monkeypatch.setenv(variable, value)
     name = "secrets-" + SECRET[-6:].lower()
     store.client().create_bucket(Bucket=name)
     return f"s3://{name}"
@@ -263,10 +282,204 @@ def test_no_secret_in_any_output_object_or_log_of_a_run_on_s3(
     assert any(uri.endswith(".parquet") for uri in written)
     for uri in written:
         data = store.read_bytes(uri)
-        for value in (SECRET, ACCESS_KEY_ID):
+        for value in CREDENTIALS:
             assert value.encode() not in data, f"{value} in {uri}"
-    for value in (SECRET, ACCESS_KEY_ID):
+    for value in CREDENTIALS:
         assert value not in captured.out + captured.err + caplog.text
+
+
+# --------------------------------------------------------------------------- (b2) --debug
+
+
+def _lorapipe(tmp_path: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``lorapipe --debug ARGV`` in a real process with this test's environment; its temporary
+    files go under ``tmp_path``, where the grep sees whatever it leaves there."""
+    temp = tmp_path / "tmp"
+    temp.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "lorapipe.cli", "--debug", *argv],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TMPDIR": str(temp)},
+    )
+
+
+def _texts(name: str, data: bytes) -> list[bytes]:
+    """A file's bytes and, for the formats that compress what they hold (Parquet pages, PNG
+    text chunks), that content decoded, so that a grep cannot miss a credential inside."""
+    texts = [data]
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data))
+        text_columns = [f.name for f in table.schema if not pa.types.is_binary(f.type)]
+        texts.append(repr(table.select(text_columns).to_pylist()).encode())
+    elif name.endswith(".png"):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as image:
+            texts.append(repr(image.info).encode())
+    return texts
+
+
+def _everything_written(bucket: str, local: Path) -> dict[str, bytes]:
+    """Every object in the bucket and every file under ``local``, by name."""
+    files = {uri: store.read_bytes(uri) for uri in store.list_uris(f"{bucket}/")}
+    files |= {str(path): path.read_bytes() for path in local.rglob("*") if path.is_file()}
+    return files
+
+
+def _assert_no_credential_anywhere(printed: str, files: dict[str, bytes]) -> None:
+    texts = {name: _texts(name, data) for name, data in files.items()}
+    for number, value in enumerate(CREDENTIALS):
+        assert value not in printed, f"credential {number} printed"
+        found = [name for name, chunks in texts.items() if any(value.encode() in c for c in chunks)]
+        assert found == [], f"credential {number} written"
+
+
+def _assert_requests_were_logged_redacted(printed: str) -> None:
+    """botocore's DEBUG request logging reached the output (so the grep was not vacuous), with
+    each credential's place redacted."""
+    assert "Credential=***/" in printed  # the Authorization header
+    assert "'X-Amz-Security-Token': b'***'" in printed  # the header dict
+    assert "x-amz-security-token:***" in printed  # the canonical request
+
+
+def test_debug_output_of_stages_on_s3_shows_the_requests_but_no_credential(
+    distinctive_credentials: str, tmp_path: Path
+) -> None:
+    from lorapipe.demo.inputs import write_sample_folder
+
+    bucket = distinctive_credentials
+    store.put_dir(write_sample_folder(tmp_path / "raw", count=4), f"{bucket}/raw")
+    runs = [
+        _lorapipe(tmp_path, "ingest", f"{bucket}/raw", "--out", f"{bucket}/ds", "--workers", "1"),
+        _lorapipe(tmp_path, "augment", f"{bucket}/ds", "--out", f"{bucket}/aug"),
+        _lorapipe(tmp_path, "select", f"{bucket}/nothing", "--out", f"{bucket}/lora"),
+    ]
+    printed = "".join(run.stdout + run.stderr for run in runs)
+    assert [run.returncode for run in runs] == [0, 0, 2], printed[-3000:]
+    assert "Traceback" in runs[2].stderr  # --debug: the failure's traceback, redacted too
+    _assert_requests_were_logged_redacted(printed)
+    _assert_no_credential_anywhere(printed, _everything_written(bucket, tmp_path))
+
+
+@pytest.mark.slow  # six processes, four of them importing torch: ~3 minutes on 2 cores
+def test_debug_output_of_the_whole_pipeline_on_s3_holds_no_credential(
+    distinctive_credentials: str, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """ingest -> tag -> augment -> train (2 accelerate workers) -> select -> generate, every
+    input and output on S3, every process with --debug."""
+    pytest.importorskip("deepdanbooru")
+    from lorapipe.demo.inputs import WORLD_TAGGER, write_sample_folder
+
+    bucket = distinctive_credentials
+    store.put_dir(write_sample_folder(tmp_path / "raw", count=6), f"{bucket}/raw")
+    store.put_dir(WORLD_TAGGER, f"{bucket}/tagger")
+    store.put_dir(tiny_model_dir, f"{bucket}/model")
+    model, training, lora = f"{bucket}/model", f"{bucket}/training", f"{bucket}/lora"
+    steps = [
+        ["ingest", f"{bucket}/raw", "--out", f"{bucket}/ds", "--workers", "1"],
+        ["tag", f"{bucket}/ds", "--out", f"{bucket}/tagged", "--project", f"{bucket}/tagger"],
+        ["augment", f"{bucket}/tagged", "--out", f"{bucket}/aug"],
+        ["train", "--train-data-dir", f"{bucket}/aug", "--base-model", model,
+         "--output-dir", training, "--cache-dir", str(tmp_path / "cache"),
+         "--resolution", "64", "--batch-size", "2", "--max-train-steps", "2",
+         "--save-steps", "2", "--validation-split", "2", "--num-processes", "2"],
+        ["select", training, "--out", lora],
+        ["generate", "--base-model", model, "--trained-lora", lora, "--out", f"{bucket}/review",
+         "--prompt", "filmstyle, a red circle", "--size", "64x64", "--seed", "1",
+         "--steps", "1", "--lora-scales", "1", "--negative-presets", "none"],
+    ]  # fmt: skip
+    printed = ""
+    for argv in steps:
+        run = _lorapipe(tmp_path, *argv)
+        printed += run.stdout + run.stderr
+        assert run.returncode == 0, f"{argv[0]}: {run.stderr[-3000:]}"
+    assert store.exists(f"{lora}/pytorch_lora_weights.safetensors")
+    assert store.exists(f"{bucket}/review/report.html")
+    _assert_requests_were_logged_redacted(printed)
+    _assert_no_credential_anywhere(printed, _everything_written(bucket, tmp_path))
+
+
+# --------------------------------------------------------------------------- (b3) redaction
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        # botocore.endpoint's request log: a header dict with bytes values
+        "headers={'X-Amz-Security-Token': b'IQoJb3JpZ2luX2VjEJr//role+token==', "
+        "'Authorization': b'AWS4-HMAC-SHA256 Credential=ASIAROLEKEYID0000000/20250101/"
+        "us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0123456789abcdef0123'}",
+        # botocore.auth's canonical request and signature
+        "host:s3.amazonaws.com\nx-amz-security-token:IQoJb3JpZ2luX2VjEJr//role+token==\n",
+        "Signature:\n0123456789abcdef0123456789abcdef",
+        # a presigned URL
+        "https://b.s3.amazonaws.com/k?X-Amz-Credential=ASIAROLEKEYID0000000%2F20250101%2F"
+        "us-east-1&X-Amz-Security-Token=IQoJb3JpZ2luX2VjEJr%2F%2Frole%2Btoken%3D%3D"
+        "&X-Amz-Signature=0123456789abcdef0123",
+        # an S3 error body, and a KFP request header
+        "<Error><AWSAccessKeyId>ASIAROLEKEYID0000000</AWSAccessKeyId></Error>",
+        "Authorization: Bearer IQoJb3JpZ2luX2VjEJr//role+token==",
+    ],
+    ids=["header-dict", "canonical-request", "signature", "presigned-url", "error-body", "bearer"],
+)
+def test_credentials_in_their_places_are_redacted_whoever_resolved_them(line: str) -> None:
+    """A role's (IRSA, instance profile) credentials are in no variable: their places give
+    them away."""
+    scrubbed = redaction.Redactor([])(line)
+    for value in ("ASIAROLEKEYID0000000", "IQoJb3JpZ2luX2VjEJr", "0123456789abcdef0123"):
+        assert value not in scrubbed, scrubbed
+    assert "***" in scrubbed
+
+
+def test_credentials_of_the_aws_shared_files_are_redacted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    credentials = tmp_path / "credentials"
+    credentials.write_text(
+        "[default]\naws_access_key_id = AKIAFROMSHAREDFILE00\n"
+        "aws_secret_access_key = shared-file-secret-0123456789\n"
+    )
+    config = tmp_path / "config"
+    config.write_text("[profile other]\naws_session_token = shared-file-session-token\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    redact = redaction.Redactor(redaction.known_secrets())
+    values = ["AKIAFROMSHAREDFILE00", "shared-file-secret-0123456789", "shared-file-session-token"]
+    assert redact(" ".join(values)) == "*** *** ***"
+
+
+def test_records_prints_and_tracebacks_are_scrubbed_whichever_way_they_leave(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name, value in DISTINCTIVE_ENVIRONMENT.items():
+        monkeypatch.setenv(name, value)
+    caplog.set_level(logging.DEBUG)
+    log = logging.getLogger("lorapipe.test_security")
+    with redaction.redacted_output():
+        log.debug("signing with %s", ACCESS_KEY_ID)
+        try:
+            raise RuntimeError(f"the server said {SECRET}")
+        except RuntimeError:
+            log.exception("request failed")
+            traceback.print_exc()
+        print(f"token {KFP_TOKEN}")
+        sys.stderr.write(f"written in pieces {SESSION_TOKEN[:9]}")  # a line in two writes
+        sys.stderr.write(f"{SESSION_TOKEN[9:]}\n")
+    captured = capsys.readouterr()
+    everything = captured.out + captured.err + caplog.text
+    for number, value in enumerate(CREDENTIALS):
+        assert value not in everything, f"credential {number}"
+    assert "signing with ***" in caplog.text and "the server said ***" in caplog.text
+    assert "RuntimeError: the server said ***" in captured.err
+    assert captured.out == "token ***\n" and "written in pieces ***" in captured.err
+    assert sys.stdout is not None and not isinstance(sys.stdout, redaction.RedactingStream)
 
 
 def test_the_compiled_pipeline_holds_no_secret_from_the_environment(

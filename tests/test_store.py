@@ -6,6 +6,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import socket
 import struct
 import threading
@@ -144,6 +145,53 @@ def test_missing_bucket_says_to_create_it(s3_server: str) -> None:
         BucketNotFoundError, match="bucket 'no-such-bucket' does not exist.*create it"
     ):
         store.read_bytes("s3://no-such-bucket/key")
+
+
+@pytest.mark.parametrize("size", [10, 6 * 1024 * 1024], ids=["small", "multipart"])
+def test_an_upload_to_a_missing_bucket_says_to_create_it(
+    s3_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """boto3's transfer manager wraps the NoSuchBucket in its S3UploadFailedError."""
+    monkeypatch.setattr(store, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "f.bin").write_bytes(b"x" * size)
+    message = "bucket 'no-such-bucket' does not exist.*create it"
+    with pytest.raises(BucketNotFoundError, match=message):
+        store.upload_file(tmp_path / "folder" / "f.bin", "s3://no-such-bucket/f.bin")
+    with pytest.raises(BucketNotFoundError, match=message):
+        store.put_dir(tmp_path / "folder", "s3://no-such-bucket/folder")
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("s3://../x", "'..' is not a bucket name"),
+        ("s3://./x", "'.' is not a bucket name"),
+        ("s3:///x", "names no bucket"),
+        ("s3://", "names no bucket"),
+        ("s3://ab/x", "'ab' is not a bucket name"),
+        ("s3://-bucket/x", "'-bucket' is not a bucket name"),
+        ("s3://my..bucket/x", "'my..bucket' is not a bucket name"),
+        ("s3://bucket/../x", "'..' segment"),
+        ("s3://bucket/a/../../x", "'..' segment"),
+        ("s3://bucket/a/./x", "'.' or '..' segment"),
+        ("s3://bucket/a/..", "'..' segment"),
+    ],
+)
+def test_a_uri_without_a_valid_bucket_or_with_dot_segments_is_one_line(
+    uri: str, message: str
+) -> None:
+    with pytest.raises(StorageError, match=re.escape(message)) as error:
+        store.split_s3(uri)
+    assert "\n" not in str(error.value) and "s3://BUCKET/" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket", "s3://bucket/", "s3://my.bucket-1/a/b.c", "s3://Legacy_Bucket/.x/..y"]
+)
+def test_ordinary_uris_split(uri: str) -> None:
+    bucket, key = store.split_s3(uri)
+    assert f"s3://{bucket}/{key}".rstrip("/") == uri.rstrip("/")
 
 
 def test_refused_endpoint_fails_fast_naming_it_and_never_the_secret(

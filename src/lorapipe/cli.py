@@ -2,7 +2,9 @@
 
 Each command lives in its own module, which provides ``configure_parser(parser)`` and
 ``main(args) -> int``. Modules are imported only when their command runs, so
-``lorapipe ingest`` never pays for importing torch.
+``lorapipe ingest`` never pays for importing torch. A command runs inside
+:func:`lorapipe.redaction.redacted_output`: no credential reaches its output or logs, even with
+``--debug``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
+from lorapipe import redaction
 from lorapipe.errors import LorapipeError, StorageError
 
 # A write that fails for lack of space, whichever library did it (Python's OSError, pyarrow's,
@@ -59,6 +63,12 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command with every credential scrubbed from what it prints and logs."""
+    with redaction.redacted_output():
+        return _run_command(argv)
+
+
+def _run_command(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     if debug:
@@ -82,19 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         return int(module.main(args) or 0)
     except LorapipeError as error:
-        if debug:
-            raise
-        print(f"lorapipe {command}: error: {error}", file=sys.stderr)
-        return error.exit_code
+        return _fail(command, error, debug)
     except Exception as error:
         full = _disk_full(error)
-        if debug or full is None:
-            raise
-        print(f"lorapipe {command}: error: {full}", file=sys.stderr)
-        return full.exit_code
+        if full is None:  # a bug: its traceback, printed here so that it is redacted too
+            traceback.print_exc()
+            return 1
+        return _fail(command, full, debug)
     except KeyboardInterrupt:
         print(f"lorapipe {command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(command: str, error: LorapipeError, debug: bool) -> int:
+    """The one error line (after the traceback with ``--debug``) and the error's exit status,
+    the same with ``--debug`` as without, so a script that checks it can be debugged."""
+    if debug:
+        traceback.print_exc()
+    print(f"lorapipe {command}: error: {error}", file=sys.stderr)
+    return error.exit_code
 
 
 def _disk_full(error: Exception) -> StorageError | None:

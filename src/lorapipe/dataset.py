@@ -25,6 +25,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import pyarrow as pa
@@ -337,13 +338,26 @@ def _projection(columns: Sequence[str]) -> list[str]:
 def _stream(
     uri: str, info: DatasetInfo, columns: list[str], batch_rows: int
 ) -> Iterator[ImageRecord]:
+    """The records of every shard; a shard that is truncated, corrupted or not Parquet (pyarrow
+    says so on opening, or on the page it cannot decode) is a DatasetError naming it."""
     for name, expected_rows in info.shards.items():
         shard_uri = store.join(info.root, name)
-        with store.local_file(shard_uri) as path, pq.ParquetFile(path) as shard:
-            _check_shard(shard, shard_uri, expected_rows)
-            for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
-                for row in batch.to_pylist():
-                    yield _record(row)
+        with store.local_file(shard_uri) as path:
+            try:
+                with pq.ParquetFile(path) as shard:
+                    _check_shard(shard, shard_uri, expected_rows)
+                    for batch in shard.iter_batches(batch_size=batch_rows, columns=columns):
+                        for row in batch.to_pylist():
+                            yield _record(row)
+            except (pa.ArrowException, OSError) as error:
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise  # the system failed to read the file, not the file's content
+                printable = "".join(c if c.isprintable() else " " for c in str(error))
+                raise DatasetError(
+                    f"{shard_uri}: not a readable Parquet shard ({' '.join(printable.split())}); "
+                    "it is truncated, corrupted or not Parquet: write the dataset again with "
+                    "the lorapipe stage that made it"
+                ) from None
 
 
 def _record(row: dict) -> ImageRecord:

@@ -64,10 +64,23 @@ def is_s3(uri: str | os.PathLike) -> bool:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``."""
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; a StorageError for a URI with no
+    or no valid bucket, or a key with ``.``/``..`` segments: S3 would take those literally while
+    every local copy of the key (``get_dir``, ``local_file``) resolves them."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket:
         raise StorageError(f"'{uri}' names no bucket; write s3://BUCKET/KEY")
+    # what S3 and MinIO accept, legacy us-east-1 names (capitals, underscores) included
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", bucket) or ".." in bucket:
+        raise StorageError(
+            f"'{uri}': '{bucket}' is not a bucket name (3-255 letters, digits, '.', '-' or "
+            "'_', starting and ending with a letter or digit); write s3://BUCKET/KEY"
+        )
+    if any(segment in (".", "..") for segment in key.split("/")):
+        raise StorageError(
+            f"'{uri}': the key has a '.' or '..' segment; write the key without them "
+            "(s3://BUCKET/some/key)"
+        )
     return bucket, key
 
 
@@ -128,7 +141,10 @@ def _max_attempts() -> int:
 
 @contextlib.contextmanager
 def _s3_errors(uri: str) -> Iterator[None]:
-    """Turn botocore's many exceptions into one-line lorapipe errors without credentials."""
+    """Turn botocore's many exceptions into one-line lorapipe errors without credentials.
+    boto3's transfer manager wraps an upload's ClientError in S3UploadFailedError: that one is
+    read for the ClientError inside it."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
         ClientError,
         ConnectTimeoutError,
@@ -140,7 +156,12 @@ def _s3_errors(uri: str) -> Iterator[None]:
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
     try:
-        yield
+        try:
+            yield
+        except S3UploadFailedError as error:
+            if isinstance(error.__context__, ClientError):
+                raise error.__context__ from None
+            raise StorageError(f"upload to {uri} failed ({error}); retry it") from None
     except ClientError as error:
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")

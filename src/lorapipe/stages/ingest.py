@@ -6,7 +6,8 @@ for real and judged before anything trains on it:
 - Input: a local folder (recursive), an s3:// prefix (objects are downloaded one at a time into
   a temporary folder as decoding goes), or a ``.zip`` / ``.tar`` / ``.tar.gz`` / ``.tgz``
   archive (local or s3://). Captions come from a lora-scripts ``metadata.csv``
-  (``filename,text``) beside the images or given as ``metadata``.
+  (``filename,text``) beside the images or given as ``metadata``; of rows naming the same file
+  the first gives its caption, and the others are warned about and counted in the report.
 - Nothing outside the input is ever read: a symlink leading out of the input, an archive member
   or S3 key with an absolute or ``..`` path, a link member, and a metadata row naming such a
   path are refused and reported (reason ``unsafe_path``).
@@ -411,10 +412,13 @@ class _Captions:
     by_name: dict[str, str] = field(default_factory=dict)
     missing: list[dict[str, Any]] = field(default_factory=list)  # file not in the input
     refused: list[dict[str, Any]] = field(default_factory=list)  # unsafe or repeated rows
+    duplicate_rows: int = 0  # rows naming a file an earlier row captions
 
 
 def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
-    """Match metadata.csv rows to the input's files, refusing rows that point outside it."""
+    """Match metadata.csv rows to the input's files, refusing rows that point outside it. Of
+    rows naming one file the first gives its caption; the others are refused, counted and
+    warned about (a silently dropped caption is a LoRA trained on the wrong text)."""
     located = (metadata_uri, metadata_uri) if metadata_uri else source.metadata
     if located is None:
         return _Captions()
@@ -422,6 +426,7 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
     rows = metadata_csv.parse(store.read_bytes(uri), label)
     captions = _Captions(source=label, rows=len(rows))
     known = source.known()
+    lines_of: dict[str, list[int]] = {}  # captioned file -> its rows' lines, the kept one first
     for line, filename, text in ((row.line, row.filename, row.text) for row in rows):
         entry = {"line": line, "filename": filename}
         name = _clean_name(filename)
@@ -431,12 +436,29 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
         if why:
             captions.refused.append({**entry, "reason": f"{why}; refused, not read"})
         elif name in captions.by_name:
-            captions.refused.append({**entry, "reason": "a second row for this file; ignored"})
+            kept = lines_of[name][0]
+            reason = f"a second row for this file; the caption of line {kept} is kept"
+            captions.refused.append({**entry, "reason": reason})
+            captions.duplicate_rows += 1
+            lines_of[name].append(line)
         elif name not in known:
             captions.missing.append(entry)
         else:
             captions.by_name[name] = text
+            lines_of[name] = [line]
+    for name, lines in lines_of.items():
+        if len(lines) > 1:
+            _warn_repeated(label, name, lines)
     return captions
+
+
+def _warn_repeated(label: str, name: str, lines: list[int]) -> None:
+    """One warning per repeated file, naming every line and the one whose caption is kept."""
+    log.warning(
+        "%s: '%s' is named on lines %s; the caption of line %d (the first) is kept, the "
+        "others are ignored; delete the rows you do not mean",
+        label, name, ", ".join(map(str, lines)), lines[0],
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- decoding
@@ -818,6 +840,7 @@ def _report(
             "uncaptioned_images": stats.kept - stats.captioned,
             "missing_files": captions.missing,
             "refused_rows": captions.refused,
+            "duplicate_rows": captions.duplicate_rows,
         },
     }
 
@@ -839,7 +862,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- captions: `{captions['metadata']}` has {captions['rows']} rows; "
         f"{captions['captioned_images']} kept images captioned, "
         f"{captions['uncaptioned_images']} without; rows naming a missing file: "
-        f"{len(captions['missing_files'])}, refused rows: {len(captions['refused_rows'])}"
+        f"{len(captions['missing_files'])}, refused rows: {len(captions['refused_rows'])} "
+        f"({captions['duplicate_rows']} repeating a file name: the first row's caption is kept)"
         if captions["metadata"]
         else "- captions: no metadata.csv; every caption is empty",
         "",
