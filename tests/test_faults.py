@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +30,14 @@ from safetensors.torch import load_file
 from test_train import flags, write_folder
 
 from lorapipe import checkpoint_layout as layout
-from lorapipe import outputs, store
+from lorapipe import outputs, store, writer_lock
 from lorapipe.dataset import DatasetWriter, ImageRecord, read_info, read_records
 from lorapipe.errors import LorapipeError
 from lorapipe.stages import augment, ingest, select
 from lorapipe.stages.select import publish
 from lorapipe.stages.train import run
 from lorapipe.train_config import TrainConfig
+from lorapipe.training.progress import LOSS_LOG_NAME
 
 pytestmark = pytest.mark.faults
 
@@ -108,11 +110,13 @@ def test_training_killed_again_and_again_resumes_from_s3_to_the_uninterrupted_lo
     resumed = dataclasses.replace(config, output_dir=str(output), resume="latest")
     rng = random.Random(8)
     kills, attempts, progress = 0, 0, []
+    # a killed run's lease on the mirror lives on until its TTL: the next attempt knows it is dead
+    after_a_kill = {"env": os.environ | {writer_lock.FORCE_ENV: "1"}}
     while kills < KILLS:
         attempts += 1
         assert attempts <= 2 * KILLS, f"only {kills} kills landed in {attempts - 1} attempts"
         start = max(layout.find_checkpoints(mirror)[0], default=0)
-        process = train_process(resumed)
+        process = train_process(resumed, **after_a_kill)
         deadline = time.monotonic() + 300
         # wait for progress (a checkpoint past the resume point), then kill at a random moment:
         # mid-step, mid-save or mid-upload to the mirror
@@ -133,7 +137,7 @@ def test_training_killed_again_and_again_resumes_from_s3_to_the_uninterrupted_lo
     print(f"\nkills survived: {kills} in {attempts} attempts; mirrored steps: {progress}")
     assert kills >= 2 and progress[-1], "the kills must land after checkpoints were mirrored"
 
-    final = train_process(resumed)
+    final = train_process(resumed, **after_a_kill)
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr[-3000:]
     straight = tmp_path / "straight"
@@ -550,3 +554,52 @@ def test_two_runs_publishing_to_one_bucket_do_not_clobber_each_other(
             assert {k: v for k, v in tree_digest(local).items() if k in digest} == digest
     latest = json.loads(store.read_text(store.join(published, "latest.json")))
     assert latest == {"run_id": "run-2", "uri": store.join(published, "run-2")}
+
+
+# --------------------------------------------------------------------------- two writers
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_trainings_racing_for_one_output_leave_only_the_winners_run(
+    config: TrainConfig, tmp_path: Path, where: str, request: pytest.FixtureRequest
+) -> None:
+    output = (
+        str(tmp_path / "out") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/out"
+    )
+    started = time.monotonic()
+    racers = {
+        seed: train_process(dataclasses.replace(config, output_dir=output, seed=seed))
+        for seed in (1, 2)
+    }
+
+    def finish(process: subprocess.Popen) -> tuple[float, str]:
+        _, stderr = process.communicate(timeout=300)
+        return time.monotonic() - started, stderr
+
+    with ThreadPoolExecutor(len(racers)) as pool:
+        ended = dict(zip(racers, pool.map(finish, racers.values()), strict=True))
+    codes = {seed: process.returncode for seed, process in racers.items()}
+    assert sorted(codes.values()) == [0, 2], {seed: ended[seed][1][-2000:] for seed in racers}
+    winner = next(seed for seed, code in codes.items() if code == 0)
+    loser = next(seed for seed in racers if seed != winner)
+    (winner_seconds, _), (loser_seconds, loser_log) = ended[winner], ended[loser]
+    print(
+        f"\n{where}: the loser stopped after {loser_seconds:.1f} s, the winner after {winner_seconds:.1f} s"
+    )
+
+    errors = [line for line in loser_log.splitlines() if "lorapipe train: error" in line]
+    assert len(errors) == 1 and "Traceback" not in loser_log, loser_log[-3000:]
+    assert "`lorapipe train --" in errors[0] and f"pid {racers[winner].pid} on host" in errors[0]
+    assert "since" in errors[0] and "wait for it to finish" in errors[0]
+    assert loser_seconds < winner_seconds / 2  # at once: before loading any model
+
+    complete, incomplete = layout.find_checkpoints(output)
+    assert sorted(complete) == [4] and not incomplete
+    rows = store.read_text(store.join(output, LOSS_LOG_NAME)).splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3", "4"]
+    report = json.loads(store.read_text(store.join(output, layout.TRAINING_REPORT_NAME)))
+    assert report["config"]["seed"] == winner
+    if where == "s3":
+        assert not store.exists(store.join(output, writer_lock.LEASE_NAME))
+    else:
+        assert not writer_lock.lock_path(output).exists()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from lorapipe import redaction
 from lorapipe.errors import LorapipeError, StorageError
+from lorapipe.writer_lock import FORCE_ENV
 
 # A write that fails for lack of space, whichever library did it (Python's OSError, pyarrow's,
 # safetensors' "... (os error 28)"), is one line like any other LorapipeError, not a traceback.
@@ -49,6 +50,11 @@ def _top_level_parser() -> argparse.ArgumentParser:
         description="Stable Diffusion LoRA training pipeline. Run `lorapipe COMMAND --help`.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="take over an S3 output whose lease another run holds (when that run is dead)",
+    )
     parser.add_argument("--version", action="version", version=_version())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in sorted(COMMANDS.items()):
@@ -73,6 +79,9 @@ def _run_command(argv: Sequence[str] | None) -> int:
     debug = "--debug" in argv
     if debug:
         argv.remove("--debug")
+    if "--force" in argv:  # for writer_lock; through the environment it reaches workers too
+        argv.remove("--force")
+        os.environ[FORCE_ENV] = "1"
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         _top_level_parser().parse_args(argv or ["--help"])

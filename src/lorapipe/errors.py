@@ -40,6 +40,10 @@ class ObjectNotFoundError(StorageError):
     """A key or local file does not exist."""
 
 
+class OutputBusyError(StorageError):
+    """Another run holds the output (its lock or S3 lease), or took this run's lease over."""
+
+
 class ClusterError(LorapipeError):
     """The Kubeflow Pipelines server cannot be reached or refused a request."""
 

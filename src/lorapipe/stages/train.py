@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -31,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lorapipe import config as config_options
-from lorapipe import store
+from lorapipe import store, writer_lock
 from lorapipe.checkpoint_layout import TRAINING_REPORT_NAME
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import TrainConfig, check_values, load_config
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from lorapipe.training.data import Example, SamplePlan
     from lorapipe.training.encoders import EncodeEveryStep, LatentCache
     from lorapipe.training.validation import ValidationLoss, Validator
+    from lorapipe.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +67,20 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     """Train a LoRA on ``train_data`` (a lorapipe dataset or a folder with metadata.csv) into
     ``output_dir`` (local or s3://) and return the training report.
 
-    In a multi-process launch every process calls this; see the module docstring.
+    In a multi-process launch every process calls this; see the module docstring. The main
+    process holds ``output_dir`` and ``checkpoint_mirror`` throughout (``hold_outputs``).
     """
+    config = dataclasses.replace(config, train_data_dir=train_data, output_dir=output_dir)
+    check_values(config)
+    accelerator = _accelerator(config)
+    with hold_outputs(config, writer=accelerator.is_main_process) as locks:
+        return _train_holding_outputs(config, accelerator, locks)
+
+
+def _train_holding_outputs(
+    config: TrainConfig, accelerator: Accelerator, locks: list[WriterLock]
+) -> dict[str, Any]:
+    """``run`` once this run's outputs are held (``locks``: by this process, if main)."""
     import torch
     from accelerate.utils import set_seed
 
@@ -76,10 +91,7 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
     from lorapipe.training.progress import RunningLoss, TrainingLog
     from lorapipe.training.validation import eval_mode
 
-    config = dataclasses.replace(config, train_data_dir=train_data, output_dir=output_dir)
-    check_values(config)
     started_at = _now()
-    accelerator = _accelerator(config)
     paths = OutputPaths.for_config(config)
     set_seed(config.seed)  # the same LoRA initialisation in every process
     models = load_models(config, accelerator)
@@ -104,6 +116,7 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
         lr_scheduler=lr_scheduler,
         running_loss=running_loss,
         plan=data.plan.signature,
+        writer_locks=locks,
     )
     start_step = checkpointer.resume(config.resume)
 
@@ -148,6 +161,8 @@ def run(train_data: str, output_dir: str, config: TrainConfig) -> dict[str, Any]
 
     report = training_report(config, models, data, started_at, throughput=progress.throughput)
     if accelerator.is_main_process:
+        for lock in locks:
+            lock.check()  # taken over meanwhile: the report must not go over the new holder's
         write_report(report, paths)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -656,12 +671,24 @@ def train(train_config: TrainConfig) -> int:
     if train_config.num_nodes > 1:
         from lorapipe import trainjob
 
-        trainjob.train_on_nodes(train_config)
+        trainjob.train_on_nodes(train_config)  # each node's main process holds the output
         return 0
-    if train_config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        return launch(train_config)
-    run(train_config.train_data_dir, train_config.output_dir, train_config)
+    # held before anything slow, so that a second run into the same output stops at once
+    with hold_outputs(train_config, writer=os.environ.get("RANK", "0") == "0"):
+        if train_config.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+            return launch(train_config)  # its processes share this process's locks
+        run(train_config.train_data_dir, train_config.output_dir, train_config)
     return 0
+
+
+@contextlib.contextmanager
+def hold_outputs(config: TrainConfig, *, writer: bool) -> Iterator[list[WriterLock]]:
+    """``output_dir`` and ``checkpoint_mirror`` held for the block (``writer_lock.hold``) when
+    this process is the one that writes; none held by the others (a launch's workers other than
+    the main one), so that they never wait for their own run's lock."""
+    outputs = [config.output_dir, config.checkpoint_mirror] if writer else []
+    with ExitStack() as stack:
+        yield [stack.enter_context(writer_lock.hold(uri)) for uri in dict.fromkeys(outputs) if uri]
 
 
 def with_run_folder(train_config: TrainConfig) -> TrainConfig:

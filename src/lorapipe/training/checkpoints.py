@@ -22,7 +22,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from lorapipe.training.progress import RunningLoss
     from lorapipe.training.validation import ValidationLoss
+    from lorapipe.writer_lock import WriterLock
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,8 @@ class Checkpointer:
     lr_scheduler: LRScheduler
     running_loss: RunningLoss
     plan: dict[str, int | str]  # data.SamplePlan.signature
+    # this run's outputs, held by this process (main) or none: checked before each upload
+    writer_locks: Sequence[WriterLock] = ()
     last: str | None = None  # the newest complete checkpoint of this run
     elapsed_before: float = 0.0  # training seconds of earlier attempts
     started: float = field(default_factory=time.perf_counter)
@@ -384,6 +387,8 @@ class Checkpointer:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # e.g. disk full: no half checkpoint
             raise
+        for lock in self.writer_locks:
+            lock.check()  # a run whose lease was taken over must not upload into the new run's
         for mirror_uri in self.mirrors:
             mirror(published, mirror_uri)
             store.upload_file(self.output / LOSS_LOG_NAME, store.join(mirror_uri, LOSS_LOG_NAME))
