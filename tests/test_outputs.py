@@ -4,12 +4,15 @@ manifest's files after, on a local folder and on a real S3 HTTP server."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from lorapipe import outputs, store
 from lorapipe.errors import ConfigError, StorageError
+from lorapipe.writer_lock import LEASE_NAME
 
 KIND = outputs.OutputKind(name="a test output", markers=("report.json",))
 
@@ -43,7 +46,8 @@ def test_a_staged_output_appears_whole_and_replaces_an_older_one(base_uri: str) 
     uri = store.join(base_uri, "out")
     with outputs.staged_output(uri, KIND) as staging:
         _write_output(staging, {"report.json": "1", "old.txt": "x", "sub/a.txt": "a"})
-        assert not store.list_uris(uri)  # nothing is visible before the block ends
+        visible = store.list_uris(uri)  # before the block ends: at most the writer's lease
+        assert visible in ([], [store.join(uri, LEASE_NAME)])
     assert published_files(uri) == {"report.json": "1", "old.txt": "x", "sub/a.txt": "a"}
 
     with outputs.staged_output(uri, KIND) as staging:
@@ -199,3 +203,34 @@ def test_locally_the_old_output_is_swapped_out_in_one_step(tmp_path: Path) -> No
     (new / "v").write_text("new")
     assert outputs._exchange(new, old)
     assert (old / "v").read_text() == "new" and (new / "v").read_text() == "old"
+
+
+def test_a_second_run_into_an_output_being_written_stops_at_once(
+    base_uri: str, tmp_path: Path
+) -> None:
+    """Every stage output is held while it is written: `lorapipe ingest` into a dataset that
+    another run is writing exits 2 at once, in one line naming that run."""
+    from test_writer_lock import Holder
+
+    from lorapipe.writer_lock import hold
+
+    dataset = store.join(base_uri, "dataset")
+    images = tmp_path / "images"
+    images.mkdir()
+    holder = Holder(dataset)
+    try:
+        assert holder.first_line == "held"
+        command = [sys.executable, "-m", "lorapipe.cli", "ingest", str(images), "--out", dataset]
+        refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        holder.finish()
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()[-1:]
+    assert "is being written by" in line and f"pid {holder.pid}" in line, line
+    assert "Traceback" not in refused.stderr
+
+    with hold(dataset):  # a stage's own hold: its publish shares it and keeps the lease
+        with outputs.staged_output(dataset, KIND) as staging:
+            _write_output(staging, {"report.json": "1"})
+        assert store.exists(store.join(dataset, LEASE_NAME)) == store.is_s3(dataset)
+    assert published_files(dataset) == {"report.json": "1"}

@@ -233,3 +233,18 @@ def test_a_child_process_shares_the_lock_its_parent_holds(
         assert child.finish() == 0
         assert is_held(output)  # the child's exit released nothing
     assert not is_held(output)
+
+
+def test_a_pipeline_task_takes_over_what_a_killed_attempt_of_it_still_holds(
+    s3_bucket: str, holders: list[Holder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retried pod starts while its killed predecessor's lease is still fresh."""
+    monkeypatch.delenv(writer_lock.FORCE_ENV, raising=False)
+    output = f"{s3_bucket}/out"
+    holders.append(killed := Holder(output))
+    killed.kill()
+    with pytest.raises(OutputBusyError), hold(output):
+        pass
+    with writer_lock.taking_over(), hold(output) as lock:
+        assert lease(output)["owner"] == lock.owner
+    assert not writer_lock.force_requested()  # only inside the block

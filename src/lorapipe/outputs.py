@@ -17,6 +17,9 @@ guarantees hold in one place:
   ``.<name>.*.tmp`` staging folders, abandoned multipart uploads) are deleted then, never before.
 - **Only an older output of the same kind is replaced**, never a user's photos or another
   stage's output (:class:`OutputKind`).
+- **One writer.** The output is held (:mod:`lorapipe.writer_lock`) from the first check to the
+  end; a second run into it stops at once, naming the holder, and a run whose S3 lease was
+  taken over finds out before it moves the pointer.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from lorapipe import __version__, store
+from lorapipe import __version__, store, writer_lock
 from lorapipe.errors import LorapipeError, StorageError
 
 VERSION_PATTERN = re.compile(r"v-\d{8}T\d{6}Z-[0-9a-f]{8}")
@@ -69,22 +72,32 @@ class OutputStaging:
     def __init__(self, dest_uri: str, kind: OutputKind) -> None:
         self.dest_uri = str(dest_uri)
         self.kind = kind
-        check_replaceable(self.dest_uri, kind)
-        self.path = _make_staging_dir(self.dest_uri)
+        self._held = contextlib.ExitStack()
+        self._lock = self._held.enter_context(writer_lock.hold(self.dest_uri))
+        try:
+            check_replaceable(self.dest_uri, kind)
+            self.path = _make_staging_dir(self.dest_uri)
+        except BaseException:
+            self._held.close()
+            raise
 
     def publish(self) -> None:
         """Publish ``path`` as the output (see the module docstring); ``path`` is consumed."""
-        check_replaceable(self.dest_uri, self.kind)  # again: something may have appeared
-        manifest = store.manifest_for(self.path)
-        if store.is_s3(self.dest_uri):
-            _publish_s3(self.path, self.dest_uri, manifest)
-        else:
-            _write_json(self.path / store.MANIFEST_NAME, manifest)
-            _publish_local(self.path, Path(_local(self.dest_uri)))
-        self.discard()
+        try:
+            check_replaceable(self.dest_uri, self.kind)  # again: something may have appeared
+            manifest = store.manifest_for(self.path)
+            if store.is_s3(self.dest_uri):
+                _publish_s3(self.path, self.dest_uri, manifest, self._lock)
+            else:
+                _write_json(self.path / store.MANIFEST_NAME, manifest)
+                _publish_local(self.path, Path(_local(self.dest_uri)))
+        finally:
+            self.discard()
 
     def discard(self) -> None:
+        """Drop the staging directory and let the output go."""
         shutil.rmtree(self.path, ignore_errors=True)
+        self._held.close()
 
     def __enter__(self) -> OutputStaging:
         return self
@@ -129,6 +142,7 @@ def _s3_contents(dest_uri: str, kind: OutputKind) -> tuple[set[str], bool]:
     """(names under the prefix, whether they are an output of ``kind`` or crash leftovers)."""
     base = dest_uri.rstrip("/") + "/"
     names = {uri.removeprefix(base) for uri in store.list_uris(dest_uri)}
+    names.discard(writer_lock.LEASE_NAME)
     manifest = store.read_manifest(dest_uri) if store.MANIFEST_NAME in names else None
     if manifest is not None and manifest.get(store.VERSION_KEY) is not None:
         return names, set(kind.markers) <= set(manifest["files"])
@@ -200,13 +214,14 @@ def _local(uri: str) -> str:
 # --------------------------------------------------------------------------- S3
 
 
-def _publish_s3(staging: Path, dest_uri: str, manifest: dict) -> None:
+def _publish_s3(staging: Path, dest_uri: str, manifest: dict, lock: writer_lock.WriterLock) -> None:
     """Upload under a fresh version prefix, then swap the pointer, then delete the rest."""
     version = new_version()
     store.upload_files(staging, store.join(dest_uri, version), sorted(manifest["files"]))
     pointer = {store.VERSION_KEY: version, **manifest, "written_by": f"lorapipe {__version__}"}
+    lock.check()  # a run whose lease was taken over must not move the pointer
     store.write_text(store.join(dest_uri, store.MANIFEST_NAME), json.dumps(pointer, indent=1))
-    keep = {store.join(dest_uri, store.MANIFEST_NAME)}
+    keep = {store.join(dest_uri, store.MANIFEST_NAME), store.join(dest_uri, writer_lock.LEASE_NAME)}
     keep.update(store.join(dest_uri, version, name) for name in manifest["files"])
     store.delete_many([uri for uri in store.list_uris(dest_uri) if uri not in keep])
     store.abort_uploads(dest_uri)

@@ -6,21 +6,40 @@ mechanism, ``lorapipe.config``), calls the stage's ``run`` exactly as ``lorapipe
 copies the stage's ``report.md`` to the component's ``Markdown`` artifact and returns the numbers
 the KFP UI shows. Nothing here decides anything a CLI user could not get: publishing, the
 multi-node TrainJob and the LoRA-tag rule belong to the stages.
+
+Every step runs as :func:`pipeline_task`: a retried pod takes over the outputs its killed
+predecessor still holds (an S3 lease lives on for ``LORAPIPE_LEASE_TTL`` after its holder died),
+since a task's outputs are its own run's and only earlier attempts of it can hold them.
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from lorapipe import config
+from lorapipe import config, writer_lock
 from lorapipe.errors import ConfigError, TrainingError
 
 Metrics = dict[str, float]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
+def pipeline_task(step: Callable[P, R]) -> Callable[P, R]:
+    """Run ``step`` taking over its outputs from earlier attempts of the same task."""
+
+    @functools.wraps(step)
+    def attempt(*args: P.args, **kwargs: P.kwargs) -> R:
+        with writer_lock.taking_over():
+            return step(*args, **kwargs)
+
+    return attempt
+
+
+@pipeline_task
 def ingest(
     data_uri: str,
     dataset_path: str,
@@ -39,6 +58,7 @@ def ingest(
     return metrics_for_kfp(stage.metrics(report))
 
 
+@pipeline_task
 def tag(
     dataset_path: str,
     output_path: str,
@@ -64,6 +84,7 @@ def tag(
     return metrics_for_kfp(stage.metrics(report))
 
 
+@pipeline_task
 def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
     """Add mirrored copies (captions rewritten left <-> right)."""
     from lorapipe.stages import augment as stage
@@ -73,6 +94,7 @@ def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
     return metrics_for_kfp(stage.metrics(report))
 
 
+@pipeline_task
 def train(
     dataset_path: str,
     training_path: str,
@@ -117,6 +139,7 @@ def train(
     return metrics_for_kfp(stage.metrics(training_path))
 
 
+@pipeline_task
 def select(
     training_path: str,
     lora_path: str,
@@ -136,6 +159,7 @@ def select(
     return metrics_for_kfp(report["metrics"])
 
 
+@pipeline_task
 def generate(
     base_model_uri: str,
     lora_path: str,

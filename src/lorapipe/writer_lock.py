@@ -91,6 +91,22 @@ def force_requested() -> bool:
     return os.environ.get(FORCE_ENV, "").lower() in ("1", "true", "yes")
 
 
+@contextlib.contextmanager
+def taking_over() -> Iterator[None]:
+    """``--force`` inside the block, and for the processes started in it: for a pipeline task,
+    whose outputs only earlier attempts of the same task (a killed pod, whose S3 lease has not
+    yet expired) can hold."""
+    before = os.environ.get(FORCE_ENV)
+    os.environ[FORCE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(FORCE_ENV, None)
+        else:
+            os.environ[FORCE_ENV] = before
+
+
 # --------------------------------------------------------------------------- who holds it
 
 
