@@ -22,6 +22,7 @@ import yaml
 
 from lorapipe import store
 from lorapipe.errors import ConfigError, LorapipeError
+from lorapipe.redaction import redacted_output
 from pipelines import cluster, local_run, lora_training, parameters
 
 log = logging.getLogger(__name__)
@@ -103,4 +104,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with redacted_output():  # KFP_TOKEN and the S3 keys never reach a terminal or CI log
+        sys.exit(main())

@@ -132,3 +132,21 @@ def test_multi_node_training_needs_an_s3_mirror(tmp_path: Path) -> None:
             str(tmp_path), str(tmp_path / "out"), base_model_uri="m", training_config="",
             num_nodes=2, checkpoint_mirror_uri="", run_id="r", trainer_image="i",
         )  # fmt: skip
+
+
+def test_a_pipeline_step_prints_no_credential_and_takes_over_its_outputs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lorapipe import writer_lock
+    from lorapipe.pipeline_steps import pipeline_task
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "pipeline-step-secret-0123")
+    monkeypatch.delenv(writer_lock.FORCE_ENV, raising=False)
+
+    @pipeline_task
+    def step() -> bool:
+        print("the secret is pipeline-step-secret-0123")
+        return writer_lock.force_requested()
+
+    assert step() is True and not writer_lock.force_requested()
+    assert "pipeline-step-secret-0123" not in capsys.readouterr().out

@@ -429,6 +429,23 @@ def test_select_replaces_its_older_output_but_nothing_else(training_output, tmp_
     assert [p.name for p in (tmp_path / "photos").iterdir()] == ["cat.jpg"]
 
 
+def test_on_s3_a_new_output_name_leaves_no_earlier_lora_beside_it(
+    training_output, s3_bucket: str
+) -> None:
+    root, _ = training_output
+    out = f"{s3_bucket}/selected"
+    run(str(root), out, SelectConfig(output_name="first"))
+    run(str(root), out, SelectConfig(output_name="second"))
+    loras = [u for u in store.list_uris(out) if u.endswith(".safetensors")]
+    assert sorted(u.rsplit("/", 1)[1] for u in loras) == [
+        "pytorch_lora_weights.safetensors",
+        "second.safetensors",
+    ]
+    assert store.exists(f"{out}/second.safetensors") and not store.exists(
+        f"{out}/first.safetensors"
+    )
+
+
 # --------------------------------------------------------------------------- SDXL
 
 

@@ -7,9 +7,10 @@ copies the stage's ``report.md`` to the component's ``Markdown`` artifact and re
 the KFP UI shows. Nothing here decides anything a CLI user could not get: publishing, the
 multi-node TrainJob and the LoRA-tag rule belong to the stages.
 
-Every step runs as :func:`pipeline_task`: a retried pod takes over the outputs its killed
-predecessor still holds (an S3 lease lives on for ``LORAPIPE_LEASE_TTL`` after its holder died),
-since a task's outputs are its own run's and only earlier attempts of it can hold them.
+Every step runs as :func:`pipeline_task`: its output is scrubbed of credentials as the CLI's is,
+and a retried pod takes over the outputs its killed predecessor still holds (an S3 lease lives
+on for ``LORAPIPE_LEASE_TTL`` after its holder died), since a task's outputs are its own run's
+and only earlier attempts of it can hold them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from lorapipe import config, writer_lock
 from lorapipe.errors import ConfigError, TrainingError
+from lorapipe.redaction import redacted_output
 
 Metrics = dict[str, float]
 P = ParamSpec("P")
@@ -29,11 +31,12 @@ R = TypeVar("R")
 
 
 def pipeline_task(step: Callable[P, R]) -> Callable[P, R]:
-    """Run ``step`` taking over its outputs from earlier attempts of the same task."""
+    """Run ``step`` with redacted output, taking over its outputs from earlier attempts of
+    the same task."""
 
     @functools.wraps(step)
     def attempt(*args: P.args, **kwargs: P.kwargs) -> R:
-        with writer_lock.taking_over():
+        with redacted_output(), writer_lock.taking_over():
             return step(*args, **kwargs)
 
     return attempt
