@@ -585,6 +585,22 @@ def test_a_generate_job_that_cannot_run_is_one_line_naming_the_file(
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [(["--height", "100000"], "height 100000"), (["--size", "512x100000"], "sizes '512x100000'")],
+)
+def test_an_absurd_image_size_is_refused_at_once_naming_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    out = tmp_path / "out"
+    model = tmp_path / "not-looked-at"  # refused before the base model is even opened
+    argv = ["generate", "--base-model", str(model), "--prompt", "a dog", *flags]
+    line = one_error_line(capsys, "generate", main([*argv, "--out", str(out)]))
+    assert f"command line: {named} is larger than max_image_side (4096 px per side)" in line
+    assert "raise max_image_side (--max-image-side)" in line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
 def test_zero_seeds_keeps_an_older_generate_output(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

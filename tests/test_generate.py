@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def test_a_job_file_sets_the_grid_and_the_base_model(tmp_path: Path) -> None:
         ({"width": 500}, "width 500 must be a positive multiple of 8"),
         ({"seeds": [1, 2, 1]}, "seeds lists 1 twice"),
         ({"cfg_scales": [0.5]}, "cfg_scales value 0.5 must be between 1.0 and 100.0"),
+        (
+            {"height": 100000},
+            "job.yaml: height 100000 is larger than max_image_side (4096 px per side); give "
+            "sides of at most 4096, or raise max_image_side (--max-image-side) for a device",
+        ),
+        ({"width": 8192, "max_image_side": 4096}, "width 8192 is larger than max_image_side"),
+        ({"max_image_side": 4}, "max_image_side value 4 must be between 8 and 16384"),
     ],
 )
 def test_a_grid_that_cannot_run_is_a_one_line_config_error(values: dict, message: str) -> None:
@@ -110,6 +118,10 @@ def test_sizes_come_from_the_job_file_or_repeated_size_flags(tmp_path: Path) -> 
         ({"sizes": ["0x768"]}, "each side must be a positive multiple of 8, e.g. 8x768"),
         ({"sizes": ["512x768", "512X768"]}, "job.yaml: sizes lists 512x768 twice; keep one"),
         (
+            {"sizes": ["512x768", "512x100000"]},
+            "job.yaml: sizes '512x100000' is larger than max_image_side (4096 px per side)",
+        ),
+        (
             {"sizes": ["512x768"], "width": 512},
             "job.yaml: sizes and width/height are both set; give the sizes only "
             "(e.g. [512x768, 768x512]) or width and height only",
@@ -121,6 +133,13 @@ def test_a_size_that_cannot_run_is_a_one_line_config_error(values: dict, message
     with pytest.raises(ConfigError, match=re.escape(message)) as error:
         config.validate("job.yaml")
     assert "\n" not in str(error.value)
+
+
+def test_max_image_side_lets_a_device_that_can_render_larger_sizes_do_so() -> None:
+    GenerateConfig(prompts=["a cat"], sizes=["512x8192"], max_image_side=8192).validate()
+    GenerateConfig(prompts=["a cat"], height=8192, max_image_side=8192).validate()
+    flags = command_line("--prompt", "a cat", "--height", "8192", "--max-image-side", "8192")
+    assert config_from_args(flags)[0].height == 8192
 
 
 def test_a_bad_size_flag_is_a_one_line_config_error() -> None:
@@ -211,11 +230,15 @@ def test_cli_generate_writes_images_sheets_index_and_report(
 
 
 def test_a_grid_of_two_sizes_renders_each_and_says_so_everywhere(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = GenerateConfig(prompts=["a red dog"], sizes=["64x96", "96x64"], steps=2)
     out = tmp_path / "out"
-    report = run(str(tiny_model_dir), str(out), config)
+    with caplog.at_level(logging.INFO, logger="lorapipe.stages.generate"):
+        report = run(str(tiny_model_dir), str(out), config)
+
+    # said before the first image: how many images, in how many UNet batches
+    assert "generate: 1 prompt x 2 sizes = 2 images in 2 batches of up to 8" in caplog.messages
 
     for name, size in [
         ("p01_base_64x96_lora-tagged_cfg7_seed1.png", (64, 96)),

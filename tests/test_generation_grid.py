@@ -7,8 +7,9 @@ import pytest
 from generation_helpers import grid
 
 from lorapipe.errors import PromptError
-from lorapipe.generation.grid import check_lora_tags, scaled_lora_tags
+from lorapipe.generation.grid import check_lora_tags, grid_summary, scaled_lora_tags
 from lorapipe.prompts.syntax import LoraTag, parse_prompt
+from lorapipe.stages.generate import GenerateConfig
 
 # --------------------------------------------------------------------------- the grid
 
@@ -27,6 +28,22 @@ def test_the_grid_is_every_combination_in_order() -> None:
     assert (first.cfg_scale, first.seed) == (7, 1)
     assert [c.seed for c in cells[:4]] == [1, 2, 3, 1]
     assert cells[-1].file_name == "p02_landscape_64x64_lora1_cfg9_seed3.png"
+
+
+def test_the_plan_says_each_axis_and_how_many_images_and_batches_it_makes() -> None:
+    values = {
+        "prompts": ["a", "b", "c"],
+        "negative_presets": ["portrait", "landscape"],
+        "sizes": ["64x96", "96x64"],
+        "seeds": [1, 2, 3, 4],
+        "batch_size": 4,
+    }
+    cells = grid(**values)
+    assert grid_summary(GenerateConfig(**values), len(cells), 12) == (
+        "3 prompts x 2 negative presets x 2 sizes x 4 seeds = 48 images in 12 batches of up to 4"
+    )
+    one = GenerateConfig(prompts=["a"], sizes=["64x64"], lora_scales=[0.5, 1])
+    assert grid_summary(one, 2, 2) == "1 prompt x 2 LoRA scales = 2 images in 2 batches of up to 8"
 
 
 def test_sizes_are_an_axis_of_the_grid_inside_prompt_and_preset() -> None:

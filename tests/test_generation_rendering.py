@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from generation_helpers import grid
 from PIL import Image
 
-from lorapipe.generation.grid import Cell
+from lorapipe.generation.grid import Cell, group_by
 from lorapipe.generation.rendering import GridRenderer
 from lorapipe.generation.samplers import make_scheduler
 from lorapipe.models import SD1
+from lorapipe.prompts.encoding import Conditioning
 
 # Images are compared as 8-bit pixels: batched and one-off runs may differ by float rounding in
 # the UNet's matrix products, which moves a pixel by at most one level.
@@ -26,13 +28,15 @@ def max_difference(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
-def renderer(pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8) -> GridRenderer:
+def renderer(
+    pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8, steps: int = STEPS
+) -> GridRenderer:
     return GridRenderer(
         pipe,
         family=SD1,
         adapters={"film_style": "lora_0"},
         sampler=sampler,
-        steps=STEPS,
+        steps=steps,
         batch_size=batch_size,
     )
 
@@ -161,3 +165,84 @@ def test_lora_weights_reach_unet_and_text_encoder_separately(pipe) -> None:
     assert max_difference(no_lora, zero) <= PIXEL_TOLERANCE
     for a, b in [(no_lora, full), (full, unet_only), (full, text_only), (unet_only, text_only)]:
         assert max_difference(a, b) > 10
+
+
+# --------------------------------------------------------------------------- streaming
+
+LONG_PROMPT = ", ".join(["street"] * 50)  # 100 tokens or more: two chunks or more
+
+
+def rendered_as_before_streaming(
+    grid_renderer: GridRenderer, cells: list[Cell]
+) -> dict[Cell, Image.Image]:
+    """The grid as generate rendered it before it streamed: per LoRA group, every cell's
+    conditioning encoded first, then batches by size and conditioning length."""
+    images: dict[Cell, Image.Image] = {}
+    size = grid_renderer.batch_size
+    for loras, group in group_by(cells, lambda cell: cell.loras):
+        grid_renderer.apply_loras(loras)
+        conditioned = {cell: grid_renderer.conditioning(cell) for cell in group}
+        shapes = [
+            (cell, (cell.width, cell.height, conditioned[cell][0].embeds.shape[1]))
+            for cell in group
+        ]
+        for _, same_shape in group_by(shapes, lambda item: item[1]):
+            for start in range(0, len(same_shape), size):
+                batch = [cell for cell, _ in same_shape[start : start + size]]
+                positive, negative = (
+                    Conditioning(torch.cat([conditioned[cell][side].embeds for cell in batch]))
+                    for side in (0, 1)
+                )
+                rendered = grid_renderer.denoise(batch, positive, negative)
+                images.update(zip(batch, rendered, strict=True))
+    return images
+
+
+def test_streaming_renders_the_same_batches_and_the_same_pixels_as_encoding_everything_first(
+    pipe,
+) -> None:
+    cells = grid(
+        prompts=["red dog, <lora:film_style:0.7>", f"{LONG_PROMPT}, <lora:film_style:0.7>"],
+        negative_presets=["portrait", "none"],
+        sizes=["64x64", "64x96"],
+        lora_scales=[0.5, 1.0],
+        seeds=[1],
+    )
+    streamed = render_all(renderer(pipe, "Euler a", batch_size=3, steps=2), cells)
+    before = rendered_as_before_streaming(renderer(pipe, "Euler a", batch_size=3, steps=2), cells)
+    assert list(streamed) == list(before)  # the same cells in the same order
+    for cell in cells:
+        assert np.array_equal(pixels(streamed[cell]), pixels(before[cell])), cell.label
+
+
+def test_batches_are_planned_from_tokens_before_anything_is_encoded(pipe, monkeypatch) -> None:
+    grid_renderer = renderer(pipe)
+    monkeypatch.setattr(grid_renderer.encoder, "encode", lambda p: pytest.fail(p.source))
+    cells = grid(
+        prompts=["red dog", LONG_PROMPT, "blue sky"], negative_presets=["none"], seeds=[1, 2]
+    )
+    batches = grid_renderer.batches(cells)
+    # the long prompt's conditioning is longer, so it never shares a UNet call with the others
+    assert [[cell.prompt_index for cell in batch] for batch in batches] == [[0, 0, 2, 2], [1, 1]]
+
+
+def test_each_batch_encodes_only_its_own_texts_so_the_first_image_comes_at_once(
+    pipe, monkeypatch
+) -> None:
+    grid_renderer = renderer(pipe, batch_size=2)
+    encoded: list[str] = []
+    encode = grid_renderer.encoder.encode
+    monkeypatch.setattr(
+        grid_renderer.encoder, "encode", lambda p: encoded.append(p.source) or encode(p)
+    )
+    monkeypatch.setattr(grid_renderer, "denoise", lambda cells, *_: [None] * len(cells))  # fast
+    cells = grid(prompts=[f"prompt {i}" for i in range(30)], negative_presets=["none"])
+    encoded_per_batch, held_per_batch = [], []
+    for _batch, _images in grid_renderer.render(cells):
+        encoded_per_batch.append(sorted(encoded))
+        encoded.clear()
+        held_per_batch.append(len(grid_renderer.recent_conditioning))
+    assert encoded_per_batch[0] == ["", "prompt 0", "prompt 1"]  # not the other 28 prompts
+    assert encoded_per_batch[1:] == [[f"prompt {i}", f"prompt {i + 1}"] for i in range(2, 30, 2)]
+    # four batches' texts at most (a prompt and a negative per image, the empty prompt)
+    assert max(held_per_batch) == 4 * (2 * 2 + 1)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from generation_helpers import grid
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
-from lorapipe.generation.sheets import draw_contact_sheet, write_contact_sheets
+from lorapipe.generation.sheets import draw_contact_sheet, fit_text, write_contact_sheets
 from lorapipe.stages.generate import GenerateConfig
 
 
@@ -54,3 +55,43 @@ def test_each_size_gets_its_own_sheet_named_and_titled_with_the_size(tmp_path: P
     assert portrait.image.height == 28 + 40 + 256 + 2 * 4
     assert landscape.image.height == 28 + 40 + round(256 * 64 / 96) + 2 * 4
     assert (tmp_path / portrait.file).is_file() and (tmp_path / landscape.file).is_file()
+
+
+# --------------------------------------------------------------------------- labels
+
+FONT = ImageFont.load_default(size=14)
+
+
+def canvas() -> ImageDraw.ImageDraw:
+    return ImageDraw.Draw(Image.new("RGB", (8, 8)))
+
+
+def shortened_one_character_at_a_time(text: str, width: int) -> str:
+    """The rule a label follows, as the slow loop it replaced spelt it."""
+    draw = canvas()
+    if draw.textlength(text, font=FONT) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=FONT) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+@pytest.mark.parametrize("width", [0, 5, 40, 150, 400, 2000])
+def test_a_label_too_wide_keeps_its_longest_prefix_that_fits_then_an_ellipsis(width: int) -> None:
+    text = "prompt 1 / portrait / 512x768: street photo in Tokyo rain, 35mm film grain"
+    assert fit_text(canvas(), text, FONT, width) == shortened_one_character_at_a_time(text, width)
+
+
+def test_a_5000_token_prompt_is_fitted_in_a_few_dozen_measurements(monkeypatch) -> None:
+    measured: list[int] = []
+    textlength = ImageDraw.ImageDraw.textlength
+
+    def counting(self, text, *args, **kwargs):
+        measured.append(len(text))
+        return textlength(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "textlength", counting)
+    prompt = ", ".join(["street"] * 2500)  # 5,000 tokens: a word and a comma each time
+    label = fit_text(canvas(), prompt, FONT, 384)
+    assert len(measured) <= 1 + len(prompt).bit_length()  # a binary search, not one per char
+    assert label.endswith("…") and canvas().textlength(label, font=FONT) <= 384

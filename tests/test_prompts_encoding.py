@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from lorapipe.prompts.encoding import PromptEncoder, tokenize_chunks
+from lorapipe.models import SD1
+from lorapipe.prompts.encoding import (
+    ConditioningEncoder,
+    PromptEncoder,
+    chunk_count,
+    tokenize_chunks,
+)
 from lorapipe.prompts.syntax import parse_prompt
 
 
@@ -97,6 +104,15 @@ def test_long_prompts_concatenate_chunk_encodings_along_the_sequence(clip) -> No
     embeds = encoder.encode("dog " * 100)
     assert embeds.shape == (1, 154, text_encoder.config.hidden_size)
     assert torch.equal(embeds[:, :77], encoder.encode("dog " * 75))
+
+
+@pytest.mark.parametrize("text", ["", "a cat", " ".join(["dog"] * 100), "a cat BREAK a dog BREAK"])
+def test_the_chunk_count_is_known_from_the_tokens_before_encoding(clip, text: str) -> None:
+    tokenizer, text_encoder = clip
+    pipe = SimpleNamespace(tokenizer=tokenizer, text_encoder=text_encoder)
+    encoder = ConditioningEncoder(pipe, SD1)
+    parsed = parse_prompt(text)
+    assert encoder.count_chunks(parsed) == chunk_count(encoder.encode(parsed).embeds)
 
 
 def test_prompt_and_negative_are_padded_to_the_same_chunks_with_the_empty_prompt(clip) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from lorapipe.errors import PromptError
+from lorapipe.prompts import negatives
 from lorapipe.prompts.negatives import (
     NegativeLibrary,
     NegativeRules,
@@ -142,6 +143,23 @@ def test_a_related_term_is_flagged_but_kept() -> None:
     terms, (lint,) = resolve_positive_conflicts(["blurry"], "portrait, soft focus", related)
     assert terms == ["blurry"]
     assert lint.level == "warning" and "related 'blurry'" in lint.message
+
+
+def test_a_long_prompt_is_searched_only_for_the_related_groups_of_each_negative_term(
+    monkeypatch,
+) -> None:
+    searched: list[str] = []
+    contains = negatives._contains_phrase
+    monkeypatch.setattr(
+        negatives,
+        "_contains_phrase",
+        lambda text, phrase: searched.append(phrase) or contains(text, phrase),
+    )
+    related = [["blurry", "soft focus"], ["noisy", "film grain"], ["cartoon", "anime"]]
+    prompt = ", ".join(f"street {i}" for i in range(2500))  # 5,000 tokens
+    terms, lints = resolve_positive_conflicts(["blurry", "text"], prompt, related)
+    assert terms == ["blurry", "text"] and lints == []
+    assert set(searched) == {"blurry", "text", "soft focus"}  # not the other groups' terms
 
 
 def test_conflicts_are_only_flagged_when_dropping_is_off() -> None:

@@ -129,6 +129,30 @@ def plan_grid(
     return cells
 
 
+def grid_summary(config: GenerateConfig, images: int, batches: int) -> str:
+    """What a run is about to render, said before it starts, e.g. ``3 prompts x 2 negative
+    presets x 4 seeds = 24 images in 6 batches of up to 4``: the prompts and every other axis
+    with more than one value."""
+    axes = [
+        ("negative preset", len(config.negative_presets)),
+        ("size", len(config.image_sizes())),
+        ("LoRA scale", len(config.lora_scales or [None])),
+        ("CFG scale", len(config.cfg_scales)),
+        ("seed", len(config.seeds)),
+    ]
+    factors = [_counted(len(config.prompts), "prompt")]
+    factors += [_counted(count, axis) for axis, count in axes if count > 1]
+    return (
+        f"{' x '.join(factors)} = {_counted(images, 'image')} in {_counted(batches, 'batch')} "
+        f"of up to {config.batch_size}"
+    )
+
+
+def _counted(count: int, noun: str) -> str:
+    plural = "es" if noun.endswith("ch") else "s"
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}{plural}"
+
+
 def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) -> list[Lint]:
     """Raise PromptError for a tag naming no loaded LoRA or a LoRA tagged twice; return
     warnings for loaded LoRAs no prompt uses."""

@@ -1,13 +1,15 @@
-"""Cells into images on one diffusers pipeline: LoRA weights set once per group, conditioning
-cached, batched UNet calls of one image size, each image from its own seed; then PNGs with their
-parameters and index rows. What differs between model families (text encoders, SDXL's pooled
-embedding and size conditioning, a VAE that overflows in float16) is asked of the family."""
+"""Cells into images on one diffusers pipeline: LoRA weights set once per group, batched UNet
+calls of one image size, each image from its own seed, each batch's conditioning encoded just
+before it runs (a grid of any length streams); then PNGs with their parameters and index rows.
+What differs between model families (text encoders, SDXL's pooled embedding and size
+conditioning, a VAE that overflows in float16) is asked of the family."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from PIL import Image
 from tqdm import tqdm
@@ -30,11 +32,39 @@ if TYPE_CHECKING:
     from lorapipe.models import ModelFamily
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
+
+# batches' worth of conditioning kept, so that a text the next batches use again (a shared
+# negative, a prompt split across sizes) is not encoded again
+RECENT_BATCHES = 4
+
+
+class RecentCache(Generic[K, T]):
+    """The ``capacity`` values used last, nothing older: what every batch uses (the empty
+    prompt, a shared negative) is computed once, and memory stays bounded however long the
+    grid."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._values: OrderedDict[K, T] = OrderedDict()
+
+    def get(self, key: K, compute: Callable[[], T]) -> T:
+        if key in self._values:
+            self._values.move_to_end(key)
+        else:
+            self._values[key] = compute()
+            if len(self._values) > self.capacity:
+                self._values.popitem(last=False)
+        return self._values[key]
+
+    def __len__(self) -> int:
+        return len(self._values)
 
 
 class GridRenderer:
-    """Turns cells into images on one pipeline: LoRA weights set once per group, conditioning
-    cached, up to ``batch_size`` images of one size per UNet call, each from its own seed."""
+    """Turns cells into images on one pipeline: LoRA weights set once per group, up to
+    ``batch_size`` images of one size per UNet call, each from its own seed, each batch's texts
+    encoded when it runs."""
 
     def __init__(
         self,
@@ -58,23 +88,47 @@ class GridRenderer:
         self.encoder = ConditioningEncoder(pipe, family, clip_skip=clip_skip)
         # SDXL's: an empty negative prompt conditions with zeros, as WebUI does
         self.zeros_for_empty_negative = bool(pipe.config.get("force_zeros_for_empty_prompt"))
-        self._conditioning: dict[tuple[Any, ...], Conditioning] = {}
+        texts = RECENT_BATCHES * (2 * batch_size + 1)  # a prompt and a negative per image, ""
+        self.recent_conditioning: RecentCache[tuple[Any, ...], Conditioning] = RecentCache(texts)
+        self._chunk_counts: dict[tuple[Any, ...], int] = {}  # an int per text, not its tensors
 
     def render(self, cells: Sequence[Cell]) -> Iterator[tuple[list[Cell], list[Image.Image]]]:
-        """Yield (cells, images) batch by batch, grouped by LoRA weights; a batch holds images of
-        one size whose conditioning has one length."""
-        for loras, group in group_by(cells, lambda cell: cell.loras):
-            self.apply_loras(loras)
-            conditioned = [(cell, *self.conditioning(cell)) for cell in group]
+        """Yield (cells, images) batch by batch, in the order of :meth:`batches`. A batch's
+        texts are encoded just before it runs: the first image comes at once and memory holds
+        a few batches' conditioning, however many prompts the grid has."""
+        applied: tuple[LoraTag, ...] | None = None
+        for batch in self.batches(cells):
+            if batch[0].loras != applied:
+                applied = batch[0].loras
+                self.apply_loras(applied)
+            yield batch, self.denoise(batch, *self.batch_conditioning(batch))
+
+    def batches(self, cells: Sequence[Cell]) -> list[list[Cell]]:
+        """The UNet calls of a grid in render order: cells grouped by LoRA weights, then by size
+        and conditioning length, up to ``batch_size`` each; planned from token counts, before
+        anything is encoded."""
+        planned = []
+        for _, group in group_by(cells, lambda cell: cell.loras):
             for _, batchable in group_by(
-                conditioned,
-                lambda item: (item[0].width, item[0].height, item[1].embeds.shape[1]),
+                group, lambda cell: (cell.width, cell.height, self.chunk_count(cell))
             ):
-                for batch in _batched(batchable, self.batch_size):
-                    batch_cells = [cell for cell, _, _ in batch]
-                    positive = _stack([pos for _, pos, _ in batch])
-                    negative = _stack([neg for _, _, neg in batch])
-                    yield batch_cells, self.denoise(batch_cells, positive, negative)
+                planned += _batched(batchable, self.batch_size)
+        return planned
+
+    def chunk_count(self, cell: Cell) -> int:
+        """The 77-token chunks of a cell's conditioning (its prompt's or its negative's, the
+        longer), counted from tokens alone."""
+        return max(self._count_chunks(cell.parsed), self._count_chunks(_negative(cell)))
+
+    def _count_chunks(self, parsed: ParsedPrompt) -> int:
+        if parsed.segments not in self._chunk_counts:
+            self._chunk_counts[parsed.segments] = self.encoder.count_chunks(parsed)
+        return self._chunk_counts[parsed.segments]
+
+    def batch_conditioning(self, batch: Sequence[Cell]) -> tuple[Conditioning, Conditioning]:
+        """(prompt, negative) conditioning of a batch, stacked along the batch axis."""
+        pairs = [self.conditioning(cell) for cell in batch]
+        return _stack([positive for positive, _ in pairs]), _stack([neg for _, neg in pairs])
 
     def apply_loras(self, loras: Sequence[LoraTag]) -> None:
         """Activate exactly these LoRAs at these weights (per component)."""
@@ -99,10 +153,11 @@ class GridRenderer:
 
     def conditioning(self, cell: Cell) -> tuple[Conditioning, Conditioning]:
         """(prompt, negative) conditioning of a cell, padded to the same chunk count with the
-        empty prompt's; each text is encoded once per text-encoder LoRA weights."""
+        empty prompt's; a text is encoded once per text-encoder LoRA weights while recent batches
+        use it."""
         text_encoder_weights = tuple((tag.name, tag.te_weight) for tag in cell.loras)
         positive = self._encode(cell.parsed, text_encoder_weights)
-        negative = self._encode(parse_prompt(cell.negative.text), text_encoder_weights)
+        negative = self._encode(_negative(cell), text_encoder_weights)
         if self.zeros_for_empty_negative and not cell.negative.text:
             negative = negative.zeros()
         empty = self._encode(parse_prompt(""), text_encoder_weights)
@@ -111,9 +166,7 @@ class GridRenderer:
 
     def _encode(self, parsed: ParsedPrompt, text_encoder_weights: tuple[Any, ...]) -> Conditioning:
         key = (parsed.segments, text_encoder_weights)
-        if key not in self._conditioning:
-            self._conditioning[key] = self.encoder.encode(parsed)
-        return self._conditioning[key]
+        return self.recent_conditioning.get(key, lambda: self.encoder.encode(parsed))
 
     def denoise(
         self, cells: Sequence[Cell], positive: Conditioning, negative: Conditioning
@@ -193,7 +246,11 @@ class GridRenderer:
         }
 
 
-def _batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+def _negative(cell: Cell) -> ParsedPrompt:
+    return parse_prompt(cell.negative.text)
+
+
+def _batched(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 

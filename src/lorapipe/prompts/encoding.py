@@ -255,6 +255,11 @@ class ConditioningEncoder:
         hidden = [encoder.encode(prompt) for encoder in others] + [last_hidden]
         return Conditioning(torch.cat(hidden, dim=-1), pooled)
 
+    def count_chunks(self, prompt: ParsedPrompt) -> int:
+        """The 77-token chunks :meth:`encode` gives the prompt, from its tokens alone (the text
+        encoders agree on it: their hidden states are concatenated chunk by chunk)."""
+        return len(tokenize_chunks(self.encoders[-1].tokenizer, prompt))
+
 
 def chunk_count(embeds: torch.Tensor) -> int:
     """How many 77-token chunks a conditioning tensor holds."""

@@ -363,13 +363,14 @@ def resolve_positive_conflicts(
             if drop:
                 continue
         else:
-            for group in groups:
+            # the prompt is searched for the term's own groups only: it may be 5,000 tokens
+            for group in (group for group in groups if key in group):
                 others = group - {key}
                 partner = next(
                     (p for p in positive_terms if any(_contains_phrase(p, m) for m in others)),
                     None,
                 )
-                if key in group and partner:
+                if partner:
                     lints.append(
                         Lint(
                             "resolve_positive_conflicts",

@@ -12,16 +12,18 @@ the scale, the text encoder the scale times te/unet); leaving ``lora_scales`` ou
 weights as written. Each cell's negative prompt is built from its preset by the rules in
 ``lorapipe.prompts.negatives`` (the LoRA scale and CFG of the cell take part).
 
-How it stays fast: text conditioning is computed once per distinct prompt and negative (and
-text-encoder LoRA weight); images that share their LoRA weights and size run together, up to
-``batch_size`` per UNet call, whatever their prompt, negative or CFG (guidance is a
-per-image tensor). Each image's noise comes from its own ``torch.Generator`` seeded with its
-seed, used for the initial latents and, in ancestral/SDE samplers, for the noise of every step;
-so an image does not depend on the batch it ran in, and equals a one-off
-``StableDiffusionPipeline(prompt_embeds=..., negative_prompt_embeds=...,
-generator=torch.Generator().manual_seed(seed))`` call with the same scheduler, steps and CFG
-(SDXL's ``StableDiffusionXLPipeline`` with ``pooled_prompt_embeds`` and
-``negative_pooled_prompt_embeds`` too).
+How it stays fast: images that share their LoRA weights, size and conditioning length run
+together, up to ``batch_size`` per UNet call, whatever their prompt, negative or CFG (guidance
+is a per-image tensor). The grid streams: the batches are planned from token counts, each
+batch's texts are encoded just before it runs (a text the recent batches used is not encoded
+again), so the first image comes at once and memory does not grow with the number of prompts.
+Before rendering, the run logs how many images and batches the grid makes. Each image's noise
+comes from its own ``torch.Generator`` seeded with its seed, used for the initial latents and,
+in ancestral/SDE samplers, for the noise of every step; so an image does not depend on the
+batch it ran in, and equals a one-off ``StableDiffusionPipeline(prompt_embeds=...,
+negative_prompt_embeds=..., generator=torch.Generator().manual_seed(seed))`` call with the same
+scheduler, steps and CFG (SDXL's ``StableDiffusionXLPipeline`` with ``pooled_prompt_embeds``
+and ``negative_pooled_prompt_embeds`` too).
 
 Every model family renders the same grid; what differs (SDXL's two text encoders, its pooled
 embedding and size conditioning, its 1024 px native size) comes from the family
@@ -59,7 +61,12 @@ from lorapipe import config as config_options
 from lorapipe import image_metrics, outputs, store
 from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.generation.grid import check_lora_tags, count_prompt_tokens, plan_grid
+from lorapipe.generation.grid import (
+    check_lora_tags,
+    count_prompt_tokens,
+    grid_summary,
+    plan_grid,
+)
 from lorapipe.generation.index import write_index
 from lorapipe.generation.infotext import ParameterContext
 from lorapipe.generation.layout import IMAGES_DIR, SHEETS_DIR
@@ -165,6 +172,14 @@ class GenerateConfig:
         help="image height in pixels, a multiple of 8, when `sizes` is not given",
         default_text="the model's native size",
     )
+    max_image_side: int = option(
+        4096,
+        help="the largest width or height the job accepts, in pixels: a larger one (a typo such "
+        "as `--height 100000`) is refused before anything loads; raise it for a device that "
+        "renders such sizes",
+        minimum=8,
+        maximum=16384,
+    )
     guidance_rescale: float = option(
         0.0,
         help="`0`: off; 0.5-0.7 counters the overexposure of high LoRA scales / CFG (diffusers' "
@@ -254,20 +269,36 @@ class GenerateConfig:
                 raise ConfigError(f"{where(key)} lists {repeated!r} twice; keep one")
         for key in ("width", "height"):
             value = getattr(self, key)
-            if value is not None and (value < 8 or value % 8):
+            if value is None:
+                continue
+            if value < 8 or value % 8:
                 raise ConfigError(f"{where(key)} {value} must be a positive multiple of 8")
+            self._check_side(where(key), str(value), value)
         if self.sizes and (self.width is not None or self.height is not None):
             raise ConfigError(
                 f"{where('sizes')} and width/height are both set; give the sizes only "
                 "(e.g. [512x768, 768x512]) or width and height only"
             )
         sizes = [parse_size(text, where) for text in self.sizes]
+        for text, (width, height) in zip(self.sizes, sizes, strict=True):
+            self._check_side(where("sizes"), repr(text), max(width, height))
         for index, size in enumerate(sizes):
             if size in sizes[:index]:
                 raise ConfigError(f"{where('sizes')} lists {size_text(*size)} twice; keep one")
         if self.dtype not in DTYPES:
             raise ConfigError(
                 f"{where('dtype')} '{self.dtype}' is unknown; use {', '.join(DTYPES)}"
+            )
+
+    def _check_side(self, key: str, value: str, side: int) -> None:
+        """Refuse a side past ``max_image_side``: such an image runs for hours or exhausts the
+        device's memory, so it is refused before any work."""
+        if side > self.max_image_side:
+            limit = self.max_image_side
+            raise ConfigError(
+                f"{key} {value} is larger than max_image_side ({limit} px per side); give sides "
+                f"of at most {limit}, or raise max_image_side (--max-image-side) for a device "
+                "that renders such sizes"
             )
 
     def image_sizes(self) -> list[tuple[int, int]]:
@@ -446,6 +477,8 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     scorer = None
     if config.clip_model:
         scorer = image_metrics.ClipScorer(config.clip_model, device=str(device))
+    batches = len(renderer.batches(cells))
+    log.info("generate: %s", grid_summary(config, len(cells), batches))
 
     with outputs.staged_output(output_uri, OUTPUT_KIND) as staging:
         # 5. images, contact sheets, index and job file, into a private staging directory
