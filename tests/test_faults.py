@@ -330,10 +330,13 @@ LOCAL_KILLS = 5  # SIGKILLs of a local ingest over an existing dataset, at rando
 @pytest.fixture
 def cut_line(s3_server: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[CuttingProxy]:
     """Every S3 request of this test goes through a proxy that can cut the line; a cut
-    request is tried twice, not eight times, so each interrupted publish fails in seconds."""
+    request is tried twice, not eight times, so each interrupted publish fails in seconds. The
+    run after a cut is a new run while the cut one's lease is still fresh (its release was
+    cut too), so it takes over, as `--force` after a dead run does."""
     proxy = CuttingProxy(s3_server)
     monkeypatch.setenv("LORAPIPE_S3_ENDPOINT", proxy.url)
     monkeypatch.setenv("LORAPIPE_S3_MAX_ATTEMPTS", "2")
+    monkeypatch.setenv(writer_lock.FORCE_ENV, "1")
     monkeypatch.setattr(store, "MULTIPART_THRESHOLD", 5 * 1024 * 1024)  # S3's smallest part
     yield proxy
     proxy.close()

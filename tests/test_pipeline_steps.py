@@ -24,7 +24,7 @@ def test_only_numbers_reach_the_kfp_metrics() -> None:
 
 
 def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from lorapipe.stages import train as stage
 
@@ -50,7 +50,7 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
         base_model_uri=str(tiny_model_dir),
         training_config="{output_dir: /elsewhere, lora_rank: 8, learning_rate: 5e-4}",
         num_gpus=4,
-        checkpoint_mirror_uri="s3://bucket/checkpoints",
+        checkpoint_mirror_uri=f"{s3_bucket}/checkpoints",
         run_id="run 7",
     )
     config = seen["config"]
@@ -58,7 +58,7 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
     assert config.train_data_dir == str(tmp_path / "dataset")
     assert config.base_model == str(tiny_model_dir)
     assert (config.lora_rank, config.learning_rate) == (8, 5e-4)
-    assert config.checkpoint_mirror == "s3://bucket/checkpoints/run-7"
+    assert config.checkpoint_mirror == f"{s3_bucket}/checkpoints/run-7"
     assert config.resume == "latest"
     assert config.num_processes == 1  # no GPU here: one CPU process whatever num_gpus says
     assert metrics == {
