@@ -74,6 +74,21 @@ def test_a_folder_with_metadata_csv_gives_one_example_per_row(tmp_path: Path) ->
     assert all(len(e.id) == 16 and e.group == e.id and e.mirrorable for e in examples)
 
 
+def test_a_file_named_twice_trains_once_with_its_first_caption_and_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = write_folder(
+        tmp_path / "data",
+        "filename,text\na.png,first\nb.png,other\n./a.png,second\n",
+        ["a.png", "b.png"],
+    )
+    examples = load_examples(config, tmp_path / "cache")
+    assert [e.caption for e in examples] == ["first", "other"]
+    assert (
+        "'a.png' is named on lines 2, 4; the caption of line 2 (the first) is kept" in caplog.text
+    )
+
+
 def test_a_caption_mentioning_text_is_never_mirrored(tmp_path: Path) -> None:
     config = write_folder(tmp_path / "data", 'filename,text\na.png,"a sign with text"\n', ["a.png"])
     assert not load_examples(config, tmp_path / "cache")[0].mirrorable

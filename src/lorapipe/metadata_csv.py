@@ -83,6 +83,17 @@ def read(path: Path) -> list[MetadataRow]:
     return parse(path.read_bytes(), str(path))
 
 
+def warn_repeated(label: str, name: str, lines: list[int]) -> None:
+    """One warning per file that several rows name, naming every line and the one whose
+    caption is kept (the first): a silently dropped caption is a LoRA trained on the wrong
+    text. Ingest and train both keep the first row."""
+    log.warning(
+        "%s: '%s' is named on lines %s; the caption of line %d (the first) is kept, the "
+        "others are ignored; delete the rows you do not mean",
+        label, name, ", ".join(map(str, lines)), lines[0],
+    )  # fmt: skip
+
+
 def _column(header: list[str], *names: str) -> int | None:
     return next((header.index(name) for name in names if name in header), None)
 

@@ -448,17 +448,8 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
             lines_of[name] = [line]
     for name, lines in lines_of.items():
         if len(lines) > 1:
-            _warn_repeated(label, name, lines)
+            metadata_csv.warn_repeated(label, name, lines)
     return captions
-
-
-def _warn_repeated(label: str, name: str, lines: list[int]) -> None:
-    """One warning per repeated file, naming every line and the one whose caption is kept."""
-    log.warning(
-        "%s: '%s' is named on lines %s; the caption of line %d (the first) is kept, the "
-        "others are ignored; delete the rows you do not mean",
-        label, name, ", ".join(map(str, lines)), lines[0],
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- decoding

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -37,6 +38,8 @@ from lorapipe.errors import ConfigError, InputError
 from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 from lorapipe.train_config import TrainConfig
 from lorapipe.training.buckets import BucketRule, Size, source_box
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 EXIF_ORIENTATION = 0x0112
@@ -119,7 +122,8 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
         )
     root = folder.resolve()
     examples = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # sha256 of a file trained -> its name
+    lines_of: dict[Path, list[int]] = {}  # file -> the lines naming it, the kept one first
     for row in metadata_csv.read(metadata):
         line, filename, caption = row.line, row.filename, row.text
         if not filename:
@@ -131,6 +135,9 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
             )
         if not path.is_file():
             raise InputError(f"{metadata} line {line}: '{filename}' does not exist in {folder}")
+        lines_of.setdefault(path, []).append(line)
+        if len(lines_of[path]) > 1:
+            continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(
                 f"{metadata} line {line}: '{filename}' is not an image "
@@ -138,8 +145,12 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
             )
         sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         if sha256 in seen:
+            log.warning(
+                "%s line %d: '%s' is the same file as '%s'; it is trained once, with the "
+                "first one's caption", metadata, line, filename, seen[sha256],
+            )  # fmt: skip
             continue
-        seen.add(sha256)
+        seen[sha256] = filename
         plain = ImageRecord(
             id="", image=b"", format="", width=0, height=0, sha256="", caption=caption
         )
@@ -156,6 +167,9 @@ def _examples_from_folder(folder: Path, metadata: Path) -> list[Example]:
                 size=upright_size(path),
             )
         )
+    for path, lines in lines_of.items():
+        if len(lines) > 1:
+            metadata_csv.warn_repeated(str(metadata), path.relative_to(root).as_posix(), lines)
     return examples
 
 
