@@ -99,10 +99,10 @@ def test_on_s3_new_files_go_under_a_fresh_version_and_the_pointer_moves_last(
     events: list[tuple[str, str]] = []
     real_write, real_upload, real_delete = store.write_bytes, store.upload_file, store.delete_many
 
-    def upload(path: Path, target: str) -> None:
+    def upload(path: Path, target: str, sha256: str | None = None) -> None:
         assert store.read_text(f"{first_root}/part") == "1"  # old version whole meanwhile
         events.append(("upload", target))
-        real_upload(path, target)
+        real_upload(path, target, sha256)
 
     monkeypatch.setattr(store, "upload_file", upload)
     monkeypatch.setattr(

@@ -217,7 +217,7 @@ def _local(uri: str) -> str:
 def _publish_s3(staging: Path, dest_uri: str, manifest: dict, lock: writer_lock.WriterLock) -> None:
     """Upload under a fresh version prefix, then swap the pointer, then delete the rest."""
     version = new_version()
-    store.upload_files(staging, store.join(dest_uri, version), sorted(manifest["files"]))
+    store.upload_files(staging, store.join(dest_uri, version), manifest["files"])
     pointer = {store.VERSION_KEY: version, **manifest, "written_by": f"lorapipe {__version__}"}
     lock.check()  # a run whose lease was taken over must not move the pointer
     store.write_text(store.join(dest_uri, store.MANIFEST_NAME), json.dumps(pointer, indent=1))

@@ -319,8 +319,9 @@ def _transfer_config() -> Any:
     )
 
 
-def upload_file(local_path: str | os.PathLike, uri: str) -> None:
-    """Copy a local file to ``uri``; on S3 multipart above the threshold, sha256 verified."""
+def upload_file(local_path: str | os.PathLike, uri: str, sha256: str | None = None) -> None:
+    """Copy a local file to ``uri``; on S3 multipart above the threshold, sha256 verified
+    (``sha256``: the file's, when the caller has it already, e.g. from a manifest)."""
     source = Path(local_path)
     if not source.is_file():
         raise ObjectNotFoundError(f"{source} does not exist")
@@ -328,7 +329,7 @@ def upload_file(local_path: str | os.PathLike, uri: str) -> None:
         _atomic_local_write(_local(uri), lambda tmp: shutil.copyfile(source, tmp))
         return
     bucket, key = split_s3(uri)
-    checksum = _sha256_file(source)
+    checksum = sha256 or _sha256_file(source)
     with _s3_errors(uri):
         client().upload_file(
             str(source),
@@ -533,14 +534,21 @@ def put_dir(local_dir: str | os.PathLike, dest_uri: str, max_workers: int = 8) -
     if not source.is_dir():
         raise ObjectNotFoundError(f"{source} is not a directory")
     manifest = manifest_for(source)
-    upload_files(source, dest_uri, list(manifest["files"]), max_workers)
+    upload_files(source, dest_uri, manifest["files"], max_workers)
     write_text(join(dest_uri, MANIFEST_NAME), json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def upload_files(source: Path, dest_uri: str, names: list[str], max_workers: int = 8) -> None:
-    """Upload ``source/<name>`` to ``dest_uri/<name>`` for every name, in parallel."""
+def upload_files(
+    source: Path, dest_uri: str, files: dict[str, dict[str, Any]], max_workers: int = 8
+) -> None:
+    """Upload ``source/<name>`` to ``dest_uri/<name>`` for every manifest entry, in parallel,
+    with the sha256 the manifest already computed (each file is hashed once)."""
     with ThreadPoolExecutor(max_workers=max_workers) as pool:
-        for future in [pool.submit(upload_file, source / n, join(dest_uri, n)) for n in names]:
+        uploads = [
+            pool.submit(upload_file, source / name, join(dest_uri, name), entry["sha256"])
+            for name, entry in sorted(files.items())
+        ]
+        for future in uploads:
             future.result()
 
 
