@@ -25,7 +25,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import TracebackType
 
 import pyarrow as pa
@@ -162,13 +162,25 @@ class DatasetWriter:
 
     def extra_file(self, name: str) -> Path:
         """Where to write a file that is published with the dataset, in the same step (a
-        stage's ``report.json``, ``metadata.csv``): never written into the output after it."""
-        if "/" in name or name in (INFO_NAME, store.MANIFEST_NAME) or name.startswith("part-"):
+        stage's ``report.json``, ``metadata.csv``, ``flagged/<id>.jpg``): never written into
+        the output after it. ``name`` is a relative path; its folders are created."""
+        parts = PurePosixPath(name).parts
+        if (
+            not parts
+            or name.startswith("/")
+            or any(part in ("", ".", "..") for part in parts)
+            or parts[0] in (INFO_NAME, store.MANIFEST_NAME)
+            or parts[0].startswith("part-")
+        ):
             raise ValueError(f"{name!r} is not a name for a file beside the shards")
-        return self._staging_dir / name
+        path = self._staging_dir.joinpath(*parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
 
-    def write_extra(self, name: str, text: str) -> None:
-        self.extra_file(name).write_text(text, encoding="utf-8")
+    def write_extra(self, name: str, content: str | bytes) -> None:
+        """Write ``content`` (text as UTF-8) to ``extra_file(name)``."""
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        self.extra_file(name).write_bytes(data)
 
     def close(self) -> int:
         """Finish the last shard, publish the dataset at ``uri`` and return its row count."""
