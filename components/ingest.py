@@ -9,6 +9,7 @@ def ingest(
     data_uri: str,
     metadata_uri: str,
     min_size: int,
+    quality_policy: str,
     dataset: Output[Dataset],
     report: Output[Markdown],
     metrics: Output[Metrics],
@@ -19,14 +20,21 @@ def ingest(
         data_uri: Raw images: a folder, a .zip/.tar archive or an s3:// prefix.
         metadata_uri: lora-scripts metadata.csv (filename,text); empty: the one beside the images.
         min_size: Drop images whose shorter side is below this many pixels.
+        quality_policy: report or drop the images the quality audit flags (blurry, upscaled,
+            over-compressed, clipped, low contrast).
         dataset: The cleaned dataset (lorapipe's Parquet format).
-        report: Every dropped file and why.
-        metrics: Images kept and dropped.
+        report: Every dropped file and why, and every image the quality audit flags.
+        metrics: Images kept, dropped and flagged.
     """
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.ingest(
-        data_uri, dataset.path, report.path, metadata_uri=metadata_uri, min_size=min_size
+        data_uri,
+        dataset.path,
+        report.path,
+        metadata_uri=metadata_uri,
+        min_size=min_size,
+        quality=quality_policy,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

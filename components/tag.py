@@ -11,6 +11,7 @@ def tag(
     threshold: float,
     trigger_word: str,
     merge: str,
+    defect_policy: str,
     tagged: Output[Dataset],
     report: Output[Markdown],
     metrics: Output[Metrics],
@@ -23,9 +24,11 @@ def tag(
         threshold: A tag is kept when the model's score is at least this.
         trigger_word: Written first in every caption.
         merge: keep, append or replace a hand-written caption.
+        defect_policy: caption, drop or report images whose tags name a defect (watermark,
+            signature, text, ...) or whose style is not the set's.
         tagged: The captioned dataset, with metadata.csv.
-        report: Tag frequencies and what changed.
-        metrics: Images tagged and distinct tags.
+        report: Tag frequencies, what changed, and the flagged images.
+        metrics: Images tagged, distinct tags and flagged images.
     """
     from lorapipe import pipeline_steps
 
@@ -37,6 +40,7 @@ def tag(
         threshold=threshold,
         trigger_word=trigger_word,
         merge=merge,
+        defects=defect_policy,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

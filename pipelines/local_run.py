@@ -11,7 +11,7 @@ import json
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +29,26 @@ class LocalRun:
     claims: list[Claim] = field(default_factory=list)
 
 
-def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None) -> LocalRun:
+def run_local(
+    out: Path,
+    arguments: dict[str, Any],
+    s3_prefix: str | None = None,
+    *,
+    compare_scraped: bool = True,
+) -> LocalRun:
     """Run the DAG on this machine.
 
     Without ``data_uri``/``base_model_uri`` the demo runs (``lorapipe.demo.inputs``): the
-    world's sample images, base model and tagger; afterwards its claims are measured
-    (``lorapipe.demo.claims``), written to ``demo_checks.json`` and shown at the top of the
-    report. With ``s3_prefix`` (``s3://bucket/path``), the inputs are uploaded there and
-    checkpoints and the LoRA are mirrored and published there, through the S3 endpoint and
-    credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID, ...).
+    world's sample images, base model and tagger; with the tagger and ``compare_scraped``, the
+    DAG runs a second time under ``out/scraped`` on the captions as scraped
+    (``demo.DEMO_SCRAPED_RUN``), to measure cleaning against the negative preset. Afterwards
+    the claims are measured (``lorapipe.demo.claims``), written to ``demo_checks.json`` and
+    shown at the top of the report. With ``s3_prefix`` (``s3://bucket/path``), the inputs are
+    uploaded there and checkpoints and the LoRA are mirrored and published there, through the
+    S3 endpoint and credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
+    ...).
     """
-    from kfp import local
-
     from lorapipe.demo import inputs as demo
-    from pipelines.lora_training import lora_training
 
     demo_folder = None
     if "data_uri" not in arguments or "base_model_uri" not in arguments:
@@ -70,7 +76,31 @@ def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None
             )
         arguments = {**defaults, **arguments}
 
-    root = out / "pipeline-root"
+    run_dir = _run_pipeline(out / "pipeline-root", arguments)
+    report = collect_outputs(run_dir, out)
+    if demo_folder is None:
+        return LocalRun(report)
+    outputs = demo_outputs(run_dir, demo.truth_file(demo_folder))
+    if compare_scraped and arguments.get("tagger_uri"):
+        scraped_run = {**arguments, **demo.DEMO_SCRAPED_RUN}
+        scraped_dir = _run_pipeline(out / "scraped" / "pipeline-root", scraped_run)
+        collect_outputs(scraped_dir, out / "scraped")
+        (scraped_generated,) = scraped_dir.glob("generate*/images")
+        outputs = replace(outputs, scraped_generated=scraped_generated)
+    claims = check_run(outputs)
+    store.write_text(
+        str(out / "demo_checks.json"), json.dumps([asdict(c) for c in claims], indent=1) + "\n"
+    )
+    store.write_text(str(report), add_claims_section(report.read_text(encoding="utf-8"), claims))
+    return LocalRun(report, claims)
+
+
+def _run_pipeline(root: Path, arguments: dict[str, Any]) -> Path:
+    """Run the DAG with ``arguments`` under the pipeline root ``root``; its run directory."""
+    from kfp import local
+
+    from pipelines.lora_training import lora_training
+
     warnings.filterwarnings("ignore", message=".*non-Python base image.*")
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
@@ -80,15 +110,7 @@ def run_local(out: Path, arguments: dict[str, Any], s3_prefix: str | None = None
     except RuntimeError as error:
         raise PipelineRunError(_failure_line(str(error), root)) from None
     (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
-    report = collect_outputs(run_dir, out)
-    if demo_folder is None:
-        return LocalRun(report)
-    claims = check_run(demo_outputs(run_dir, demo.truth_file(demo_folder)))
-    store.write_text(
-        str(out / "demo_checks.json"), json.dumps([asdict(c) for c in claims], indent=1) + "\n"
-    )
-    store.write_text(str(report), add_claims_section(report.read_text(encoding="utf-8"), claims))
-    return LocalRun(report, claims)
+    return run_dir
 
 
 def demo_outputs(run_dir: Path, truth: Path) -> RunOutputs:
@@ -124,6 +146,7 @@ def _failure_line(kfp_message: str, root: Path) -> str:
 def collect_outputs(run_dir: Path, out: Path) -> Path:
     """Copy the review report next to the run (as report.html) and return its path."""
     (html,) = run_dir.glob("generate*/report")
+    out.mkdir(parents=True, exist_ok=True)
     report = out / "report.html"
     shutil.copyfile(html, report)
     return report

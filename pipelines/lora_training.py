@@ -192,9 +192,11 @@ def lora_training(
     tagger_uri: str = "",
     metadata_uri: str = "",
     min_size: int = 512,
+    quality_policy: str = "report",
     threshold: float = 0.5,
     trigger_word: str = "",
     merge: str = "keep",
+    defect_policy: str = "caption",
     training_config: str = DEFAULT_TRAINING_CONFIG,
     num_gpus: int = 1,
     num_nodes: int = 1,
@@ -210,7 +212,12 @@ def lora_training(
     job_yaml: str = "",
 ):
     ingested = _data_stage(
-        ingest(data_uri=data_uri, metadata_uri=metadata_uri, min_size=min_size),
+        ingest(
+            data_uri=data_uri,
+            metadata_uri=metadata_uri,
+            min_size=min_size,
+            quality_policy=quality_policy,
+        ),
         cpu="4",
         memory="8Gi",
     )
@@ -239,6 +246,7 @@ def lora_training(
                 threshold=threshold,
                 trigger_word=trigger_word,
                 merge=merge,
+                defect_policy=defect_policy,
             ),
             cpu="4",
             memory="16Gi",

@@ -2,7 +2,8 @@
 
 kfp reads a pipeline parameter's description from the pipeline function's ``Args:`` docstring;
 :func:`described` writes that docstring. A parameter that sets a stage's config key has the
-key's name and takes its help text from the stage's config (``lorapipe.config``), the same
+key's name (or, where the key alone would be unclear among the DAG's, a name saying which
+stage's: ``quality_policy`` is ingest's ``quality``) and takes its help text from the stage's config (``lorapipe.config``), the same
 text ``lorapipe <stage> --help`` prints; the rest are the pipeline's own and described here.
 """
 
@@ -37,9 +38,11 @@ PIPELINE_HELP = {
 # parameters that are a stage's config key: (stage command, key)
 STAGE_KEYS = {
     "min_size": ("ingest", "min_size"),
+    "quality_policy": ("ingest", "quality"),
     "threshold": ("tag", "threshold"),
     "trigger_word": ("tag", "trigger_word"),
     "merge": ("tag", "merge"),
+    "defect_policy": ("tag", "defects"),
     "epsilon": ("select", "epsilon"),
     "publish_uri": ("select", "publish_uri"),
     "prompts": ("generate", "prompts"),

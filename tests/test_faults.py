@@ -562,7 +562,9 @@ def test_two_runs_publishing_to_one_bucket_do_not_clobber_each_other(
 # --------------------------------------------------------------------------- two writers
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# the S3 lease is the same lock as the local flock behind one interface (test_writer_lock.py
+# races both); the S3 race, two training processes more, runs with `make test-slow`
+@pytest.mark.parametrize("where", ["local", pytest.param("s3", marks=pytest.mark.slow)])
 def test_two_trainings_racing_for_one_output_leave_only_the_winners_run(
     config: TrainConfig, tmp_path: Path, where: str, request: pytest.FixtureRequest
 ) -> None:

@@ -34,15 +34,19 @@ def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_remove
     tmp_path: Path,
 ) -> None:
     """The demo end to end: the claims of "What the demo shows" hold, with their thresholds,
-    and the report shows each with its verdict."""
+    and the report shows each with its verdict. The DAG runs twice: cleaned (the default
+    defect policy) and, under scraped/, on the captions as scraped."""
     run = local_run.run_local(tmp_path, {})
 
     assert run.report == tmp_path / "report.html"
-    assert len(run.claims) == 7
+    assert len(run.claims) == 8
     failed = [c.line() for c in run.claims if not c.passed]
     assert not failed, failed
     html = run.report.read_text()
-    assert "What this run shows" in html and html.count(">PASS<") == 7
+    assert "What this run shows" in html and html.count(">PASS<") == 8
+    assert "cleaning the data lowers the watermark rate" in html
+    assert (tmp_path / "scraped" / "report.html").is_file()
+    assert not (tmp_path / "scraped" / "published").exists(), "the scraped LoRA is not published"
     assert json.loads((tmp_path / "demo_checks.json").read_text())[0]["passed"] is True
     ingest_report = (_task_dir(tmp_path, "ingest") / "report").read_text()
     for planted in ("copy_of_first.png", "truncated.jpg", "too_small.png"):
@@ -58,7 +62,7 @@ def test_with_a_bucket_inputs_checkpoints_and_the_lora_live_in_s3(
     tmp_path: Path, s3_bucket: str
 ) -> None:
     prefix = f"{s3_bucket}/lorapipe-demo"
-    local_run.run_local(tmp_path, QUICK, s3_prefix=prefix)
+    local_run.run_local(tmp_path, QUICK, s3_prefix=prefix, compare_scraped=False)
 
     assert store.exists(f"{prefix}/inputs/world-tagger/project.json")
     latest = json.loads(store.read_text(f"{prefix}/loras/latest.json"))

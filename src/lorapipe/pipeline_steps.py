@@ -50,11 +50,12 @@ def ingest(
     *,
     metadata_uri: str = "",
     min_size: int = 512,
+    quality: str = "report",
 ) -> Metrics:
     """Decode and clean the raw images at ``data_uri`` into the dataset at ``dataset_path``."""
     from lorapipe.stages import ingest as stage
 
-    values = {"metadata": metadata_uri or None, "min_size": min_size}
+    values = {"metadata": metadata_uri or None, "min_size": min_size, "quality": quality}
     settings = _from_parameters(stage.IngestConfig, values, {"metadata": "metadata_uri"})
     report = stage.run(_required("data_uri", data_uri), dataset_path, settings)
     _copy_report(dataset_path, report_path)
@@ -71,6 +72,7 @@ def tag(
     threshold: float = 0.5,
     trigger_word: str = "",
     merge: str = "keep",
+    defects: str = "caption",
 ) -> Metrics:
     """Tag the dataset with the DeepDanbooru project at ``tagger_uri``."""
     from lorapipe.stages import tag as stage
@@ -80,6 +82,7 @@ def tag(
         "threshold": threshold,
         "trigger_word": trigger_word,
         "merge": merge,
+        "defects": defects,
     }
     settings = _from_parameters(stage.TagConfig, values, {"project": "tagger_uri"})
     report = stage.run(dataset_path, output_path, settings)
