@@ -104,14 +104,55 @@ def test_extra_blacklist_patterns_add_to_the_rules() -> None:
     assert rules.clean(["simple background", "male focus", "1boy", "rating:general"]) == ["1boy"]
 
 
+def test_the_default_rules_name_defects_and_style_groups() -> None:
+    """Spelled as DeepDanbooru's tags are once normalized; globs catch the variants."""
+    rules = TagRules.default()
+
+    defects = ["watermark", "sample_watermark", "english_text", "signature", "patreon_logo"]
+    defects += ["twitter_username", "web_address", "jpeg_artifacts", "blurry", "white_border"]
+    for tag in defects:
+        assert rules.defect_pattern(rules.spell(tag)), tag
+    for tag in ["blurry_background", "depth_of_field", "text_focus", "1girl", "film_grain"]:
+        assert rules.defect_pattern(rules.spell(tag)) is None, tag
+    assert [rules.style_group(rules.spell(t)) for t in ["photo_(medium)", "realistic"]] == [
+        "photo",
+        "photo",
+    ]
+    assert rules.style_group("traditional media") == "painting"
+    assert rules.style_group("rough sketch") == "sketch"
+    assert rules.style_group("3d") == "3d"
+    assert rules.style_group("1girl") is None
+
+
+def test_defects_and_styles_are_normalized_and_a_file_without_them_loads() -> None:
+    rules = TagRules.parse(
+        "defects:\n  - Sample_*\nstyles:\n  Photo  Set: [Photo_(Medium)]\n", "rules.yaml"
+    )
+
+    assert rules.defects == ("sample *",)
+    assert rules.styles == {"Photo Set": ("photo (medium)",)}
+    assert rules.defect_pattern("sample watermark") == "sample *"
+    assert rules.style_group("photo (medium)") == "Photo Set"
+    old = TagRules.parse("aliases:\n  a: b\nblacklist: [highres]\n", "old.yaml")
+    assert (old.defects, old.styles) == ((), {})
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
         ("aliases: [1, 2", "rules.yaml line 1: not valid YAML"),
         ("- just a list", "rules.yaml: expected a mapping"),
-        ("alias:\n  a: b\n", "rules.yaml: unknown key 'alias'"),
+        (
+            "alias:\n  a: b\n",
+            "rules.yaml: unknown key 'alias'; the keys are 'aliases', 'blacklist', 'defects', "
+            "'styles'",
+        ),
         ("aliases:\n  - a\n", "rules.yaml: 'aliases' must map tag to tag"),
         ("blacklist: highres\n", "rules.yaml: 'blacklist' must be a list"),
+        ("defects: watermark\n", "rules.yaml: 'defects' must be a list of tags"),
+        ("defects: [watermark, 3]\n", "rules.yaml: 'defects' must be a list of tags"),
+        ("styles: [photo]\n", "rules.yaml: 'styles' must map a style name to a list"),
+        ("styles:\n  photo: realistic\n", "rules.yaml: 'styles' must map a style name"),
     ],
 )
 def test_a_bad_rules_file_is_a_one_line_error_naming_it(text: str, message: str) -> None:

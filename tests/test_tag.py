@@ -9,6 +9,8 @@ models are), tiny (64x64 input) and saved as a project folder the way DeepDanboo
 For exact assertions, ``scripted_project`` fixes the network's weights so that it gives every
 image the same score per tag (see ``SCRIPTED_LOGITS``). ``random_project`` keeps random
 weights: its scores differ per image, which checks that batching keeps each image's scores.
+``colour_project`` scores an image by its colour (``COLOUR_LOGITS``), so a test decides which
+images are watermarked photos, clean photos or paintings.
 """
 
 from __future__ import annotations
@@ -52,6 +54,19 @@ GENERAL_TAGS = ["1girl", "Long_Hair", "highres", "smiling", "smile", "solo", "ha
 CHARACTER_TAGS = ["Hatsune_Miku_(Vocaloid)"]
 # what the scripted model tags every image with at the default threshold, best first
 DEFAULT_TAGS = ["1girl", "long hair", "smile", "solo", "hatsune miku (vocaloid)"]
+
+COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "black": (0, 0, 0)}
+# tags.txt of the colour model, with the logit it gives an image of each colour: red is a clean
+# photo, green a watermarked photo with text, blue a painting, black has no style tag
+COLOUR_LOGITS = {
+    "1girl": {"red": 4.0, "green": 4.0, "blue": 4.0, "black": 4.0},  # 0.982
+    "photo_(medium)": {"red": 5.0, "green": 5.0, "blue": -6.0, "black": -6.0},  # 0.993
+    "realistic": {"red": 3.0, "green": 2.0, "blue": -6.0, "black": -6.0},
+    "watermark": {"red": -6.0, "green": 3.0, "blue": -6.0, "black": -6.0},  # 0.953
+    "english_text": {"red": -6.0, "green": 1.0, "blue": -6.0, "black": -6.0},  # 0.731
+    "traditional_media": {"red": -6.0, "green": -6.0, "blue": 3.0, "black": -6.0},
+    "painting_(medium)": {"red": -6.0, "green": -6.0, "blue": 2.0, "black": -6.0},
+}
 
 
 def sigmoid(logit: float) -> float:
@@ -110,6 +125,44 @@ def build_project(
     return folder
 
 
+def build_colour_project(folder: Path, logits: dict[str, dict[str, float]]) -> Path:
+    """A DeepDanbooru project folder whose model scores an image by its mean colour: tag ``t``
+    scores ``sigmoid(logits[t][colour])`` on an image of one of ``COLOURS``.
+
+    The tag stage needs only DeepDanbooru's project layout and a Keras model from images to
+    per-tag sigmoids, so this one is a global average pool and a dense layer: on black (0, 0,
+    0) the logits are the bias, on pure red the bias plus the kernel's red row, and so on.
+    """
+    import tensorflow as tf
+
+    tags = list(logits)
+    bias = np.array([logits[tag]["black"] for tag in tags], np.float32)
+    kernel = np.array(
+        [[logits[tag][colour] for tag in tags] for colour in ("red", "green", "blue")], np.float32
+    )
+    inputs = tf.keras.Input(shape=(INPUT_SIZE, INPUT_SIZE, 3), dtype=tf.float32)
+    pooled = tf.keras.layers.GlobalAveragePooling2D()(inputs)
+    dense = tf.keras.layers.Dense(len(tags))
+    outputs = tf.keras.layers.Activation("sigmoid")(dense(pooled))
+    model = tf.keras.Model(inputs=inputs, outputs=outputs, name=MODEL_NAME)
+    dense.set_weights([kernel - bias, bias])
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / f"model-{MODEL_NAME}.keras")
+    project = {"image_width": INPUT_SIZE, "image_height": INPUT_SIZE, "model": MODEL_NAME}
+    (folder / "project.json").write_text(json.dumps(project), encoding="utf-8")
+    (folder / "tags.txt").write_text("\n".join(tags) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def colour_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project whose model scores an image by its colour (``COLOUR_LOGITS``)."""
+    pytest.importorskip("deepdanbooru")
+    pytest.importorskip("tensorflow")
+    return build_colour_project(tmp_path_factory.mktemp("dd") / "colour", COLOUR_LOGITS)
+
+
 @pytest.fixture(scope="session")
 def scripted_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project whose model scores every image by ``SCRIPTED_LOGITS`` (a legacy .h5)."""
@@ -153,6 +206,24 @@ def image_record(source: str, seed: int, *, caption: str = "", size=(96, 64)) ->
     )
 
 
+def colour_record(source: str, colour: str, *, caption: str = "") -> ImageRecord:
+    """A 48x32 PNG of one of ``COLOURS``; its id comes from ``source`` (the pixels of two
+    images of one colour are the same)."""
+    image = Image.new("RGB", (48, 32), COLOURS[colour])
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return ImageRecord(
+        id=hashlib.sha256(source.encode()).hexdigest()[:16],
+        image=buffer.getvalue(),
+        format="png",
+        width=48,
+        height=32,
+        sha256=hashlib.sha256(image.tobytes()).hexdigest(),
+        caption=caption,
+        source=source,
+    )
+
+
 def write_dataset(uri: str, records: list[ImageRecord]) -> str:
     with DatasetWriter(uri) as writer:
         for record in records:
@@ -170,6 +241,25 @@ def tag_images(tmp_path: Path, scripted_project: Path) -> Callable[..., list[Ima
         return list(read_records(str(tmp_path / "out")))
 
     return run
+
+
+@pytest.fixture
+def tag_colours(tmp_path: Path, colour_project: Path) -> Callable[..., dict]:
+    """Tag records with the colour project into ``tmp_path / "out"``; returns the report."""
+
+    def run(*records: ImageRecord, **config: object) -> dict:
+        dataset = write_dataset(str(tmp_path / "in"), list(records))
+        return tag.run(
+            dataset, str(tmp_path / "out"), TagConfig(project=str(colour_project), **config)
+        )
+
+    return run
+
+
+def read_metadata(folder: Path) -> dict[str, str]:
+    """metadata.csv as ``{filename: caption}``."""
+    with (folder / "metadata.csv").open(encoding="utf-8", newline="") as file:
+        return {row["filename"]: row["text"] for row in csv.DictReader(file)}
 
 
 def captions(records: list[ImageRecord]) -> list[str]:
@@ -402,6 +492,123 @@ def test_images_with_no_tag_above_the_threshold_are_reported(tmp_path: Path, tag
     )
 
 
+# --------------------------------------------------------------------------- defects
+
+MARKED_AUTO = "photo (medium), 1girl, watermark, realistic, english text"
+
+
+def test_caption_policy_writes_defect_tags_into_hand_captions(tmp_path: Path, tag_colours):
+    """The default. With ``merge: keep`` a hand caption drops the auto tags, so a watermarked
+    image would train as clean and the LoRA draw watermarks everywhere: its defect tags are
+    added after the caption's own; a caption of auto tags has them already (once)."""
+    report = tag_colours(
+        colour_record("clean.png", "red", caption="a woman, Smiling"),
+        colour_record("marked.png", "green", caption="a woman, Smiling"),
+        colour_record("auto.png", "green"),
+    )
+
+    out = tmp_path / "out"
+    assert captions(list(read_records(str(out)))) == [
+        "a woman, smile",
+        "a woman, smile, watermark, english text",
+        MARKED_AUTO,
+    ]
+    assert read_metadata(out)["marked.png"] == "a woman, smile, watermark, english text"
+    flagged = report["audit"]["flagged"]
+    assert [(entry["file"], entry["action"]) for entry in flagged] == [
+        ("marked.png", "captioned"),
+        ("auto.png", "captioned"),
+    ]
+    assert flagged[0]["defects"] == [
+        {"tag": "watermark", "score": pytest.approx(sigmoid(3.0), abs=1e-4)},
+        {"tag": "english text", "score": pytest.approx(sigmoid(1.0), abs=1e-4)},
+    ]
+
+
+def test_caption_policy_is_not_cut_by_max_tags_or_the_blacklist(tag_colours, tmp_path) -> None:
+    tag_colours(colour_record("marked.png", "green"), max_tags=1, extra_blacklist=("watermark",))
+
+    (record,) = read_records(str(tmp_path / "out"))
+    assert record.tags == ["photo (medium)"]
+    assert record.caption == "photo (medium), watermark, english text"
+
+
+def test_caption_policy_does_not_repeat_a_defect_the_caption_mentions(tag_colours, tmp_path):
+    tag_colours(colour_record("marked.png", "green", caption="a sign with English_Text"))
+
+    (record,) = read_records(str(tmp_path / "out"))
+    assert record.caption == "a sign with english text, watermark"
+
+
+def test_report_policy_leaves_captions_as_merge_made_them(tmp_path: Path, tag_colours) -> None:
+    report = tag_colours(
+        colour_record("clean.png", "red", caption="a woman"),
+        colour_record("marked.png", "green", caption="a woman"),
+        defects="report",
+    )
+
+    assert captions(list(read_records(str(tmp_path / "out")))) == ["a woman", "a woman"]
+    assert [(e["file"], e["action"]) for e in report["audit"]["flagged"]] == [
+        ("marked.png", "reported")
+    ]
+
+
+def test_drop_policy_leaves_flagged_images_out(tmp_path: Path, tag_colours) -> None:
+    report = tag_colours(
+        colour_record("clean.png", "red", caption="a woman"),
+        colour_record("marked.png", "green", caption="a woman"),
+        colour_record("auto.png", "green"),
+        defects="drop",
+    )
+
+    out = tmp_path / "out"
+    assert [record.source for record in read_records(str(out))] == ["clean.png"]
+    assert read_metadata(out) == {"clean.png": "a woman"}
+    assert (report["images"], report["rows"], report["audit"]["images_dropped"]) == (3, 1, 2)
+    assert [(e["file"], e["action"]) for e in report["audit"]["flagged"]] == [
+        ("marked.png", "dropped"),
+        ("auto.png", "dropped"),
+    ]
+    assert list(report["tag_frequency"]) == ["a woman"]  # of the images kept
+    for entry in report["audit"]["flagged"]:
+        assert (out / entry["thumbnail"]).is_file()  # a dropped image is still shown
+
+
+def test_dropping_every_image_is_a_dataset_error_naming_the_report(
+    tmp_path: Path, colour_project: Path
+) -> None:
+    """Nothing is published; the report and thumbnails say why, and the next run into the
+    folder replaces them."""
+    records = [colour_record("a.png", "green"), colour_record("b.png", "green")]
+    dataset = write_dataset(str(tmp_path / "in"), records)
+    out = tmp_path / "out"
+
+    with pytest.raises(DatasetError, match="dropped every image") as raised:
+        tag.run(dataset, str(out), TagConfig(project=str(colour_project), defects="drop"))
+
+    assert "\n" not in str(raised.value)
+    assert f"see {out / 'report.md'}" in str(raised.value)
+    assert sorted(p.name for p in out.iterdir()) == ["flagged", "report.json", "report.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert [entry["file"] for entry in report["audit"]["flagged"]] == ["a.png", "b.png"]
+    assert all((out / entry["thumbnail"]).is_file() for entry in report["audit"]["flagged"])
+
+    tag.run(dataset, str(out), TagConfig(project=str(colour_project)))
+    assert len(list(read_records(str(out)))) == 2
+
+
+def test_dropping_every_image_leaves_an_older_dataset_whole(
+    tmp_path: Path, colour_project: Path
+) -> None:
+    out = write_dataset(str(tmp_path / "out"), [colour_record("old.png", "red")])
+    dataset = write_dataset(str(tmp_path / "in"), [colour_record("a.png", "green")])
+
+    with pytest.raises(DatasetError, match="the older dataset at .* is left as it was"):
+        tag.run(dataset, out, TagConfig(project=str(colour_project), defects="drop"))
+
+    assert [record.source for record in read_records(out)] == ["old.png"]
+
+
 # --------------------------------------------------------------------------- S3
 
 
@@ -420,6 +627,28 @@ def test_project_dataset_and_output_on_s3(tmp_path: Path, scripted_project, s3_b
     written = json.loads(store.read_text(f"{output}/report.json"))
     assert written == json.loads(json.dumps(report))
     assert store.read_text(f"{output}/report.md").startswith("# lorapipe tag")
+
+
+def test_thumbnails_and_a_failed_report_on_s3(colour_project: Path, s3_bucket: str) -> None:
+    """Thumbnails are published with the dataset; a run that drops every image leaves its
+    report and thumbnails under the prefix, and the next run replaces them."""
+    project = f"{s3_bucket}/models/colour"
+    store.put_dir(colour_project, project)
+    records = [colour_record("clean.png", "red"), colour_record("marked.png", "green")]
+    dataset = write_dataset(f"{s3_bucket}/data/clean", records)
+
+    report = tag.run(dataset, f"{s3_bucket}/data/tagged", TagConfig(project=project))
+    (entry,) = report["audit"]["flagged"]
+    thumbnail = store.read_bytes(f"{s3_bucket}/data/tagged/{entry['thumbnail']}")
+    assert thumbnail.startswith(b"\xff\xd8")  # a JPEG
+
+    failed = f"{s3_bucket}/data/failed"
+    marked = write_dataset(f"{s3_bucket}/data/marked", records[1:])
+    with pytest.raises(DatasetError, match=f"see {failed}/report.md"):
+        tag.run(marked, failed, TagConfig(project=project, defects="drop"))
+    assert store.exists(f"{failed}/{entry['thumbnail']}")
+    tag.run(dataset, failed, TagConfig(project=project, defects="drop"))
+    assert [record.source for record in read_records(failed)] == ["clean.png"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -504,6 +733,7 @@ def test_a_missing_project_prefix_on_s3_is_a_model_error(s3_bucket: str) -> None
         {"max_tags": 0},
         {"batch_size": 0},
         {"merge": "merge"},
+        {"defects": "remove"},
         {"project": ""},
     ],
 )
@@ -585,3 +815,28 @@ def test_the_cli_prints_a_bad_project_as_one_line(tmp_path: Path, capsys) -> Non
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("lorapipe tag: error: DeepDanbooru project")
     assert "has no project.json" in error
+
+
+def test_the_cli_drops_flagged_images_with_defects_drop(
+    tmp_path: Path, colour_project: Path, capsys
+) -> None:
+    """A photo set: the watermarked photo and the painting go, the clean photo stays."""
+    records = [
+        colour_record("clean.png", "red"),
+        colour_record("marked.png", "green"),
+        colour_record("painted.png", "blue"),
+    ]
+    dataset = write_dataset(str(tmp_path / "in"), records)
+    out = tmp_path / "out"
+
+    code = cli_main(
+        ["tag", dataset, "--out", str(out), "--project", str(colour_project), "--defects", "drop"]
+    )
+
+    assert code == 0
+    assert [record.source for record in read_records(str(out))] == ["clean.png"]
+    printed = capsys.readouterr().out
+    assert "tagged 3 images; most frequent tags:" in printed
+    assert "flagged 1 for defects and 1 off-style (defects: drop); 2 dropped, 1 in the output" in (
+        printed
+    )

@@ -8,8 +8,10 @@ teaches the LoRA two words where it should learn one:
 1. ``normalize_tag``: underscores to spaces (except in kaomoji such as ``^_^``), lower case,
    single spaces. CLIP's tokenizer lower-cases text anyway, so nothing is lost.
 2. ``TagRules``: an alias map to one spelling, then a blacklist of glob patterns for tags that
-   say nothing about the pixels (``rating:*``, ``highres``, ``commentary request``...).
-   Defaults live in ``lorapipe/data/tag_rules.yaml``.
+   say nothing about the pixels (``rating:*``, ``highres``, ``commentary request``...). The
+   rules also name the defect tags (``watermark``, ``* text``...) and the style groups
+   (``photo``, ``painting``...) that ``lorapipe.tag_audit`` flags images by. Defaults live in
+   ``lorapipe/data/tag_rules.yaml``.
 3. Duplicates dropped, scored tags ordered by score.
 
 ``swap_left_right`` rewrites a caption for a mirrored image.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -30,6 +32,7 @@ from lorapipe.errors import ConfigError
 
 MERGE_POLICIES = ("keep", "append", "replace")
 DEFAULT_TAG_RULES = "lorapipe/data/tag_rules.yaml"
+RULE_KEYS = ("aliases", "blacklist", "defects", "styles")
 
 # A tag with no run of two letters or digits is a kaomoji (^_^, o_o, >_<): its underscore is
 # part of the face, not a word separator.
@@ -86,10 +89,17 @@ def _phrase_regex(pattern: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True)
 class TagRules:
-    """An alias map (normalized spelling -> canonical spelling) and a glob blacklist."""
+    """How tags are spelled and which say what about an image.
+
+    ``aliases`` (normalized spelling -> canonical spelling) and ``blacklist`` (glob patterns)
+    decide the caption tags; ``defects`` (glob patterns) and ``styles`` (style group -> glob
+    patterns) decide which images the tag stage flags (``lorapipe.tag_audit``).
+    """
 
     aliases: Mapping[str, str]
     blacklist: tuple[str, ...]
+    defects: tuple[str, ...] = ()
+    styles: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> TagRules:
@@ -99,7 +109,10 @@ class TagRules:
 
     @classmethod
     def parse(cls, text: str, source: str) -> TagRules:
-        """Rules from YAML text with the keys ``aliases`` (a mapping) and ``blacklist`` (a list)."""
+        """Rules from YAML text with the keys ``aliases`` (a mapping), ``blacklist`` and
+        ``defects`` (lists) and ``styles`` (a mapping of lists). The text replaces the
+        defaults: a key it leaves out is empty, so a rules file written before ``defects``
+        and ``styles`` existed still loads (and flags nothing)."""
         try:
             document = yaml.safe_load(text)
         except yaml.YAMLError as error:
@@ -108,35 +121,52 @@ class TagRules:
             raise ConfigError(f"{source}{where}: not valid YAML; fix the syntax there") from None
         document = {} if document is None else document
         if not isinstance(document, dict):
-            raise ConfigError(f"{source}: expected a mapping with 'aliases' and 'blacklist'")
-        unknown = sorted(set(document) - {"aliases", "blacklist"})
+            raise ConfigError(f"{source}: expected a mapping with the keys {_quoted(RULE_KEYS)}")
+        unknown = sorted(str(key) for key in set(document) - set(RULE_KEYS))
         if unknown:
             raise ConfigError(
-                f"{source}: unknown key '{unknown[0]}'; the keys are 'aliases' and 'blacklist'"
+                f"{source}: unknown key '{unknown[0]}'; the keys are {_quoted(RULE_KEYS)}"
             )
         aliases = document.get("aliases") or {}
-        blacklist = document.get("blacklist") or []
+        styles = document.get("styles") or {}
         if not isinstance(aliases, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
         ):
             raise ConfigError(
                 f"{source}: 'aliases' must map tag to tag, e.g. 'blond hair: blonde hair'"
             )
-        if not isinstance(blacklist, list) or not all(isinstance(p, str) for p in blacklist):
-            raise ConfigError(f"{source}: 'blacklist' must be a list of tags or glob patterns")
+        if not isinstance(styles, dict) or not all(
+            isinstance(group, str) and group.strip() and _is_patterns(patterns)
+            for group, patterns in styles.items()
+        ):
+            raise ConfigError(
+                f"{source}: 'styles' must map a style name to a list of tags or glob patterns, "
+                "e.g. 'painting: [traditional media, \"* (medium)\"]'"
+            )
+        blacklist = document.get("blacklist") or []
+        defects = document.get("defects") or []
+        for key, patterns in (("blacklist", blacklist), ("defects", defects)):
+            if not _is_patterns(patterns):
+                raise ConfigError(f"{source}: '{key}' must be a list of tags or glob patterns")
         return cls(
             aliases={normalize_tag(k): normalize_tag(v) for k, v in aliases.items()},
-            blacklist=tuple(normalize_tag(p) for p in blacklist),
+            blacklist=_patterns(blacklist),
+            defects=_patterns(defects),
+            styles={" ".join(group.split()): _patterns(tags) for group, tags in styles.items()},
         )
 
     def with_blacklist(self, patterns: Iterable[str]) -> TagRules:
         """These rules with more blacklist patterns."""
-        return TagRules(self.aliases, self.blacklist + tuple(normalize_tag(p) for p in patterns))
+        return replace(self, blacklist=self.blacklist + _patterns(patterns))
+
+    def spell(self, tag: str) -> str:
+        """The tag normalized and aliased (the blacklist not applied)."""
+        tag = normalize_tag(tag)
+        return self.aliases.get(tag, tag)
 
     def canonical(self, tag: str) -> str | None:
         """The tag normalized and aliased, or ``None`` when it is empty or blacklisted."""
-        tag = normalize_tag(tag)
-        tag = self.aliases.get(tag, tag)
+        tag = self.spell(tag)
         if not tag or matching_pattern(tag, self.blacklist):
             return None
         return tag
@@ -145,17 +175,54 @@ class TagRules:
         """Canonical tags in their given order, blacklisted and repeated ones dropped."""
         return _unique(t for t in map(self.canonical, tags) if t is not None)
 
-    def clean_scored(self, scored: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
-        """Canonical ``(tag, score)`` pairs, best score first; a repeat keeps its best score."""
+    def spell_scored(self, scored: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Normalized, aliased ``(tag, score)`` pairs, best score first, a repeat keeping its
+        best score; blacklisted tags included (the defect and style audit reads them)."""
         best: dict[str, float] = {}
         for tag, score in sorted(scored, key=lambda pair: -pair[1]):
-            canonical = self.canonical(tag)
-            if canonical is not None:
-                best.setdefault(canonical, score)
+            spelled = self.spell(tag)
+            if spelled:
+                best.setdefault(spelled, score)
         return list(best.items())
 
+    def clean_scored(self, scored: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Canonical ``(tag, score)`` pairs, best score first; a repeat keeps its best score."""
+        return [
+            (tag, score)
+            for tag, score in self.spell_scored(scored)
+            if not matching_pattern(tag, self.blacklist)
+        ]
+
+    def defect_pattern(self, tag: str) -> str | None:
+        """The ``defects`` pattern a tag (as ``spell`` gives it) matches, or ``None``."""
+        return matching_pattern(tag, self.defects)
+
+    def style_group(self, tag: str) -> str | None:
+        """The first style group with a pattern a tag (as ``spell`` gives it) matches, or
+        ``None``."""
+        return next(
+            (g for g, patterns in self.styles.items() if matching_pattern(tag, patterns)), None
+        )
+
     def as_dict(self) -> dict[str, Any]:
-        return {"aliases": dict(self.aliases), "blacklist": list(self.blacklist)}
+        return {
+            "aliases": dict(self.aliases),
+            "blacklist": list(self.blacklist),
+            "defects": list(self.defects),
+            "styles": {group: list(patterns) for group, patterns in self.styles.items()},
+        }
+
+
+def _is_patterns(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(p, str) for p in value)
+
+
+def _patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+    return tuple(normalize_tag(p) for p in patterns)
+
+
+def _quoted(names: Iterable[str]) -> str:
+    return ", ".join(f"'{name}'" for name in names)
 
 
 def merge_tags(hand_tags: Sequence[str], auto_tags: Sequence[str], policy: str) -> list[str]:

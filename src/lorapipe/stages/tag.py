@@ -9,12 +9,17 @@ ship it: ``project.json``, ``model-<model>.h5`` or ``.keras`` (``<model>`` is pr
 For each image: scores from the model, tags at or above ``threshold`` normalized by the tag
 rules (``lorapipe.captions``), best ``max_tags`` kept; the hand-written caption (split on
 commas) normalized by the same rules and merged with the tags (``merge``); the trigger word
-and ``keep_tags`` put first.
+and ``keep_tags`` put first. Images whose tags name a defect or an off-set style are flagged
+and captioned, dropped or only reported (``defects``; ``lorapipe.tag_audit``).
+
+The off-style check needs the whole set's tags, so the stage reads the dataset twice: once to
+run the model (keeping only each image's best tags, never its pixels), once to write it.
 
 Output (a dataset directory, local or s3://): the input dataset with ``tags``, ``tag_scores``
-and ``caption`` filled and every other column unchanged; ``metadata.csv`` (``filename,text``
-as lora-scripts reads it); ``report.json`` / ``report.md`` with the tag frequencies that later
-become the LoRA's ``ss_tag_frequency``.
+and ``caption`` filled and every other column unchanged (less the dropped images);
+``metadata.csv`` (``filename,text`` as lora-scripts reads it); ``report.json`` / ``report.md``
+with the tag frequencies that later become the LoRA's ``ss_tag_frequency`` and the audit;
+``flagged/<id>.jpg``, a thumbnail of every flagged image.
 """
 
 from __future__ import annotations
@@ -44,14 +49,24 @@ from lorapipe.captions import (
     MERGE_POLICIES,
     TagRules,
     build_caption,
+    find_mention,
     merge_tags,
     normalize_tag,
     split_caption,
 )
 from lorapipe.config import Where, option
-from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
+from lorapipe.dataset import (
+    DatasetWriter,
+    ImageRecord,
+    count_rows,
+    decode_image,
+    is_dataset,
+    read_records,
+)
 from lorapipe.errors import ConfigError, DatasetError, ModelError, ObjectNotFoundError
 from lorapipe.metadata_csv import METADATA_CSV, MetadataWriter
+from lorapipe.tag_audit import DEFECT_POLICIES, AuditOutcome, TagAudit, Verdict, markdown_section
+from lorapipe.thumbnails import THUMBNAIL_DIR, thumbnail_jpeg, thumbnail_name
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +75,9 @@ TAG_CATEGORY_FILES = {"general": "tags-general.txt", "character": "tags-characte
 # DeepDanbooru's own default input size, for a model whose input shape leaves it open
 DEFAULT_INPUT_SIZE = 299
 REPORT_TABLE_ROWS = 50
+REPORT_FILES = ("report.json", "report.md")
+# an image's tags with their scores, best first
+ScoredTags = list[tuple[str, float]]
 
 
 @dataclass
@@ -97,13 +115,22 @@ class TagConfig:
     )
     tag_rules: str | None = option(
         None,
-        help="YAML file with aliases and blacklist (local or `s3://`)",
+        help="YAML file with aliases, blacklist, defect tags and style groups (local or "
+        "`s3://`); it replaces lorapipe's rules, a key it lacks is empty",
         default_text=f"lorapipe's own {DEFAULT_TAG_RULES}",
     )
     extra_blacklist: tuple[str, ...] = option(
         (),
         help="blacklist tags or glob patterns added to the rules', comma-separated (e.g. "
         '"simple background, *_focus")',
+    )
+    defects: str = option(
+        "caption",
+        help="images whose tags name a defect (watermark, text, signature...: the tag rules' "
+        "`defects`) or a style unlike the set's (a painting in a photo set): `caption` writes "
+        "those tags into their captions whatever `merge` says, so a negative prompt can "
+        "remove them; `drop` leaves them out of the dataset; `report` only lists them",
+        choices=DEFECT_POLICIES,
     )
 
     def validate(self, where: Where | None = None) -> None:
@@ -120,11 +147,19 @@ class TagConfig:
             raise ConfigError(
                 f"{where('merge')} '{self.merge}' is unknown; use one of {', '.join(MERGE_POLICIES)}"
             )
+        if self.defects not in DEFECT_POLICIES:
+            raise ConfigError(
+                f"{where('defects')} '{self.defects}' is unknown; use one of "
+                f"{', '.join(DEFECT_POLICIES)}"
+            )
 
 
 def run(dataset_uri: str, output_uri: str, config: TagConfig) -> dict:
-    """Tag every image of ``dataset_uri`` and write the captioned dataset, ``metadata.csv`` and
-    the report to ``output_uri``; return the report."""
+    """Tag every image of ``dataset_uri`` and write the captioned dataset, ``metadata.csv``,
+    the report and the flagged images' thumbnails to ``output_uri``; return the report.
+
+    Raises DatasetError (after writing the report) when ``defects: drop`` drops every image.
+    """
     config.validate()
     rules = _tag_rules(config)
     total = count_rows(dataset_uri)
@@ -132,51 +167,126 @@ def run(dataset_uri: str, output_uri: str, config: TagConfig) -> dict:
         raise DatasetError(f"dataset '{dataset_uri}' has no images; run lorapipe ingest first")
     tagger = DeepDanbooruTagger.load(config.project, threshold=config.threshold)
     stats = _TagStats()
+    audit = TagAudit(rules, config.defects)
+    _remove_failed_report(output_uri)
 
     with DatasetWriter(output_uri) as writer:
-        with (
-            MetadataWriter(writer.extra_file(METADATA_CSV)) as metadata,
-            tqdm(total=total, desc="tag", unit="image", disable=None) as progress,
-        ):
-            records = read_records(dataset_uri, batch_rows=config.batch_size)
-            for batch in _batches(records, config.batch_size):
-                scores = tagger.predict([decode_image(record) for record in batch])
-                for record, image_scores in zip(batch, scores, strict=True):
-                    tagged = _tag_record(record, tagger.scored_tags(image_scores), rules, config)
-                    writer.write(tagged)
-                    metadata.write(metadata_filename(tagged), tagged.caption)
-                    stats.add(record, tagged)
-                progress.update(len(batch))
-        report = _report(dataset_uri, output_uri, config, rules, tagger, stats)
-        writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
-        writer.write_extra("report.md", render_markdown(report))
+        auto_tags = _tag_all(dataset_uri, tagger, rules, config, audit, stats, total)
+        outcome = audit.decide()
+        if outcome.kept:
+            _write_all(dataset_uri, writer, auto_tags, outcome, rules, config, stats)
+        report = _report(dataset_uri, output_uri, config, rules, tagger, stats, outcome)
+        if outcome.kept:
+            writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
+            writer.write_extra("report.md", render_markdown(report))
+        else:
+            writer.abort()  # an empty dataset is never published
+
+    if not outcome.kept:
+        raise DatasetError(_nothing_kept(dataset_uri, output_uri, report, outcome))
     log.info(
-        "tagged %d images (%d distinct tags); wrote %s",
-        stats.rows,
+        "tagged %d images (%d distinct tags, %d flagged, %d dropped); wrote %s",
+        stats.images,
         len(stats.tag_frequency),
+        len(outcome.flagged),
+        stats.images - stats.rows,
         output_uri,
     )
     return report
 
 
 def _tag_rules(config: TagConfig) -> TagRules:
-    rules = (
-        TagRules.parse(store.read_text(config.tag_rules), config.tag_rules)
-        if config.tag_rules
-        else TagRules.default()
-    )
+    if not config.tag_rules:
+        return TagRules.default().with_blacklist(config.extra_blacklist)
+    rules = TagRules.parse(store.read_text(config.tag_rules), config.tag_rules)
+    missing = [key for key in ("defects", "styles") if not getattr(rules, key)]
+    if missing:
+        log.warning(
+            "%s has no %s: no image is flagged by them; copy them from lorapipe's own %s to "
+            "flag watermarks, text and off-style images",
+            config.tag_rules,
+            " or ".join(f"'{key}'" for key in missing),
+            DEFAULT_TAG_RULES,
+        )
     return rules.with_blacklist(config.extra_blacklist)
 
 
+def _tag_all(
+    dataset_uri: str,
+    tagger: DeepDanbooruTagger,
+    rules: TagRules,
+    config: TagConfig,
+    audit: TagAudit,
+    stats: _TagStats,
+    total: int,
+) -> list[tuple[str, ScoredTags]]:
+    """The first pass: the model on every image; each image's auto tags (``(id, tags)``, in
+    dataset order) returned, its findings added to the audit."""
+    auto_tags: list[tuple[str, ScoredTags]] = []
+    with tqdm(total=total, desc="tag", unit="image", disable=None) as progress:
+        records = read_records(dataset_uri, batch_rows=config.batch_size)
+        for batch in _batches(records, config.batch_size):
+            scores = tagger.predict([decode_image(record) for record in batch])
+            for record, image_scores in zip(batch, scores, strict=True):
+                scored = tagger.scored_tags(image_scores)
+                auto = rules.clean_scored(scored)[: config.max_tags]
+                auto_tags.append((record.id, auto))
+                audit.add(record.id, record.source or record.id, scored)
+                stats.add_tagged(record, auto)
+            progress.update(len(batch))
+    return auto_tags
+
+
+def _write_all(
+    dataset_uri: str,
+    writer: DatasetWriter,
+    auto_tags: Sequence[tuple[str, ScoredTags]],
+    outcome: AuditOutcome,
+    rules: TagRules,
+    config: TagConfig,
+    stats: _TagStats,
+) -> None:
+    """The second pass: every image the audit keeps, captioned, into the dataset and
+    ``metadata.csv``; a thumbnail of every flagged one beside them."""
+    with (
+        MetadataWriter(writer.extra_file(METADATA_CSV)) as metadata,
+        tqdm(total=len(auto_tags), desc="write", unit="image", disable=None) as progress,
+    ):
+        pairs = zip(read_records(dataset_uri), auto_tags, outcome.verdicts, strict=True)
+        for record, (record_id, auto), verdict in pairs:
+            if record.id != record_id:
+                raise DatasetError(
+                    f"dataset '{dataset_uri}' changed while it was tagged (record "
+                    f"{record_id!r} became {record.id!r}); tag it again"
+                )
+            if verdict.flagged:
+                writer.write_extra(thumbnail_name(record.id), _thumbnail(record))
+            if not verdict.dropped:
+                tagged = _tag_record(record, auto, rules, config, verdict)
+                writer.write(tagged)
+                metadata.write(metadata_filename(tagged), tagged.caption)
+                stats.add_written(record, tagged)
+            progress.update(1)
+
+
 def _tag_record(
-    record: ImageRecord, scored: Sequence[tuple[str, float]], rules: TagRules, config: TagConfig
+    record: ImageRecord,
+    auto: Sequence[tuple[str, float]],
+    rules: TagRules,
+    config: TagConfig,
+    verdict: Verdict,
 ) -> ImageRecord:
-    """The record with the model's clean tags, their scores and the merged caption."""
-    auto = rules.clean_scored(scored)[: config.max_tags]
+    """The record with its auto tags, their scores and the merged caption; under ``defects:
+    caption`` the caption also carries the image's defect (and off-style) tags, after its own
+    ones, unless it already has or mentions them."""
     auto_tags = [tag for tag, _ in auto]
     hand_tags = rules.clean(split_caption(record.caption))
+    tags = merge_tags(hand_tags, auto_tags, config.merge)
+    for tag in verdict.caption_tags():
+        if tag not in tags and not find_mention(", ".join(tags), [tag]):
+            tags.append(tag)
     caption = build_caption(
-        merge_tags(hand_tags, auto_tags, config.merge),
+        tags,
         trigger_word=config.trigger_word,
         # spelled like the tags they must match: "1 girl" leads a caption that has "1girl"
         keep_tags=rules.clean(config.keep_tags),
@@ -184,6 +294,46 @@ def _tag_record(
     return dataclasses.replace(
         record, tags=auto_tags, tag_scores=[score for _, score in auto], caption=caption
     )
+
+
+def _thumbnail(record: ImageRecord) -> bytes:
+    return thumbnail_jpeg(decode_image(record))
+
+
+def _nothing_kept(
+    dataset_uri: str, output_uri: str, report: dict[str, Any], outcome: AuditOutcome
+) -> str:
+    """The error of a run that dropped every image. Its report (and thumbnails) go to the
+    output folder when that holds no dataset; an older dataset there is left whole."""
+    audit = report["audit"]
+    summary = (
+        f"defects: drop dropped every image of '{dataset_uri}' ({audit['images_flagged_defect']} "
+        f"with defect tags, {audit['images_flagged_style']} off-style)"
+    )
+    hint = "or tag with defects: caption to keep them with the defect in their captions"
+    if is_dataset(output_uri):
+        return f"{summary}; the older dataset at {output_uri} is left as it was; {hint}"
+    flagged = {verdict.id for verdict in outcome.flagged}
+    for record in read_records(dataset_uri):
+        if record.id in flagged:
+            store.write_bytes(store.join(output_uri, thumbnail_name(record.id)), _thumbnail(record))
+    store.write_text(store.join(output_uri, "report.json"), json.dumps(report, indent=2) + "\n")
+    store.write_text(store.join(output_uri, "report.md"), render_markdown(report))
+    return f"{summary}; see {store.join(output_uri, 'report.md')} for each and why, {hint}"
+
+
+def _remove_failed_report(output_uri: str) -> None:
+    """A run that dropped every image leaves only its report and thumbnails in the output
+    folder; remove them, since a dataset is published only into an empty folder or over an
+    older dataset."""
+    base = output_uri.rstrip("/") + "/"
+    found = {uri.removeprefix(base): uri for uri in store.list_uris(output_uri)}
+    if found and all(
+        name in REPORT_FILES or name.startswith(f"{THUMBNAIL_DIR}/") for name in found
+    ):
+        store.delete_many(list(found.values()))
+        if not store.is_s3(output_uri):
+            store.delete(store.join(output_uri, THUMBNAIL_DIR))  # the folder, now empty
 
 
 def metadata_filename(record: ImageRecord) -> str:
@@ -363,22 +513,25 @@ def _first_line(error: BaseException) -> str:
 
 @dataclass
 class _TagStats:
-    rows: int = 0
-    tag_frequency: Counter[str] = field(default_factory=Counter)
+    images: int = 0  # tagged
     hand_captions: int = 0
     auto_tag_count: int = 0
     untagged: list[str] = field(default_factory=list)
+    rows: int = 0  # written to the output
+    tag_frequency: Counter[str] = field(default_factory=Counter)
     empty_captions: list[str] = field(default_factory=list)
 
-    def add(self, original: ImageRecord, tagged: ImageRecord) -> None:
+    def add_tagged(self, record: ImageRecord, auto: Sequence[tuple[str, float]]) -> None:
+        self.images += 1
+        self.hand_captions += bool(split_caption(record.caption))
+        self.auto_tag_count += len(auto)
+        if not auto:
+            self.untagged.append(record.source or record.id)
+
+    def add_written(self, original: ImageRecord, tagged: ImageRecord) -> None:
         self.rows += 1
-        name = original.source or original.id
-        self.hand_captions += bool(split_caption(original.caption))
-        self.auto_tag_count += len(tagged.tags)
-        if not tagged.tags:
-            self.untagged.append(name)
         if not tagged.caption:
-            self.empty_captions.append(name)
+            self.empty_captions.append(original.source or original.id)
         self.tag_frequency.update(split_caption(tagged.caption))
 
 
@@ -389,6 +542,7 @@ def _report(
     rules: TagRules,
     tagger: DeepDanbooruTagger,
     stats: _TagStats,
+    outcome: AuditOutcome,
 ) -> dict[str, Any]:
     frequency = dict(sorted(stats.tag_frequency.items(), key=lambda item: (-item[1], item[0])))
     return {
@@ -403,14 +557,16 @@ def _report(
             "tags": len(tagger.tags),
             "input_size": [tagger.width, tagger.height],
         },
+        "images": stats.images,
         "rows": stats.rows,
         "hand_captions": stats.hand_captions,
-        "mean_auto_tags": round(stats.auto_tag_count / stats.rows, 2),
+        "mean_auto_tags": round(stats.auto_tag_count / stats.images, 2),
         "untagged": stats.untagged,
         "empty_captions": stats.empty_captions,
         "tag_frequency": frequency,
         "tag_categories": {t: tagger.categories[t] for t in frequency if t in tagger.categories},
-        "files": {"metadata_csv": METADATA_CSV, "report": "report.md"},
+        "audit": outcome.report(),
+        "files": {"metadata_csv": METADATA_CSV, "report": "report.md", "thumbnails": THUMBNAIL_DIR},
     }
 
 
@@ -424,8 +580,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- model: `{report['model']['file']}` ({report['model']['tags']} tags, input "
         f"{report['model']['input_size'][0]}x{report['model']['input_size'][1]}), "
         f"threshold {config['threshold']}, at most {config['max_tags']} tags",
-        f"- images: {report['rows']}, with a hand-written caption: {report['hand_captions']} "
-        f"(merge: {config['merge']}), auto tags per image: {report['mean_auto_tags']}",
+        f"- images: {report['images']}, with a hand-written caption: {report['hand_captions']} "
+        f"(merge: {config['merge']}), auto tags per image: {report['mean_auto_tags']}; "
+        f"{report['rows']} in the output",
         f"- trigger word: `{config['trigger_word'] or '(none)'}`",
         f"- tag rules: `{report['tag_rules']}`; captions exported to `metadata.csv`",
     ]
@@ -444,6 +601,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         category = report["tag_categories"].get(tag, "")
         cell = tag.replace("|", "\\|")
         lines.append(f"| {cell} | {count} | {category} |")
+    lines += markdown_section(report["audit"])
     return "\n".join(lines) + "\n"
 
 
@@ -452,7 +610,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers the KFP UI shows for a tagging."""
-    return {"images_tagged": report["rows"], "distinct_tags": len(report["tag_frequency"])}
+    audit = report["audit"]
+    return {
+        "images_tagged": report["images"],
+        "distinct_tags": len(report["tag_frequency"]),
+        "images_flagged_defect": audit["images_flagged_defect"],
+        "images_flagged_style": audit["images_flagged_style"],
+        "images_dropped": audit["images_dropped"],
+    }
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -468,6 +633,12 @@ def main(args: argparse.Namespace) -> int:
     )
     report = run(args.dataset, args.out, config)
     top = ", ".join(itertools.islice(report["tag_frequency"], 10))
-    print(f"tagged {report['rows']} images; most frequent tags: {top}")
+    audit = report["audit"]
+    print(f"tagged {report['images']} images; most frequent tags: {top}")
+    print(
+        f"flagged {audit['images_flagged_defect']} for defects and "
+        f"{audit['images_flagged_style']} off-style (defects: {audit['policy']}); "
+        f"{audit['images_dropped']} dropped, {report['rows']} in the output"
+    )
     print(f"wrote {args.out} with {METADATA_CSV} and report.md")
     return 0
