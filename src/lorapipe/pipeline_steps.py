@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from lorapipe import config, writer_lock
+from lorapipe import config, thumbnails, writer_lock
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.redaction import redacted_output
 
@@ -212,7 +212,11 @@ def _from_parameters(
 
 
 def _copy_report(stage_output: str, report_path: str) -> None:
-    shutil.copyfile(Path(stage_output) / "report.md", report_path)
+    """The stage's ``report.md`` as the component's Markdown artifact, which the KFP UI shows
+    alone: the thumbnails it links beside it (``flagged/<id>.jpg``) go inline, as data URIs."""
+    output = Path(stage_output)
+    markdown = (output / "report.md").read_text(encoding="utf-8")
+    Path(report_path).write_text(thumbnails.inline_images(markdown, output), encoding="utf-8")
 
 
 def _required(key: str, value: str) -> str:
