@@ -14,6 +14,7 @@ from lorapipe.demo.world_tagger import (
     evaluate,
     main,
     micro_f1,
+    mixed_scenes,
     tag_vocabulary,
     train_tagger,
 )
@@ -101,12 +102,23 @@ def test_a_bad_config_is_refused_before_training(
 
 
 def test_the_committed_tagger_tags_held_out_scenes() -> None:
-    """The demo's tagger (``make world-tagger``), on scenes of a seed it never trained on."""
+    """The demo's tagger (``make world-tagger``), on scenes of a seed it never trained on,
+    styled and unstyled with defects alike: it finds the watermark on both, which is what the
+    tag stage's defect audit needs to clean the demo's scraped set."""
     from lorapipe.demo.inputs import WORLD_TAGGER
 
-    held_out = world.sample_scenes(60, seed=11, styled_fraction=0.3, defect_rate=0.4)
+    held_out = mixed_scenes(60, seed=11, styled_fraction=0.5, defect_rate=0.6)
     report = evaluate(WORLD_TAGGER, held_out, seed=11)
-    assert report["micro_f1"] >= 0.9
+    assert report["micro_f1"] >= 0.85
+    assert report["per_tag_f1"]["watermark"] >= 0.8
+
+
+def test_the_tagger_sees_defects_on_styled_scenes_too() -> None:
+    scenes = mixed_scenes(400, seed=3, styled_fraction=0.5, defect_rate=0.6)
+    styled = [scene for scene in scenes if scene.styled]
+    assert len(styled) == 200
+    assert sum(bool(scene.defects) for scene in styled) == 120
+    assert sum(bool(scene.defects) for scene in scenes if not scene.styled) == 120
 
 
 @pytest.mark.slow
@@ -116,4 +128,4 @@ def test_the_cli_trains_the_default_tagger_to_its_stated_f1(
     assert main(["--out", str(tmp_path / "tagger")]) == 0
     printed = capsys.readouterr().out
     f1 = float(printed.split("held-out micro F1 ")[1].split()[0])
-    assert f1 >= 0.9
+    assert f1 >= 0.85
