@@ -6,15 +6,16 @@ per core) against a single-process decode loop, on the same generated photos.
 The images are photos-like (smooth random colour fields with grain, each different), three in
 four JPEG and one in four PNG, in a temporary folder.
 
-- lorapipe: the whole ``run`` (input listing, pass 1 decoding every file for its size and
-  hashes, choosing keepers and near duplicates, pass 2 decoding and PNG-encoding the keepers
-  into a dataset, the report), timed end to end, pool start-up included.
+- lorapipe: the whole ``run`` (input listing, pass 1 decoding every file for its size, hashes
+  and quality measures, choosing keepers and near duplicates, pass 2 decoding and PNG-encoding
+  the keepers into a dataset, the report), timed end to end, pool start-up included.
 - single-process decode loop, the minimal loop a user would write: for each file
   ``Image.open``, ``load()``, ``ImageOps.exif_transpose``, ``convert("RGB")``, sha256 of the
   pixels, PNG-encode and write the PNG to an output folder. No near-duplicate hashing, no
   checks, no report.
 
-Prints images/s of each and the ratio.
+Prints images/s of each and the ratio, then what the quality audit (``lorapipe.quality``)
+costs: its time per image against decoding the same file, in one process.
 """
 
 from __future__ import annotations
@@ -70,6 +71,30 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
     print(f"{'lorapipe ingest (workers=0)':32} {lorapipe_rate:9.2f} {lorapipe_seconds:8.2f}")
     print(f"{'single-process decode loop':32} {loop_rate:9.2f} {loop_seconds:8.2f}")
     print(f"lorapipe / decode loop: {lorapipe_rate / loop_rate:.2f}x images/s")
+    decoding, auditing = audit_cost(photos)
+    print(
+        f"quality audit: {1000 * auditing:.1f} ms per image, {100 * auditing / decoding:.0f} % of "
+        f"decoding it ({1000 * decoding:.1f} ms)"
+    )
+
+
+def audit_cost(folder: Path) -> tuple[float, float]:
+    """Mean seconds per file of decoding it (to upright RGB) and of measuring its quality."""
+    from lorapipe import quality
+
+    decoding = auditing = 0.0
+    paths = sorted(folder.iterdir())
+    for path in paths:
+        started = time.perf_counter()
+        with Image.open(path) as image:
+            image.load()
+            rgb = ImageOps.exif_transpose(image).convert("RGB")
+            tables = image.quantization if image.format == "JPEG" else None
+        decoded = time.perf_counter()
+        quality.measure(rgb, tables)
+        auditing += time.perf_counter() - decoded
+        decoding += decoded - started
+    return decoding / len(paths), auditing / len(paths)
 
 
 def decode_loop(folder: Path, output: Path) -> int:

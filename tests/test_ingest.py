@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import stat
 import struct
 import tarfile
@@ -15,13 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, ImageFilter
 
 from lorapipe import store
 from lorapipe.cli import main as cli_main
 from lorapipe.dataset import ImageRecord, read_records
 from lorapipe.errors import ConfigError, DatasetError, InputError
 from lorapipe.stages.ingest import IngestConfig, perceptual_hash, run
+from lorapipe.stages.ingest import metrics as ingest_metrics
 
 # ------------------------------------------------------------------------- image makers
 
@@ -489,3 +491,172 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     error = capsys.readouterr().err.strip()
     assert "\n" not in error
     assert error.startswith("lorapipe ingest: error: input") and "does not exist" in error
+
+
+# ------------------------------------------------------------------------- the quality audit
+
+PHOTO_MIN_SIZE = 256  # scikit-image's photos are 300-512 px on the short side
+CLEAN_PHOTOS = {"astronaut.png", "coffee.png", "chelsea.png", "coins.png", "grace_hopper.jpg"}
+FLAGGED_PHOTOS = {
+    "blurred_grass.png": "blurry",
+    "enlarged_rocket.png": "upscaled",
+    "compressed_camera.jpg": "jpeg_artifacts",
+}
+
+
+def _enlarged(image: Image.Image, thumbnail: int = 128, side: int = 768) -> Image.Image:
+    """``image`` shrunk to a ``thumbnail`` px short side and enlarged to ``side``."""
+    small = image.copy()
+    small.thumbnail((thumbnail * max(image.size) // min(image.size),) * 2)
+    factor = side / min(small.size)
+    size = (round(small.width * factor), round(small.height * factor))
+    return small.resize(size, Image.Resampling.BICUBIC)
+
+
+def _photo_folder(folder: Path) -> Path:
+    """Real photos, clean and degraded, plus an enlarged thumbnail of a clean one (a near
+    duplicate with more pixels)."""
+    import matplotlib
+    import skimage
+    import skimage.data
+
+    def photo(name: str) -> Image.Image:
+        return Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+
+    for name in ("astronaut", "coffee", "chelsea", "coins"):
+        _save(photo(name), folder / f"{name}.png")
+    hopper = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    (folder / "grace_hopper.jpg").write_bytes(hopper.read_bytes())
+    _save(photo("grass").filter(ImageFilter.GaussianBlur(3)), folder / "blurred_grass.png")
+    rocket = Image.open(Path(skimage.__file__).parent / "data" / "rocket.jpg").convert("RGB")
+    _save(_enlarged(rocket), folder / "enlarged_rocket.png")
+    _save(photo("camera"), folder / "compressed_camera.jpg", quality=5)
+    _save(_enlarged(photo("astronaut")), folder / "astronaut_enlarged.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _photo_folder(tmp_path_factory.mktemp("photos") / "raw")
+
+
+@pytest.fixture(scope="module")
+def reported(photo_folder: Path) -> tuple[Path, dict]:
+    """The photos ingested with the default ``quality: report``."""
+    output = photo_folder.parent / "reported"
+    return output, run(
+        str(photo_folder), str(output), IngestConfig(min_size=PHOTO_MIN_SIZE, workers=1)
+    )
+
+
+def test_quality_report_keeps_and_lists_flagged_images_with_values_and_thumbnails(
+    reported: tuple[Path, dict],
+) -> None:
+    output, report = reported
+    assert set(_records(str(output))) == CLEAN_PHOTOS | set(FLAGGED_PHOTOS)
+    audit = report["quality"]
+    assert audit["action"] == "report" and audit["audited"] == 8
+    assert audit["median_focus"] is not None
+    flagged = {entry["file"]: entry for entry in audit["flagged"]}
+    assert set(flagged) == set(FLAGGED_PHOTOS)
+    for name, code in FLAGGED_PHOTOS.items():
+        entry = flagged[name]
+        assert code in entry["codes"] and entry["action"] == "reported"
+        for flag in entry["flags"]:
+            assert entry["measures"][flag["measure"]] == flag["value"]
+        with Image.open(output / entry["thumbnail"]) as thumbnail:
+            assert thumbnail.format == "JPEG" and max(thumbnail.size) == 160
+    compressed = flagged["compressed_camera.jpg"]
+    assert compressed["codes"] == ["jpeg_artifacts"]
+    assert compressed["measures"]["jpeg_quality"] == 5
+    assert compressed["flags"][0]["threshold"] == audit["thresholds"]["min_jpeg_quality"]
+    assert audit["flagged_by_code"]["jpeg_artifacts"] == 1
+    assert sorted(path.name for path in (output / "flagged").iterdir()) == sorted(
+        Path(entry["thumbnail"]).name for entry in flagged.values()
+    )
+
+    markdown = (output / "report.md").read_text()
+    assert "## Quality audit" in markdown
+    thumbnail = compressed["thumbnail"]
+    assert (
+        f"| ![compressed_camera.jpg]({thumbnail}) | compressed_camera.jpg | jpeg_artifacts "
+        "| jpeg_quality 5 | < min_jpeg_quality 30 | reported |"
+    ) in markdown
+    metrics = ingest_metrics(report)
+    assert metrics["images_flagged_quality"] == 3
+    assert metrics["images_flagged_jpeg_artifacts"] == 1
+
+
+def test_a_clean_near_duplicate_is_kept_over_a_larger_flagged_one(
+    reported: tuple[Path, dict],
+) -> None:
+    """The 768 px enlargement of the 512 px astronaut has more pixels, but is flagged."""
+    _, report = reported
+    drops = {drop["file"]: drop for drop in report["dropped_files"]}
+    assert drops["astronaut_enlarged.png"]["reason"] == "near_duplicate"
+    assert drops["astronaut_enlarged.png"]["kept"] == "astronaut.png"
+    assert "astronaut_enlarged.png" not in {e["file"] for e in report["quality"]["flagged"]}
+
+
+def test_quality_drop_drops_flagged_images_with_the_code_as_reason(
+    photo_folder: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "dropped"
+    config = IngestConfig(min_size=PHOTO_MIN_SIZE, quality="drop", workers=2)
+    report = run(str(photo_folder), str(output), config)
+    assert set(_records(str(output))) == CLEAN_PHOTOS
+    drops = {drop["file"]: drop for drop in report["dropped_files"]}
+    flagged = {entry["file"]: entry for entry in report["quality"]["flagged"]}
+    for name, code in FLAGGED_PHOTOS.items():
+        # the reason is the first code in the report's order; the detail names every flag
+        assert code in flagged[name]["codes"]
+        assert drops[name]["reason"] == flagged[name]["codes"][0]
+        assert drops[name]["detail"].count(" < ") == len(flagged[name]["codes"])
+    assert drops["compressed_camera.jpg"]["detail"] == "jpeg_quality 5 < min_jpeg_quality 30"
+    assert re.fullmatch(
+        r"focus 0\.\d+ < min_focus 0\.9(; .*)?", drops["blurred_grass.png"]["detail"]
+    )
+    assert report["dropped_by_reason"]["jpeg_artifacts"] == 1
+    markdown = (output / "report.md").read_text()
+    assert "| compressed_camera.jpg | jpeg_artifacts | jpeg_quality 5 < min_jpeg_quality 30 |" in (
+        markdown
+    )
+    for entry in report["quality"]["flagged"]:
+        assert entry["action"] == "dropped"
+        assert (output / entry["thumbnail"]).is_file()  # decoded once more for it
+
+
+def test_quality_cli_flags(
+    photo_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stricter --min-focus drops the softer clean photos too, naming the flag's value."""
+    output = tmp_path / "ds"
+    argv = ["ingest", str(photo_folder), "--out", str(output), "--min-size", str(PHOTO_MIN_SIZE)]
+    code = cli_main([*argv, "--quality", "drop", "--min-focus", "1.6", "--workers", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "blurry" in printed and "quality audit flagged" in printed
+    report = json.loads((output / "report.json").read_text())
+    assert report["config"]["min_focus"] == 1.6
+    strict = {drop["file"] for drop in report["dropped_files"] if drop["reason"] == "blurry"}
+    assert {"blurred_grass.png", "grace_hopper.jpg"} <= strict  # focus 1.5: clean, yet softer
+    assert {"coffee.png", "coins.png"} <= set(_records(str(output)))  # focus 1.8 and 1.7
+    for drop in report["dropped_files"]:
+        if drop["file"] in strict:
+            assert drop["detail"].startswith("focus ") and "< min_focus 1.6" in drop["detail"]
+
+    assert cli_main([*argv, "--quality", "delete"]) != 0
+    assert "use one of report, drop" in capsys.readouterr().err
+    assert cli_main([*argv, "--min-jpeg-quality", "101"]) != 0
+    assert "--min-jpeg-quality" in capsys.readouterr().err
+
+
+def test_quality_of_the_demo_world_flags_nothing(tmp_path: Path) -> None:
+    """The demo's procedural scenes (flat shapes on plain, vignetted backgrounds, a third
+    watermarked) are clean: the audit flags none, so ingest drops only the planted files."""
+    from lorapipe.demo.inputs import PLANTED_FILES, write_sample_folder
+
+    folder = write_sample_folder(tmp_path / "demo", count=8)
+    report = run(str(folder), str(tmp_path / "ds"), IngestConfig(quality="drop", workers=2))
+    assert report["quality"]["flagged"] == []
+    assert {drop["file"] for drop in report["dropped_files"]} == set(PLANTED_FILES)

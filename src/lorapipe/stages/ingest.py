@@ -15,15 +15,22 @@ for real and judged before anything trains on it:
   ``unreadable``, ``decompression_bomb`` (more than ``max_pixels``; Pillow's warning counts as
   an error), ``too_small`` (shorter side below ``min_size``), ``extreme_aspect``,
   ``exact_duplicate`` (same decoded pixels) and ``near_duplicate`` (perceptual hashes at most
-  ``near_dup_distance`` bits apart; the image with the most pixels is kept). A duplicate's
-  entry names the image that was kept.
+  ``near_dup_distance`` bits apart; of duplicates one the quality audit does not flag is
+  kept, then the one with the most pixels). A duplicate's entry names the image that was kept.
+- Quality audit (``lorapipe.quality``): every kept image is measured for ``blurry``,
+  ``upscaled``, ``jpeg_artifacts``, ``overexposed``, ``underexposed`` and ``low_contrast``,
+  against absolute thresholds and (focus) against the set's median; ``quality: report`` lists
+  the flagged images with their values, thresholds and a thumbnail, ``drop`` drops them with
+  the code as the reason.
 - Fixes: EXIF orientation applied; every mode (CMYK, P, LA, RGBA, 16-bit, float) becomes 8-bit
   RGB with transparency composited on white; the stored bytes are a freshly encoded PNG, so no
   EXIF or GPS data survives. GIFs and multi-page TIFFs contribute their first frame.
 
 Memory stays bounded with two passes: pass 1 decodes every file in a process pool and keeps
-only its size and hashes; the keepers are chosen (near duplicates need every hash first);
-pass 2 decodes the keepers again and streams them into the dataset.
+only its size, hashes and quality measures; the keepers are chosen (near duplicates and the
+relative focus check need every image first); pass 2 decodes the keepers again and streams
+them, and the thumbnails of flagged ones, into the dataset (a dropped flagged image is decoded
+once more for its thumbnail).
 
 Output: a dataset directory (local or s3://) plus ``report.json`` / ``report.md`` in it. When no
 image survives, only the report is written and the run fails, pointing to it.
@@ -49,9 +56,9 @@ import tempfile
 import warnings
 import zipfile
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, TypeVar
 
@@ -61,10 +68,13 @@ from tqdm import tqdm
 
 from lorapipe import config as config_options
 from lorapipe import metadata_csv, store
+from lorapipe import quality as image_quality
 from lorapipe.config import Where, option
 from lorapipe.dataset import DatasetWriter, ImageRecord, is_dataset
 from lorapipe.errors import DatasetError, InputError
 from lorapipe.metadata_csv import METADATA_CSV
+from lorapipe.stages.ingest_report import build_report, render_markdown, size_bucket
+from lorapipe.thumbnails import thumbnail_jpeg, thumbnail_name
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +85,6 @@ DEFAULT_MAX_PIXELS = 89_478_485
 PHASH_BITS = 64
 # tasks in flight per worker process: keeps the pool busy while bounding memory
 WINDOW_PER_WORKER = 4
-# shorter-side buckets of the size histogram: (label, lowest size in it), ascending
-SIZE_BUCKETS = (
-    ("<512", 0),
-    ("512-767", 512),
-    ("768-1023", 768),
-    ("1024-1535", 1024),
-    (">=1536", 1536),
-)
 
 # drop reasons, in the order the report lists them
 UNSAFE_PATH = "unsafe_path"
@@ -106,9 +108,16 @@ REASONS = (
     EXTREME_ASPECT,
     EXACT_DUPLICATE,
     NEAR_DUPLICATE,
+    *image_quality.CODES,
 )
 
-NEAR_DUPLICATE_RULE = " (kept: the larger, or of equal size the captioned or first-named)"
+NEAR_DUPLICATE_RULE = (
+    " (kept: one the quality audit does not flag, then the larger, or of equal size the"
+    " captioned or first-named)"
+)
+QUALITY_REPORT, QUALITY_DROP = "report", "drop"
+JPEG_FORMATS = ("JPEG", "MPO")  # formats whose quantisation tables Pillow reads
+DEFAULT_THRESHOLDS = image_quality.Thresholds()
 # modes that carry transparency, composited on white
 TRANSPARENT_MODES = {"RGBA", "RGBa", "LA", "La", "PA", "P"}
 WHITE = (255, 255, 255, 255)
@@ -148,11 +157,76 @@ class IngestConfig:
         maximum=PHASH_BITS // 2,
     )
     workers: int = option(0, help="decoding processes; `0`: one per CPU core", minimum=0)
+    quality: str = option(
+        QUALITY_REPORT,
+        help="what the quality audit does with a flagged image: `report` keeps it and lists it "
+        "(values, thresholds, thumbnail) in the report, `drop` drops it with the code as reason",
+        choices=(QUALITY_REPORT, QUALITY_DROP),
+    )
+    min_focus: float = option(
+        DEFAULT_THRESHOLDS.min_focus,
+        help="`blurry` below this focus (Laplacian over gradient energy of the luma at "
+        f"{image_quality.NORMALISED_SIDE} px; about 0.7 / edge width in px; contrast does not "
+        "move it)",
+        minimum=0,
+    )
+    min_detail: float = option(
+        DEFAULT_THRESHOLDS.min_detail,
+        help="`upscaled` below this share of spectral energy above a third of Nyquist (at "
+        f"{image_quality.NORMALISED_SIDE} px; an image enlarged from a thumbnail has almost "
+        "none)",
+        minimum=0,
+        maximum=1,
+    )
+    min_jpeg_quality: int = option(
+        DEFAULT_THRESHOLDS.min_jpeg_quality,
+        help="`jpeg_artifacts` for a JPEG whose quantisation tables match an IJG quality "
+        "below this",
+        minimum=0,
+        maximum=100,
+    )
+    max_blockiness: float = option(
+        DEFAULT_THRESHOLDS.max_blockiness,
+        help="`jpeg_artifacts` for another format whose 8x8-grid blockiness (strongest over next "
+        "phase of neighbour differences, 1 when clean) is above this",
+        minimum=1,
+    )
+    max_clipped_highlights: float = option(
+        DEFAULT_THRESHOLDS.max_clipped_highlights,
+        help="`overexposed` above this fraction of pixels with a channel at 250 or more",
+        minimum=0,
+        maximum=1,
+    )
+    max_clipped_shadows: float = option(
+        DEFAULT_THRESHOLDS.max_clipped_shadows,
+        help="`underexposed` above this fraction of pixels with every channel at 5 or less",
+        minimum=0,
+        maximum=1,
+    )
+    min_contrast: float = option(
+        DEFAULT_THRESHOLDS.min_contrast,
+        help="`low_contrast` below this 1st-99th percentile luma range (1: black to white)",
+        minimum=0,
+        maximum=1,
+    )
+    relative_focus: float = option(
+        DEFAULT_THRESHOLDS.relative_focus,
+        help="`blurry` below this times the median focus of the set (of at least "
+        f"{image_quality.MIN_RELATIVE_SET} images); `0`: no relative check",
+        minimum=0,
+        maximum=1,
+    )
 
     def validate(self, where: Where | None = None) -> None:
         """Refuse settings that would make the cleaning meaningless, naming the flag."""
         config_options.check_fields(
             self, where or (lambda key: f"{key} ({config_options.flag(key)})")
+        )
+
+    def thresholds(self) -> image_quality.Thresholds:
+        """The quality audit's thresholds, as set here."""
+        return image_quality.Thresholds(
+            **{item.name: getattr(self, item.name) for item in fields(image_quality.Thresholds)}
         )
 
 
@@ -177,14 +251,23 @@ def run(input_uri: str, output_uri: str, config: IngestConfig | None = None) -> 
         captions = _read_captions(source, config.metadata)
         workers = min(config.workers or os.cpu_count() or 1, max(1, len(source.names)))
         decoded = list(
-            _decode_all(source, source.names, config.max_pixels, False, workers, "check")
+            _decode_all(source, source.names, workers, "check", config.max_pixels, measure=True)
         )
-        kept, drops = _choose(decoded, config, set(captions.by_name))
+        usable, drops = _usable(decoded, config)
+        audit = _Audit.of(usable, config)
+        kept, duplicates = _choose(
+            usable, config.near_dup_distance, set(captions.by_name), set(audit.flags)
+        )
+        kept, flagged_drops = audit.settle(kept)
+        drops += duplicates + flagged_drops
         stats = _Stats(files=len(source.names) + len(source.drops), drops=source.drops + drops)
-        stats.decoded_sizes.update(_size_bucket(d) for _, d in decoded if not d.reason)
+        stats.decoded_sizes.update(
+            size_bucket(d.width, d.height) for _, d in decoded if not d.reason
+        )
         if kept:
-            _write_kept(source, kept, captions.by_name, writer, config, workers, stats)
-        report = _report(input_uri, output_uri, config, stats, captions)
+            _write_kept(source, kept, captions.by_name, writer, config, workers, stats, audit)
+            _write_dropped_thumbnails(source, writer, config, workers, audit)
+        report = build_report(input_uri, output_uri, config, stats, captions, audit, REASONS)
         if kept:
             writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
             writer.write_extra("report.md", render_markdown(report))
@@ -457,7 +540,8 @@ def _read_captions(source: _Input, metadata_uri: str | None) -> _Captions:
 
 @dataclass
 class _Decoded:
-    """What a worker learned about one file: why it is unusable, or its size and hashes."""
+    """What a worker learned about one file: why it is unusable, or its size, hashes and
+    quality measures."""
 
     reason: str | None = None
     detail: str = ""
@@ -467,21 +551,38 @@ class _Decoded:
     phash: int = 0
     png: bytes = b""  # only when asked for (pass 2)
     fixes: tuple[str, ...] = ()
+    measures: image_quality.Measures | None = None  # only when asked for (pass 1)
+    thumbnail: bytes = b""  # only when asked for (flagged images)
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
 
-def _decode_file(path: Path, max_pixels: int, encode: bool = False) -> _Decoded:
+def _decode_task(task: tuple[Path, bool], max_pixels: int, encode: bool, measure: bool) -> _Decoded:
+    """``_decode_file`` of (path, whether to make its thumbnail)."""
+    path, thumbnail = task
+    return _decode_file(path, max_pixels, encode=encode, measure=measure, thumbnail=thumbnail)
+
+
+def _decode_file(
+    path: Path,
+    max_pixels: int,
+    *,
+    encode: bool = False,
+    measure: bool = False,
+    thumbnail: bool = False,
+) -> _Decoded:
     """Decode one file completely, as 8-bit RGB; never raises: a broken file (which may raise
-    anything from OSError to struct.error inside Pillow) comes back with a reason."""
+    anything from OSError to struct.error inside Pillow) comes back with a reason. The quality
+    measures read the file's JPEG quantisation tables, so they are taken here."""
     try:
         if path.stat().st_size == 0:
             return _Decoded(ZERO_BYTE, "the file is empty")
         with _pixel_limit(max_pixels), Image.open(path) as image:
             image.load()
             rgb, fixes = _normalize(image)
+            tables = image.quantization if image.format in JPEG_FORMATS else None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return _Decoded(DECOMPRESSION_BOMB, _bomb_detail(error, max_pixels))
     except UnidentifiedImageError:
@@ -501,6 +602,8 @@ def _decode_file(path: Path, max_pixels: int, encode: bool = False) -> _Decoded:
         phash=perceptual_hash(rgb),
         png=_png(rgb) if encode else b"",
         fixes=fixes,
+        measures=image_quality.measure(rgb, tables) if measure else None,
+        thumbnail=thumbnail_jpeg(rgb) if thumbnail else b"",
     )
 
 
@@ -610,38 +713,59 @@ def _bounded_map(function: Callable[[T], R], items: Iterable[T], workers: int) -
 
 
 def _decode_all(
-    source: _Input, names: list[str], max_pixels: int, encode: bool, workers: int, step: str
+    source: _Input,
+    names: list[str],
+    workers: int,
+    step: str,
+    max_pixels: int,
+    *,
+    encode: bool = False,
+    measure: bool = False,
+    thumbnails: Collection[str] = (),
 ) -> Iterator[tuple[str, _Decoded]]:
-    """(name, decoded) for each name, in order, decoded by ``workers`` processes."""
-    decode = functools.partial(_decode_file, max_pixels=max_pixels, encode=encode)
-    paths = (source.path(name) for name in names)
-    results = zip(names, _bounded_map(decode, paths, workers), strict=True)
+    """(name, decoded) for each name, in order, decoded by ``workers`` processes; ``encode``:
+    with the PNG, ``measure``: with the quality measures, and a thumbnail for ``thumbnails``."""
+    decode = functools.partial(_decode_task, max_pixels=max_pixels, encode=encode, measure=measure)
+    tasks = ((source.path(name), name in thumbnails) for name in names)
+    results = zip(names, _bounded_map(decode, tasks, workers), strict=True)
     return tqdm(results, total=len(names), desc=f"ingest: {step}", unit="image", disable=None)
 
 
 # --------------------------------------------------------------------------- choosing
 
 
-def _choose(
-    decoded: list[tuple[str, _Decoded]], config: IngestConfig, captioned: set[str]
-) -> tuple[list[str], list[_Drop]]:
-    """The names to keep (sorted) and a drop for every other decoded file.
-
-    Of duplicates, exact or near, the image with the most pixels is kept, then one that
-    metadata.csv captions, then the first by name; a duplicate names its final keeper."""
-
-    def preference(item: tuple[str, _Decoded]) -> tuple[int, bool, str]:
-        name, result = item
-        return (-result.pixels, name not in captioned, name)
-
+def _usable(
+    decoded: list[tuple[str, _Decoded]], config: IngestConfig
+) -> tuple[list[tuple[str, _Decoded]], list[_Drop]]:
+    """The decoded files of a usable size, and a drop for every other one."""
+    usable: list[tuple[str, _Decoded]] = []
     drops: list[_Drop] = []
-    by_pixels: dict[str, list[tuple[str, _Decoded]]] = defaultdict(list)
     for name, result in decoded:
         drop = _unusable(name, result, config)
         if drop:
             drops.append(drop)
         else:
-            by_pixels[result.sha256].append((name, result))
+            usable.append((name, result))
+    return usable, drops
+
+
+def _choose(
+    usable: list[tuple[str, _Decoded]], distance: int, captioned: set[str], flagged: set[str]
+) -> tuple[list[str], list[_Drop]]:
+    """The names to keep (sorted) and a drop for every duplicate.
+
+    Of duplicates, exact or near, one the quality audit does not flag is kept, then the image
+    with the most pixels, then one that metadata.csv captions, then the first by name; a
+    duplicate names its final keeper."""
+
+    def preference(item: tuple[str, _Decoded]) -> tuple[bool, int, bool, str]:
+        name, result = item
+        return (name in flagged, -result.pixels, name not in captioned, name)
+
+    drops: list[_Drop] = []
+    by_pixels: dict[str, list[tuple[str, _Decoded]]] = defaultdict(list)
+    for name, result in usable:
+        by_pixels[result.sha256].append((name, result))
 
     unique: list[tuple[str, _Decoded]] = []
     exact: list[tuple[str, str]] = []  # (duplicate, kept)
@@ -650,7 +774,7 @@ def _choose(
         unique.append(keeper)
         exact += [(name, keeper[0]) for name, _ in copies]
 
-    index = _NearDuplicateIndex(config.near_dup_distance)
+    index = _NearDuplicateIndex(distance)
     replaced_by: dict[str, str] = {}
     for name, result in sorted(unique, key=preference):
         match = index.find(result.phash)
@@ -720,6 +844,57 @@ class _NearDuplicateIndex:
         return name, distance
 
 
+# --------------------------------------------------------------------------- quality audit
+
+
+@dataclass
+class _Audit:
+    """The quality audit of a run: the measures of every usable image, the flags of those
+    that survive deduplication, what was done with them and where their thumbnails went."""
+
+    thresholds: image_quality.Thresholds
+    action: str
+    measures: dict[str, image_quality.Measures]  # every usable image that could be measured
+    median_focus: float | None  # of those; None for a set too small to compare with
+    flags: dict[str, list[image_quality.Flag]]  # flagged images only
+    ids: dict[str, str]  # record id of each flagged image, naming its thumbnail
+    audited: int = 0  # measured images among the keepers
+    dropped: set[str] = field(default_factory=set)
+    thumbnails: dict[str, str] = field(default_factory=dict)  # written, relative to the dataset
+
+    @classmethod
+    def of(cls, usable: list[tuple[str, _Decoded]], config: IngestConfig) -> _Audit:
+        thresholds = config.thresholds()
+        measures = {name: result.measures for name, result in usable if result.measures}
+        median = image_quality.set_median_focus([found.focus for found in measures.values()])
+        flags = {
+            name: found
+            for name, measured in measures.items()
+            if (found := image_quality.verdict(measured, thresholds, median))
+        }
+        ids = {name: result.sha256[:16] for name, result in usable if name in flags}
+        return cls(thresholds, config.quality, measures, median, flags, ids)
+
+    def settle(self, kept: list[str]) -> tuple[list[str], list[_Drop]]:
+        """The keepers after the audit, and its drops (with ``drop``). Only keepers keep their
+        flags: a duplicate is reported as a duplicate, not for its quality."""
+        self.audited = sum(name in self.measures for name in kept)
+        self.flags = {name: self.flags[name] for name in kept if name in self.flags}
+        if self.action != QUALITY_DROP:
+            return kept, []
+        self.dropped = set(self.flags)
+        drops = [
+            _Drop(name, flags[0].code, "; ".join(flag.detail for flag in flags))
+            for name, flags in self.flags.items()
+        ]
+        return [name for name in kept if name not in self.dropped], drops
+
+    def write_thumbnail(self, writer: DatasetWriter, name: str, jpeg: bytes) -> None:
+        path = thumbnail_name(self.ids[name])
+        writer.write_extra(path, jpeg)
+        self.thumbnails[name] = path
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -742,12 +917,19 @@ def _write_kept(
     config: IngestConfig,
     workers: int,
     stats: _Stats,
+    audit: _Audit,
 ) -> None:
-    """Pass 2: decode the keepers again and stream them, as PNG, into the dataset."""
-    for name, result in _decode_all(source, kept, config.max_pixels, True, workers, "write"):
+    """Pass 2: decode the keepers again and stream them, as PNG, into the dataset, with the
+    thumbnails of the flagged ones."""
+    decoded = _decode_all(
+        source, kept, workers, "write", config.max_pixels, encode=True, thumbnails=audit.flags
+    )
+    for name, result in decoded:
         if result.reason:  # the file changed since pass 1
             stats.drops.append(_Drop(name, result.reason, result.detail))
             continue
+        if result.thumbnail:
+            audit.write_thumbnail(writer, name, result.thumbnail)
         caption = captions.get(name, "")
         writer.write(
             ImageRecord(
@@ -763,8 +945,22 @@ def _write_kept(
         )
         stats.kept += 1
         stats.captioned += bool(caption)
-        stats.kept_sizes[_size_bucket(result)] += 1
+        stats.kept_sizes[size_bucket(result.width, result.height)] += 1
         stats.fixes.update(result.fixes)
+
+
+def _write_dropped_thumbnails(
+    source: _Input, writer: DatasetWriter, config: IngestConfig, workers: int, audit: _Audit
+) -> None:
+    """The thumbnails of the images the audit dropped: one more decode of each, as pass 2
+    does not see them."""
+    names = sorted(audit.dropped)
+    decoded = _decode_all(
+        source, names, workers, "thumbnails", config.max_pixels, thumbnails=audit.dropped
+    )
+    for name, result in decoded:
+        if result.thumbnail:
+            audit.write_thumbnail(writer, name, result.thumbnail)
 
 
 def _nothing_kept(input_uri: str, output_uri: str, report: dict[str, Any]) -> str:
@@ -788,98 +984,8 @@ def _remove_failed_report(output_uri: str) -> None:
         store.delete_many(list(found.values()))
 
 
-def _size_bucket(result: _Decoded) -> str:
-    short = min(result.width, result.height)
-    return [label for label, lowest in SIZE_BUCKETS if short >= lowest][-1]
-
-
 def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _report(
-    input_uri: str, output_uri: str, config: IngestConfig, stats: _Stats, captions: _Captions
-) -> dict[str, Any]:
-    order = {reason: position for position, reason in enumerate(REASONS)}
-    drops = sorted(stats.drops, key=lambda drop: drop.file)
-    by_reason = Counter(drop.reason for drop in drops)
-    return {
-        "stage": "ingest",
-        "input": input_uri,
-        "output": output_uri,
-        "config": asdict(config),
-        "files": stats.files,
-        "kept": stats.kept,
-        "dropped": len(drops),
-        "dropped_by_reason": dict(sorted(by_reason.items(), key=lambda item: order[item[0]])),
-        "dropped_files": [
-            {key: value for key, value in asdict(drop).items() if value is not None}
-            for drop in drops
-        ],
-        "short_side_histogram": {
-            "decoded": {label: stats.decoded_sizes[label] for label, _ in SIZE_BUCKETS},
-            "kept": {label: stats.kept_sizes[label] for label, _ in SIZE_BUCKETS},
-        },
-        "fixes": dict(sorted(stats.fixes.items())),
-        "captions": {
-            "metadata": captions.source,
-            "rows": captions.rows,
-            "captioned_images": stats.captioned,
-            "uncaptioned_images": stats.kept - stats.captioned,
-            "missing_files": captions.missing,
-            "refused_rows": captions.refused,
-            "duplicate_rows": captions.duplicate_rows,
-        },
-    }
-
-
-def render_markdown(report: dict[str, Any]) -> str:
-    """A short summary, the size histogram, every dropped file and every unused caption row."""
-    captions = report["captions"]
-    reasons = ", ".join(
-        f"{reason} {count}" for reason, count in report["dropped_by_reason"].items()
-    )
-    fixes = ", ".join(f"{fix} {count}" for fix, count in report["fixes"].items())
-    lines = [
-        "# lorapipe ingest",
-        "",
-        f"- input: `{report['input']}` -> `{report['output']}`",
-        f"- {report['files']} files: {report['kept']} kept, {report['dropped']} dropped"
-        + (f" ({reasons})" if reasons else ""),
-        f"- fixes: {fixes or 'none needed'}",
-        f"- captions: `{captions['metadata']}` has {captions['rows']} rows; "
-        f"{captions['captioned_images']} kept images captioned, "
-        f"{captions['uncaptioned_images']} without; rows naming a missing file: "
-        f"{len(captions['missing_files'])}, refused rows: {len(captions['refused_rows'])} "
-        f"({captions['duplicate_rows']} repeating a file name: the first row's caption is kept)"
-        if captions["metadata"]
-        else "- captions: no metadata.csv; every caption is empty",
-        "",
-        "| shorter side (px) | decoded | kept |",
-        "| --- | --- | --- |",
-    ]
-    histogram = report["short_side_histogram"]
-    for label in histogram["decoded"]:
-        lines.append(f"| {label} | {histogram['decoded'][label]} | {histogram['kept'][label]} |")
-    if report["dropped_files"]:
-        lines += ["", "| dropped file | reason | detail |", "| --- | --- | --- |"]
-        for drop in report["dropped_files"]:
-            lines.append(f"| {_cell(drop['file'])} | {drop['reason']} | {_cell(drop['detail'])} |")
-    unused = [(row, "file not in the input") for row in captions["missing_files"]]
-    unused += [(row, row["reason"]) for row in captions["refused_rows"]]
-    if unused:
-        lines += ["", "| metadata.csv line | filename | not used because |", "| --- | --- | --- |"]
-        for row, why in sorted(unused, key=lambda item: item[0]["line"]):
-            lines.append(f"| {row['line']} | {_cell(row['filename'])} | {_cell(why)} |")
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -887,7 +993,13 @@ def _cell(text: str) -> str:
 
 def metrics(report: dict[str, Any]) -> dict[str, Any]:
     """The numbers the KFP UI shows for an ingest."""
-    return {"images_kept": report["kept"], "images_dropped": report["dropped"]}
+    audit = report["quality"]
+    return {
+        "images_kept": report["kept"],
+        "images_dropped": report["dropped"],
+        "images_flagged_quality": audit["flagged_images"],
+        **{f"images_flagged_{code}": count for code, count in audit["flagged_by_code"].items()},
+    }
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -907,9 +1019,12 @@ def main(args: argparse.Namespace) -> int:
     reasons = ", ".join(
         f"{count} {reason}" for reason, count in report["dropped_by_reason"].items()
     )
+    audit = report["quality"]
+    codes = ", ".join(f"{n} {code}" for code, n in audit["flagged_by_code"].items() if n)
     print(
         f"{report['kept']} of {report['files']} files kept, {report['dropped']} dropped"
         + (f" ({reasons})" if reasons else "")
+        + (f"; quality audit flagged {audit['flagged_images']} ({codes})" if codes else "")
         + f"; see {store.join(args.out, 'report.md')}"
     )
     return 0
