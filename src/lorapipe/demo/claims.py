@@ -46,6 +46,7 @@ from lorapipe.demo.world_tagger import micro_f1
 MIN_TAGGER_F1 = 0.8
 STYLE_SCALE = 0.8
 MIN_STYLE_GAIN = 0.5  # style_score at STYLE_SCALE minus at scale 0; a styled render is ~2
+STYLE_SATURATION = 0.1  # above STYLE_SCALE the score may fall this share of its value there
 # the negative preset's mean paired drop of a defect statistic, in standard errors
 MIN_DROP_IN_SE = 3.0
 NEGATIVE_PRESET, EMPTY_PRESET = "landscape", "none"
@@ -141,16 +142,26 @@ def check_tagger(tagged_dataset: Path, truth: dict[str, Any]) -> Claim:
 
 
 def check_style(index: list[dict[str, Any]], generated: Path) -> Claim:
-    """The style score by LoRA scale: well above the base model at ``STYLE_SCALE``, rising."""
+    """The style score by LoRA scale: well above the base model at ``STYLE_SCALE``, rising up
+    to it; above it the style has saturated, and the score may not fall by more than
+    ``STYLE_SATURATION`` of its value at ``STYLE_SCALE``."""
     by_scale = _mean_by(index, generated, "lora_scale", world.style_score)
     scales = sorted(by_scale)
-    rising = all(by_scale[a] < by_scale[b] for a, b in itertools.pairwise(scales))
+    up_to = [scale for scale in scales if scale <= STYLE_SCALE]
+    rising = all(by_scale[a] < by_scale[b] for a, b in itertools.pairwise(up_to))
+    at_scale = by_scale.get(STYLE_SCALE, float("nan"))
+    rising = rising and all(
+        by_scale[scale] >= (1 - STYLE_SATURATION) * at_scale
+        for scale in scales
+        if scale > STYLE_SCALE
+    )
     gain = by_scale.get(STYLE_SCALE, float("nan")) - by_scale.get(0.0, float("nan"))
     curve = " -> ".join(f"{by_scale[scale]:.2f} ({scale:g})" for scale in scales)
     return Claim(
         "the LoRA learned the style",
         f"style score by LoRA scale {curve}",
-        f"scale {STYLE_SCALE:g} at least {MIN_STYLE_GAIN} above scale 0, rising with the scale",
+        f"scale {STYLE_SCALE:g} at least {MIN_STYLE_GAIN} above scale 0, rising up to it and "
+        f"above it within {STYLE_SATURATION:.0%} of it",
         bool(gain >= MIN_STYLE_GAIN) and rising,
     )
 
