@@ -40,6 +40,7 @@ import shlex
 import socket
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -382,8 +383,9 @@ def _acquire_local(key: str, force: bool) -> _LocalLock:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = _lock_file(key, path, force)
         holder = Holder.this_process()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, holder.to_json(), 0)
+        record = holder.to_json()
+        os.pwrite(fd, record, 0)
+        os.ftruncate(fd, len(record))
     except OSError as error:
         raise StorageError(
             f"cannot lock {key} ({path}: {error.strerror}); make its folder writable, on a "
@@ -399,12 +401,23 @@ def _lock_file(key: str, path: Path, force: bool) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = Holder.from_json(os.pread(fd, 1 << 16, 0))
+            holder = _read_holder(fd)
             os.close(fd)
             raise OutputBusyError(_local_busy_message(key, path, holder, force)) from None
         if _is_locked_file(fd, path):
             return fd
         os.close(fd)  # its holder removed it as we opened it: lock the file there now
+
+
+def _read_holder(fd: int, wait: float = 2.0) -> Holder | None:
+    """The holder record of a lock file another process holds. It writes the record just
+    after it takes the flock, so a record still empty is waited for briefly."""
+    deadline = time.monotonic() + wait
+    while (holder := Holder.from_json(os.pread(fd, 1 << 16, 0))) is None:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+    return holder
 
 
 def _local_busy_message(key: str, path: Path, holder: Holder | None, force: bool) -> str:
