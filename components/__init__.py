@@ -9,8 +9,9 @@ as a subprocess under ``kfp.local`` and in the stage's image (``images/``) on a 
 from components.augment import augment
 from components.generate import generate
 from components.ingest import ingest
+from components.report import run_report
 from components.select import select
 from components.tag import tag
 from components.train import train
 
-__all__ = ["augment", "generate", "ingest", "select", "tag", "train"]
+__all__ = ["augment", "generate", "ingest", "run_report", "select", "tag", "train"]

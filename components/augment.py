@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 from components.images import BASE_IMAGE
 
@@ -8,7 +8,7 @@ from components.images import BASE_IMAGE
 def augment(
     dataset: Input[Dataset],
     augmented: Output[Dataset],
-    report: Output[Markdown],
+    report: Output[HTML],
     metrics: Output[Metrics],
 ):
     """Mirrored copies with left/right swapped in their captions, unless tags forbid it.

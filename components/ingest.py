@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Metrics, Output
 
 from components.images import BASE_IMAGE
 
@@ -11,7 +11,7 @@ def ingest(
     min_size: int,
     quality_policy: str,
     dataset: Output[Dataset],
-    report: Output[Markdown],
+    report: Output[HTML],
     metrics: Output[Metrics],
 ):
     """Decode, clean and dedupe the raw images (folder, archive or s3:// prefix).

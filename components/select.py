@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Input, Metrics, Model, Output
 
 from components.images import BASE_IMAGE
 
@@ -11,7 +11,7 @@ def select(
     publish_uri: str,
     run_id: str,
     lora: Output[Model],
-    report: Output[Markdown],
+    report: Output[HTML],
     metrics: Output[Metrics],
 ):
     """The earliest checkpoint within epsilon of the lowest validation loss, as diffusers and
@@ -23,7 +23,8 @@ def select(
         publish_uri: Where the LoRA is published with latest.json; empty: not published.
         run_id: The pipeline run's id, in the LoRA's metadata and the published folder.
         lora: Both LoRA files, the selection, the loss curve and the report.
-        report: The choice and why.
+        report: The choice and why: the rule, the table, the loss curve and a row of
+            samples per checkpoint.
         metrics: The chosen checkpoint's numbers.
     """
     from lorapipe import pipeline_steps

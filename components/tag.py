@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Output
 
 from components.images import TAGGER_IMAGE
 
@@ -13,7 +13,7 @@ def tag(
     merge: str,
     defect_policy: str,
     tagged: Output[Dataset],
-    report: Output[Markdown],
+    report: Output[HTML],
     metrics: Output[Metrics],
 ):
     """DeepDanbooru tags and captions; the dataset also gets a lora-scripts metadata.csv.

@@ -1,5 +1,5 @@
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.images import TORCH_IMAGE
 
@@ -15,6 +15,7 @@ def train(
     num_nodes: int,
     trainer_image: str,
     training: Output[Model],
+    report: Output[HTML],
     metrics: Output[Metrics],
 ):
     """LoRA training, one process per GPU; resumes from the mirrored checkpoints on retry.
@@ -29,7 +30,9 @@ def train(
         run_id: The pipeline run's id: names its checkpoint folder and TrainJob.
         num_nodes: Nodes; above 1, a TrainJob.
         trainer_image: The torch image the TrainJob's nodes run.
-        training: Checkpoints, loss log and training report.
+        training: Checkpoints (with the samples rendered at each), loss log and training
+            report.
+        report: Loss and validation-by-timestep charts, throughput and buckets.
         metrics: Steps, images, throughput and processes.
     """
     from lorapipe import pipeline_steps
@@ -37,6 +40,7 @@ def train(
     values = pipeline_steps.train(
         dataset.path,
         training.path,
+        report.path,
         base_model_uri=base_model_uri,
         training_config=training_config,
         num_gpus=num_gpus,

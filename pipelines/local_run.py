@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lorapipe import store
-from lorapipe.demo.claims import Claim, RunOutputs, add_claims_section, check_run
+from lorapipe.demo.claims import Claim, RunOutputs, check_run
 from lorapipe.errors import PipelineRunError
+from lorapipe.report.run_report import StageOutputs, write_run_report
 from pipelines.lora_training import PIPELINE_NAME
 
 
 @dataclass(frozen=True)
 class LocalRun:
-    """A finished local run: its review report and, for the demo, what the run showed."""
+    """A finished local run: its run report and, for the demo, what the run showed."""
 
     report: Path
     claims: list[Claim] = field(default_factory=list)
@@ -43,7 +43,7 @@ def run_local(
     DAG runs a second time under ``out/scraped`` on the captions as scraped
     (``demo.DEMO_SCRAPED_RUN``), to measure cleaning against the negative preset. Afterwards
     the claims are measured (``lorapipe.demo.claims``), written to ``demo_checks.json`` and
-    shown at the top of the report. With ``s3_prefix`` (``s3://bucket/path``), the inputs are
+    shown in the run report (``out/report.html``). With ``s3_prefix`` (``s3://bucket/path``), the inputs are
     uploaded there and checkpoints and the LoRA are mirrored and published there, through the
     S3 endpoint and credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
     ...).
@@ -91,7 +91,7 @@ def run_local(
     store.write_text(
         str(out / "demo_checks.json"), json.dumps([asdict(c) for c in claims], indent=1) + "\n"
     )
-    store.write_text(str(report), add_claims_section(report.read_text(encoding="utf-8"), claims))
+    write_run_report(stage_outputs(run_dir), report, claims)
     return LocalRun(report, claims)
 
 
@@ -143,10 +143,25 @@ def _failure_line(kfp_message: str, root: Path) -> str:
     )
 
 
+def stage_outputs(run_dir: Path) -> StageOutputs:
+    """Each stage's output folder in a kfp.local run directory (the tag stage's only when the
+    tagger ran)."""
+
+    def artifact(pattern: str) -> str | None:
+        found = sorted(run_dir.glob(pattern))
+        return str(found[0]) if found else None
+
+    return StageOutputs(
+        ingest=artifact("ingest/dataset"),
+        tag=artifact("tag*/tagged"),
+        augment=artifact("augment*/augmented"),
+        train=artifact("train*/training"),
+        select=artifact("select*/lora"),
+        generate=artifact("generate*/images"),
+    )
+
+
 def collect_outputs(run_dir: Path, out: Path) -> Path:
-    """Copy the review report next to the run (as report.html) and return its path."""
-    (html,) = run_dir.glob("generate*/report")
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "report.html"
-    shutil.copyfile(html, report)
-    return report
+    """Write the run report next to the run (``out/report.html``, full-size images linked
+    into the run directory) and return its path."""
+    return write_run_report(stage_outputs(run_dir), out / "report.html")

@@ -1,4 +1,4 @@
-"""The DAG: ingest -> [tag] -> augment -> train -> select -> generate.
+"""The DAG: ingest -> [tag] -> augment -> train -> select -> generate -> run report.
 
 Tagging runs only when a DeepDanbooru project is given (``dsl.If``). KFP cannot yet hand one
 of two conditional artifacts to a later task when running locally (``dsl.OneOf`` of
@@ -18,7 +18,7 @@ from typing import Any
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input
 
-from components import augment, generate, ingest, select, tag, train
+from components import augment, generate, ingest, run_report, select, tag, train
 from components.images import TORCH_IMAGE
 from pipelines import parameters
 
@@ -80,6 +80,7 @@ def _train_task(arguments: dict, *, gpus: Any) -> dsl.PipelineTask:
 
 def _select_and_review(
     trained: dsl.PipelineTask,
+    data: dict[str, Any],
     *,
     base_model_uri: str,
     epsilon: float,
@@ -122,9 +123,21 @@ def _select_and_review(
     review.set_cpu_request("4").set_memory_request("16Gi").set_memory_limit("32Gi")
     _with_s3_access(review)
 
+    page = run_report(
+        **data,
+        training=trained.outputs["training"],
+        lora=selected.outputs["lora"],
+        images=review.outputs["images"],
+    )
+    page.set_display_name("run report")
+    page.set_caching_options(False)
+    page.set_cpu_request("1").set_memory_request("2Gi").set_memory_limit("4Gi")
+    _with_s3_access(page)
+
 
 @dsl.pipeline(name="augment-train-review")
 def augment_train_review(
+    ingested: Input[Dataset],
     dataset: Input[Dataset],
     base_model_uri: str,
     training_config: str,
@@ -141,8 +154,9 @@ def augment_train_review(
     steps: int,
     job_yaml: str,
 ):
-    """flip-augment -> train -> select -> generate; train runs in its own pod, or with
-    num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself)."""
+    """flip-augment -> train -> select -> generate -> run report; train runs in its own pod,
+    or with num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself). ``ingested``
+    is ingest's dataset, for the run report; ``dataset`` is what augment reads."""
     augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
     augmented.set_display_name("flip-augment")
 
@@ -156,6 +170,7 @@ def augment_train_review(
         num_nodes=num_nodes,
         trainer_image=TORCH_IMAGE,
     )
+    data = dict(ingested=ingested, dataset=dataset, augmented=augmented.outputs["augmented"])
     review = dict(
         base_model_uri=base_model_uri,
         epsilon=epsilon,
@@ -173,11 +188,11 @@ def augment_train_review(
         kubernetes.empty_dir_mount(
             trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
         )
-        _select_and_review(trained, **review)
+        _select_and_review(trained, data, **review)
     with dsl.Else(name="multi-node TrainJob"):
         trained = _train_task(training, gpus=None)
         trained.set_display_name("train LoRA (TrainJob)")
-        _select_and_review(trained, **review)
+        _select_and_review(trained, data, **review)
 
 
 @dsl.pipeline(
@@ -252,9 +267,13 @@ def lora_training(
             memory="16Gi",
         )
         tagged.set_display_name("auto-tag (DeepDanbooru)")
-        augment_train_review(dataset=tagged.outputs["tagged"], **after_data)
+        augment_train_review(
+            ingested=ingested.outputs["dataset"], dataset=tagged.outputs["tagged"], **after_data
+        )
     with dsl.Else(name="no tagger"):
-        augment_train_review(dataset=ingested.outputs["dataset"], **after_data)
+        augment_train_review(
+            ingested=ingested.outputs["dataset"], dataset=ingested.outputs["dataset"], **after_data
+        )
 
 
 def compile_pipeline(path: Path | None = None) -> Path:

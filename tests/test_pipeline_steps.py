@@ -15,7 +15,7 @@ from lorapipe.errors import ConfigError
 
 def test_an_empty_required_parameter_names_itself(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="pipeline parameter data_uri is empty"):
-        pipeline_steps.ingest("", str(tmp_path / "out"), str(tmp_path / "report.md"))
+        pipeline_steps.ingest("", str(tmp_path / "out"), str(tmp_path / "report.html"))
 
 
 def test_only_numbers_reach_the_kfp_metrics() -> None:
@@ -43,10 +43,13 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
         (Path(output_dir) / stage.TRAINING_REPORT_NAME).write_text(json.dumps(report))
         return report
 
+    pages = []
     monkeypatch.setattr(stage, "run", record_run)
+    monkeypatch.setattr(pipeline_steps, "_write_page", lambda *page: pages.append(page))
     metrics = pipeline_steps.train(
         str(tmp_path / "dataset"),
         str(tmp_path / "training"),
+        str(tmp_path / "report.html"),
         base_model_uri=str(tiny_model_dir),
         training_config="{output_dir: /elsewhere, lora_rank: 8, learning_rate: 5e-4}",
         num_gpus=4,
@@ -54,6 +57,7 @@ def test_the_pipeline_decides_data_model_and_output_whatever_the_yaml_says(
         run_id="run 7",
     )
     config = seen["config"]
+    assert pages == [("train", str(tmp_path / "training"), str(tmp_path / "report.html"))]
     assert config.output_dir == str(tmp_path / "training")
     assert config.train_data_dir == str(tmp_path / "dataset")
     assert config.base_model == str(tiny_model_dir)
@@ -102,9 +106,11 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
         return {}
 
     monkeypatch.setattr(trainjob, "run_trainjob", fake_trainjob)
+    monkeypatch.setattr(pipeline_steps, "_write_page", lambda *page: None)
     metrics = pipeline_steps.train(
         str(dataset),
         str(tmp_path / "training"),
+        str(tmp_path / "report.html"),
         base_model_uri=str(tiny_model_dir),
         training_config="{lora_rank: 8}",
         num_gpus=4,
@@ -129,7 +135,8 @@ def test_multi_node_training_shares_data_config_and_output_through_s3(
 def test_multi_node_training_needs_an_s3_mirror(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="num_nodes 2 needs checkpoint_mirror on S3"):
         pipeline_steps.train(
-            str(tmp_path), str(tmp_path / "out"), base_model_uri="m", training_config="",
+            str(tmp_path), str(tmp_path / "out"), str(tmp_path / "report.html"),
+            base_model_uri="m", training_config="",
             num_nodes=2, checkpoint_mirror_uri="", run_id="r", trainer_image="i",
         )  # fmt: skip
 

@@ -21,7 +21,7 @@ from components import images
 from pipelines import __main__ as pipelines_cli
 from pipelines import lora_training
 
-STAGE_COMPONENTS = {"ingest", "tag", "augment", "train", "select", "generate"}
+STAGE_COMPONENTS = {"ingest", "tag", "augment", "train", "select", "generate", "run"}  # run-report
 
 
 def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -40,7 +40,7 @@ def test_the_committed_yaml_is_what_the_code_compiles_to(compiled: Path) -> None
     assert committed == compiled.read_text(), "pipelines/lora_training.yaml is stale: make compile"
 
 
-def test_the_dag_runs_the_six_stages_in_order(compiled: Path) -> None:
+def test_the_dag_runs_the_six_stages_in_order_then_the_run_report(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
     executors = {name.removeprefix("exec-") for name in spec["deploymentSpec"]["executors"]}
     assert {name.split("-")[0] for name in executors} == STAGE_COMPONENTS
@@ -57,6 +57,14 @@ def test_the_dag_runs_the_six_stages_in_order(compiled: Path) -> None:
     for generate in tasks["generate review grid"]:
         producer, output = _producer(generate, "lora")
         assert producer.startswith("select") and output == "lora"
+    # the last step reads every stage's output and writes the run's page as its HTML artifact
+    for page in tasks["run report"]:
+        assert _producer(page, "images")[0].startswith("generate")
+        assert _producer(page, "lora")[0].startswith("select")
+        assert _producer(page, "training")[0].startswith("train")
+        assert _producer(page, "ingested") == ("parent", "pipelinechannel--ingested")
+    report_outputs = spec["components"]["comp-run-report"]["outputDefinitions"]["artifacts"]
+    assert report_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
 
 
 def test_kfp_loads_the_committed_yaml_back_as_the_pipeline_with_its_parameters() -> None:
@@ -186,6 +194,7 @@ def test_components_run_in_the_stage_images(compiled: Path) -> None:
         "train": images.TORCH_IMAGE,
         "select": images.BASE_IMAGE,
         "generate": images.TORCH_IMAGE,
+        "run": images.BASE_IMAGE,  # run-report
     }
     for name, executor in executors.items():
         stage = name.removeprefix("exec-").split("-")[0]

@@ -36,6 +36,9 @@ OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "state.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 TRAINING_REPORT_NAME = "training_report.json"
+# sample images rendered at a checkpoint, and their index (what each is: prompt, seed, ...)
+SAMPLES_DIR = "samples"
+SAMPLES_INDEX_NAME = "samples.json"
 
 
 def checkpoint_name(step: int) -> str:
@@ -161,3 +164,12 @@ def read_losses(checkpoint_uri: str | Path, step: int) -> CheckpointLosses:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def read_samples(checkpoint_uri: str | Path) -> dict[str, Any] | None:
+    """A checkpoint's ``samples/samples.json`` (``{"step", "seconds", "samples": [...]}``),
+    or None when training rendered none there."""
+    index_uri = store.join(checkpoint_uri, SAMPLES_DIR, SAMPLES_INDEX_NAME)
+    if not store.exists(index_uri):
+        return None
+    return read_json(index_uri)

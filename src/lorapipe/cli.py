@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "augment": ("lorapipe.stages.augment", "add mirrored copies, swapping left/right in captions"),
     "train": ("lorapipe.stages.train", "train a LoRA on 1..N processes, with validation loss"),
     "generate": ("lorapipe.stages.generate", "image grid with layered negatives, metrics, report"),
+    "report": ("lorapipe.report.run_report", "one HTML page for a run: a section per stage"),
 }
 
 

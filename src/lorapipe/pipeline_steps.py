@@ -3,8 +3,8 @@
 A KFP component (``components/``) calls one of these. Each maps the component's parameters,
 which carry the stage's config key names, onto the stage's config (checked by the one config
 mechanism, ``lorapipe.config``), calls the stage's ``run`` exactly as ``lorapipe <stage>`` does,
-copies the stage's ``report.md`` to the component's ``Markdown`` artifact and returns the numbers
-the KFP UI shows. Nothing here decides anything a CLI user could not get: publishing, the
+writes the stage's page (``lorapipe.report``) as the component's ``HTML`` artifact and returns
+the numbers the KFP UI shows; the last step, :func:`run_report`, writes the whole run's page. Nothing here decides anything a CLI user could not get: publishing, the
 multi-node TrainJob and the LoRA-tag rule belong to the stages.
 
 Every step runs as :func:`pipeline_task`: its output is scrubbed of credentials as the CLI's is,
@@ -16,12 +16,11 @@ and only earlier attempts of it can hold them.
 from __future__ import annotations
 
 import functools
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
-from lorapipe import config, thumbnails, writer_lock
+from lorapipe import config, writer_lock
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.redaction import redacted_output
 
@@ -58,7 +57,7 @@ def ingest(
     values = {"metadata": metadata_uri or None, "min_size": min_size, "quality": quality}
     settings = _from_parameters(stage.IngestConfig, values, {"metadata": "metadata_uri"})
     report = stage.run(_required("data_uri", data_uri), dataset_path, settings)
-    _copy_report(dataset_path, report_path)
+    _write_page("ingest", dataset_path, report_path)
     return metrics_for_kfp(stage.metrics(report))
 
 
@@ -86,7 +85,7 @@ def tag(
     }
     settings = _from_parameters(stage.TagConfig, values, {"project": "tagger_uri"})
     report = stage.run(dataset_path, output_path, settings)
-    _copy_report(output_path, report_path)
+    _write_page("tag", output_path, report_path)
     return metrics_for_kfp(stage.metrics(report))
 
 
@@ -96,7 +95,7 @@ def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
     from lorapipe.stages import augment as stage
 
     report = stage.run(dataset_path, output_path, stage.AugmentConfig())
-    _copy_report(output_path, report_path)
+    _write_page("tag", output_path, report_path)
     return metrics_for_kfp(stage.metrics(report))
 
 
@@ -104,6 +103,7 @@ def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
 def train(
     dataset_path: str,
     training_path: str,
+    report_path: str,
     *,
     base_model_uri: str,
     training_config: str,
@@ -142,6 +142,7 @@ def train(
             f"training in {settings.num_processes} processes failed; the first error is in the "
             "log above. A retry resumes from the last mirrored checkpoint"
         )
+    _write_page("train", training_path, report_path)
     return metrics_for_kfp(stage.metrics(training_path))
 
 
@@ -161,7 +162,7 @@ def select(
     values = {"epsilon": epsilon, "publish_uri": publish_uri, "pipeline_run_id": run_id}
     settings = _from_parameters(stage.SelectConfig, values)
     report = stage.run(training_path, lora_path, settings)
-    _copy_report(lora_path, report_path)
+    _write_page("select", lora_path, report_path)
     return metrics_for_kfp(report["metrics"])
 
 
@@ -196,7 +197,7 @@ def generate(
     )
     settings = _from_parameters(stage.GenerateConfig, values)
     report = stage.run(base_model_uri, output_path, settings)
-    shutil.copyfile(Path(output_path) / "report.html", html_path)
+    _write_page("generate", output_path, html_path)
     return metrics_for_kfp(
         {"images": report["images"], "images_per_second": report["images_per_second"]}
     )
@@ -211,12 +212,33 @@ def _from_parameters(
     return config.from_mapping(config_class, values, origins)
 
 
-def _copy_report(stage_output: str, report_path: str) -> None:
-    """The stage's ``report.md`` as the component's Markdown artifact, which the KFP UI shows
-    alone: the thumbnails it links beside it (``flagged/<id>.jpg``) go inline, as data URIs."""
-    output = Path(stage_output)
-    markdown = (output / "report.md").read_text(encoding="utf-8")
-    Path(report_path).write_text(thumbnails.inline_images(markdown, output), encoding="utf-8")
+def _write_page(stage: str, stage_output: str, report_path: str) -> None:
+    """The stage's page as the component's HTML artifact, which the KFP UI shows alone: every
+    picture is embedded, nothing links to files beside it."""
+    from lorapipe.report.run_report import stage_page
+
+    Path(report_path).write_text(stage_page(stage, stage_output), encoding="utf-8")
+
+
+@pipeline_task
+def run_report(
+    report_path: str,
+    *,
+    ingested: str,
+    dataset: str,
+    augmented: str,
+    training: str,
+    lora: str,
+    images: str,
+) -> None:
+    """The whole run on one page, the pipeline's last HTML artifact. ``dataset`` is what
+    augment read: the tagged dataset, or ``ingested`` itself when no tagger ran."""
+    from lorapipe.report.run_report import StageOutputs, run_page
+    from lorapipe.report.sections import read_report
+
+    tagged = dataset if read_report(dataset).get("stage") == "tag" else None
+    outputs = StageOutputs(ingested, tagged, augmented, training, lora, images)
+    Path(report_path).write_text(run_page(outputs), encoding="utf-8")
 
 
 def _required(key: str, value: str) -> str:

@@ -20,15 +20,14 @@ truth, so the pipeline's effects are measured rather than eyeballed:
 
 The thresholds are set below what the committed world model measures (README, "What the demo
 shows"), with room for thread-order noise, and far above what a model that learned nothing
-reaches. ``add_claims_section`` puts the measured claims at the top of the run's HTML report.
+reaches. The run report (``lorapipe.report``) shows the measured claims in its last section.
 """
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,26 +364,3 @@ def _mean_by(
     for row in rows:
         values.setdefault(row[key], []).append(_score(row, generated, statistic))
     return {group: float(np.mean(scores)) for group, scores in values.items()}
-
-
-# --------------------------------------------------------------------------- report
-
-
-def add_claims_section(report_html: str, claims: Sequence[Claim]) -> str:
-    """``report_html`` with a "What this run shows" table (claim, measured, threshold,
-    PASS/FAIL) right under its title: the demo's measured claims, first thing a reader sees."""
-    rows = "".join(
-        f"<tr><td>{html.escape(claim.claim)}</td><td>{html.escape(claim.measured)}</td>"
-        f"<td>{html.escape(claim.threshold)}</td>"
-        f'<td class="{"pass" if claim.passed else "fail"}">'
-        f"{'PASS' if claim.passed else 'FAIL'}</td></tr>"
-        for claim in claims
-    )
-    section = (
-        "<h2>What this run shows</h2>"
-        "<p class=\"muted\">Measured on this run's outputs against the world's ground truth "
-        "(lorapipe.demo.claims).</p>"
-        "<table><tr><th>claim</th><th>measured</th><th>needs</th><th></th></tr>"
-        f"{rows}</table>"
-    )
-    return report_html.replace("</h1>", "</h1>\n" + section, 1)

@@ -510,7 +510,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
             render_seconds=render_seconds,
             seconds=time.monotonic() - started,
         )
-        write_reports(staging, report, sheets, job_text)
+        write_reports(staging, report)
         # 7. the whole output is published at once when the block ends
     log.info("wrote %d images to %s in %.1f s", len(rows), output_uri, report["seconds"])
     return report

@@ -44,12 +44,14 @@ from lorapipe.charts import draw_loss_curve
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
     LORA_CONFIG_NAME,
+    SAMPLES_DIR,
     TRAINING_REPORT_NAME,
     CheckpointLosses,
     checkpoint_name,
     find_checkpoints,
     read_json,
     read_losses,
+    read_samples,
 )
 from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError, LoraFormatError, ModelError, StorageError
@@ -152,6 +154,8 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
     report = _report(
         training_output_uri, output_uri, selection, losses, complete, incomplete, facts, modules
     )
+    samples = checkpoint_samples(complete, selection.step)
+    report.update(samples=[row.report_row() for row in samples], sample_prompts=_prompts(samples))
 
     with outputs.staged_output(output_uri, OUTPUT_KIND) as staging:
         lora_format.save_diffusers(
@@ -167,6 +171,8 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
             unet_config=_base_unet_config(training_report, facts.family),
         )
         draw_loss_curve(losses, selection, staging / report["files"]["loss_curve"])
+        for row in samples:
+            row.copy_into(staging)
         _write_json(
             staging / report["files"]["selection"], {key: report[key] for key in SELECTION_KEYS}
         )
@@ -420,6 +426,53 @@ def _report(
     }
 
 
+@dataclass(frozen=True)
+class CheckpointSamples:
+    """The samples training rendered at one checkpoint, to show beside the loss curve."""
+
+    step: int
+    chosen: bool
+    checkpoint_uri: str
+    samples: list[dict[str, Any]]  # samples.json's entries
+
+    @property
+    def folder(self) -> str:
+        """Where select's output keeps them: ``samples/checkpoint-<step>/``."""
+        return f"{SAMPLES_DIR}/{checkpoint_name(self.step)}"
+
+    def report_row(self) -> dict[str, Any]:
+        files = [
+            {**sample, "file": f"{self.folder}/{sample['file']}"} for sample in self.samples
+        ]
+        return {"step": self.step, "chosen": self.chosen, "files": files}
+
+    def copy_into(self, staging: Path) -> None:
+        folder = staging / self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        for sample in self.samples:
+            source = store.join(self.checkpoint_uri, SAMPLES_DIR, sample["file"])
+            (folder / sample["file"]).write_bytes(store.read_bytes(source))
+
+
+def checkpoint_samples(complete: Mapping[int, str], chosen_step: int) -> list[CheckpointSamples]:
+    """Every complete checkpoint's samples (``samples/samples.json``), by step; checkpoints
+    training rendered none at are left out."""
+    rows = []
+    for step, uri in sorted(complete.items()):
+        index = read_samples(uri)
+        if index and index.get("samples"):
+            rows.append(CheckpointSamples(step, step == chosen_step, uri, index["samples"]))
+    return rows
+
+
+def _prompts(samples: Sequence[CheckpointSamples]) -> list[str]:
+    """The sample prompts in prompt order, as the newest checkpoint rendered them."""
+    if not samples:
+        return []
+    by_index = {sample["prompt_index"]: sample["prompt"] for sample in samples[-1].samples}
+    return [by_index[index] for index in sorted(by_index)]
+
+
 def _within(checkpoint: CheckpointLosses, selection: Selection) -> bool:
     value = checkpoint.value(selection.metric)
     return value is not None and value <= selection.threshold
@@ -491,6 +544,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             f"Ignored (incomplete, no `{COMPLETE_MARKER}` marker): "
             + ", ".join(checkpoint_name(c["step"]) for c in report["incomplete_checkpoints"]),
         ]
+    if report.get("samples"):
+        lines += ["", "## Samples at each checkpoint", ""]
+        lines += [f"- prompt {i}: {prompt}" for i, prompt in enumerate(report["sample_prompts"], 1)]
+        for row in report["samples"]:
+            images = " ".join(
+                f"![{checkpoint_name(row['step'])} seed {sample['seed']}]({sample['file']})"
+                for sample in row["files"]
+            )
+            mark = " **chosen**" if row["chosen"] else ""
+            lines += ["", f"{checkpoint_name(row['step'])}{mark}: {images}"]
     lora = report["lora"]
     lines += [
         "",

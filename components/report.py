@@ -1,0 +1,38 @@
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Model, Output
+
+from components.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def run_report(
+    ingested: Input[Dataset],
+    dataset: Input[Dataset],
+    augmented: Input[Dataset],
+    training: Input[Model],
+    lora: Input[Model],
+    images: Input[Artifact],
+    report: Output[HTML],
+):
+    """The whole run on one page: a section per stage, in DAG order.
+
+    Args:
+        ingested: Ingest's dataset.
+        dataset: What augment read: the tagged dataset, or ingest's when no tagger ran.
+        augmented: Augment's dataset.
+        training: Train's checkpoints, loss log and training report.
+        lora: Select's output.
+        images: Generate's images, contact sheets and report.
+        report: The run report.
+    """
+    from lorapipe import pipeline_steps
+
+    pipeline_steps.run_report(
+        report.path,
+        ingested=ingested.path,
+        dataset=dataset.path,
+        augmented=augmented.path,
+        training=training.path,
+        lora=lora.path,
+        images=images.path,
+    )
