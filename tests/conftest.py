@@ -95,3 +95,13 @@ def pipe(tiny_model_dir: Path, lora_dir: Path):
     lora_format.load_into_pipeline(pipeline, kohya_file, adapter_name="lora_0")
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    """``make run`` once per test session: the whole DAG on the demo world, twice (cleaned and
+    as scraped), with its claims measured. Read-only for the tests that share it."""
+    from pipelines import local_run
+
+    out = tmp_path_factory.mktemp("demo-run")
+    return local_run.run_local(out, {})

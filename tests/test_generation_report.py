@@ -1,78 +1,96 @@
-"""The one-file HTML report."""
+"""What ``lorapipe generate`` writes for people: ``report.json`` (the sheets, the facts, the
+checks) and ``report.html``, the run report's generate section alone."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 from pathlib import Path
 
 from PIL import Image
 
-from lorapipe.generation.report import ReportPage, SheetSection, image_data_uri, render_report
+from lorapipe.generation.loras import LoraSource
+from lorapipe.generation.report import SheetSection, run_report, write_reports
+
+JOB = {
+    "prompts": ["a <script>alert(1)</script> cat, <lora:film:0.7>"],
+    "negative_presets": ["portrait"],
+    "sizes": ["64x64"],
+    "lora_scales": [0.7],
+    "cfg_scales": [7.0],
+    "seeds": [1],
+    "sampler": "Euler a",
+    "steps": 4,
+    "guidance_rescale": 0.0,
+    "clip_model": None,
+}
 
 
-def write_images(directory: Path, count: int, size: tuple[int, int]) -> list[Path]:
-    paths = []
-    for index in range(count):
-        path = directory / f"{index}.png"
-        Image.new("RGB", size, (index * 40 % 256, 100, 200)).save(path)
-        paths.append(path)
-    return paths
-
-
-def test_the_report_is_one_self_contained_file(tmp_path: Path) -> None:
-    (sheet_path,) = write_images(tmp_path, 1, (120, 80))
-    page = ReportPage(
-        title="lorapipe generate: 4 images",
-        summary={"base model": "models/tiny-sd"},
-        sheets=[
-            SheetSection(
-                title="prompt 1 / portrait",
-                prompt="a <script>alert(1)</script> cat, <lora:film:0.7>",
-                image=Image.open(sheet_path),
-                file="sheets/p01_portrait.png",
-                negatives=[("LoRA 0.7", "low quality, blurry")],
-            )
-        ],
-        lints=[
-            {
-                "level": "warning",
-                "rule": "check_term_count",
-                "message": "20 negative terms (more than 15)",
-                "count": 2,
-                "where": "prompt 1 / portrait / LoRA 0.7 / CFG 7",
-            }
-        ],
-        metric_columns={"cfg_scale": "CFG", "sharpness": "sharpness"},
-        metric_rows=[{"cfg_scale": 7.0, "sharpness": 1234.5678}],
-        reproduce_command="lorapipe generate --job out/job.yaml --out out",
-        job_text="prompts: [a cat]\n",
+def write_report(directory: Path, lints: list[dict]) -> dict:
+    (directory / "sheets").mkdir(parents=True)
+    Image.new("RGB", (1800, 600), (200, 40, 40)).save(directory / "sheets" / "p01.png")
+    (directory / "job.yaml").write_text("prompts: [a cat]\n")
+    sheet = SheetSection(
+        title="prompt 1 / portrait / 64x64",
+        prompt=JOB["prompts"][0],
+        file="sheets/p01.png",
+        negatives=[("LoRA 0.7", "low quality, blurry")],
     )
-    html = render_report(page)
+    report = run_report(
+        base_model_uri="models/tiny-sd",
+        output_uri=str(directory),
+        job=JOB,
+        model_hash="abc123",
+        loras=[LoraSource("film", "film.safetensors", "film.safetensors", "0123456789ab", "a0")],
+        lints=lints,
+        rows=[],
+        sheets=[sheet],
+        environment={"lorapipe": "0", "device": "cpu", "dtype": "float32"},
+        render_seconds=2.0,
+        seconds=3.0,
+    )
+    write_reports(directory, report)
+    return report
+
+
+def test_report_json_carries_what_the_page_shows(tmp_path: Path) -> None:
+    report = write_report(tmp_path, lints=[])
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["sheet_pages"] == [
+        {
+            "title": "prompt 1 / portrait / 64x64",
+            "prompt": JOB["prompts"][0],
+            "file": "sheets/p01.png",
+            "negatives": [["LoRA 0.7", "low quality, blurry"]],
+        }
+    ]
+    assert saved["summary"]["LoRAs"] == "film (0123456789ab)"
+    assert saved["summary"]["sampler"] == "Euler a, 4 steps"
+    assert report["sheets"] == ["sheets/p01.png"]
+
+
+def test_the_page_escapes_prompts_embeds_the_sheet_and_links_its_full_size(
+    tmp_path: Path,
+) -> None:
+    write_report(
+        tmp_path,
+        lints=[{"level": "warning", "rule": "check_term_count", "count": 2,
+                "message": "20 negative terms (more than 15)", "where": "prompt 1"}],
+    )  # fmt: skip
+    html = (tmp_path / "report.html").read_text()
     assert html.startswith("<!DOCTYPE html>")
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "&lt;lora:film:0.7&gt;" in html
-    sources = re.findall(r'(?:src|href)="([^"]*)"', html)
-    assert sources and all(source.startswith("data:image/jpeg;base64,") for source in sources)
-    embedded = base64.b64decode(sources[0].split(",", 1)[1])
-    assert Image.open(io.BytesIO(embedded)).size == (120, 80)
-    for text in (
-        "check_term_count",
-        "20 negative terms",
-        "1235",
-        "low quality, blurry",
-        "job.yaml",
-    ):
+    (source,) = re.findall(r'src="(data:image/jpeg;base64,[^"]+)"', html)
+    embedded = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+    assert embedded.size == (1400, 467), "shrunk for the page"
+    assert 'href="sheets/p01.png"' in html, "full size on click"
+    for text in ("check_term_count", "20 negative terms", "low quality, blurry", "job.yaml"):
         assert text in html
 
 
-def test_a_report_without_warnings_says_so() -> None:
-    page = ReportPage(title="t", summary={}, sheets=[])
-    assert "No warnings" in render_report(page)
-
-
-def test_image_data_uri_is_a_jpeg() -> None:
-    uri = image_data_uri(Image.new("RGBA", (10, 10), (1, 2, 3, 4)))
-    assert uri.startswith("data:image/jpeg;base64,")
-    assert Image.open(io.BytesIO(base64.b64decode(uri.split(",")[1]))).format == "JPEG"
+def test_a_report_without_warnings_says_so(tmp_path: Path) -> None:
+    write_report(tmp_path, lints=[])
+    assert "No warnings" in (tmp_path / "report.html").read_text()

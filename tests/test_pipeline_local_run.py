@@ -31,12 +31,13 @@ QUICK = {
 
 
 def test_make_run_shows_a_lora_that_learned_the_style_and_a_negative_that_removes_the_defects(
-    tmp_path: Path,
+    demo_run: local_run.LocalRun,
 ) -> None:
     """The demo end to end: the claims of "What the demo shows" hold, with their thresholds,
     and the report shows each with its verdict. The DAG runs twice: cleaned (the default
     defect policy) and, under scraped/, on the captions as scraped."""
-    run = local_run.run_local(tmp_path, {})
+    run = demo_run
+    tmp_path = run.report.parent
 
     assert run.report == tmp_path / "report.html"
     assert len(run.claims) == 8

@@ -543,3 +543,38 @@ def test_an_unknown_model_family_in_the_training_report_is_one_line(
 
     with pytest.raises(InputError, match="model_family 'flux' is not one lorapipe exports"):
         run(str(root), str(tmp_path / "out"))
+
+
+def test_select_shows_the_samples_of_every_checkpoint_with_the_chosen_one_marked(
+    training_output, tmp_path: Path
+) -> None:
+    """The samples training rendered at each checkpoint come along into select's output, so
+    its page shows them beside the loss curve and a person can judge the rule's choice."""
+    from lorapipe.report.run_report import stage_page
+
+    root, _ = training_output
+    for shade, step in enumerate((100, 200, 300)):  # checkpoint-400 is incomplete
+        samples = root / f"checkpoint-{step}" / "samples"
+        samples.mkdir()
+        entries = []
+        for seed in (1, 2):
+            name = f"p01_seed{seed}.png"
+            Image.new("RGB", (64, 64), (80 * shade, 40, 200)).save(samples / name)
+            entries.append({"file": name, "prompt_index": 0, "prompt": "filmstyle, a cat",
+                            "seed": seed})  # fmt: skip
+        (samples / "samples.json").write_text(
+            json.dumps({"step": step, "seconds": 0.5, "samples": entries})
+        )
+
+    out = tmp_path / "selected"
+    report = run(str(root), str(out), SelectConfig())
+
+    assert [row["step"] for row in report["samples"]] == [100, 200, 300]
+    assert [row["chosen"] for row in report["samples"]] == [False, True, False]  # the rule: 200
+    assert report["sample_prompts"] == ["filmstyle, a cat"]
+    copied = out / report["samples"][0]["files"][1]["file"]
+    assert copied == out / "samples" / "checkpoint-100" / "p01_seed2.png" and copied.is_file()
+    assert "checkpoint-200 **chosen**" in (out / "report.md").read_text()
+    page = stage_page("select", str(out))
+    assert page.count('<tr class="chosen"><th>200') == 1
+    assert page.count("data:image/jpeg;base64,") == 6  # 3 checkpoints x 2 seeds

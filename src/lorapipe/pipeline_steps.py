@@ -95,7 +95,7 @@ def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
     from lorapipe.stages import augment as stage
 
     report = stage.run(dataset_path, output_path, stage.AugmentConfig())
-    _write_page("tag", output_path, report_path)
+    _write_page("augment", output_path, report_path)
     return metrics_for_kfp(stage.metrics(report))
 
 

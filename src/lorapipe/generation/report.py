@@ -9,8 +9,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from lorapipe import store
 from lorapipe.generation.grid import Cell
 from lorapipe.generation.index import metrics_table
@@ -25,7 +23,6 @@ class SheetSection:
 
     title: str
     prompt: str
-    image: Image.Image
     file: str  # where the full-size sheet is, relative to the report
     # (column label, negative prompt used in that column)
     negatives: Sequence[tuple[str, str]] = ()

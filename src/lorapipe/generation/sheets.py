@@ -58,7 +58,6 @@ def write_contact_sheets(
             SheetSection(
                 title=title,
                 prompt=config.prompts[prompt_index],
-                image=image,
                 file=file,
                 negatives=list(negatives.items()),
             )

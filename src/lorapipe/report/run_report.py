@@ -72,9 +72,7 @@ def run_page(
     return render(Page("lorapipe run report", page_sections, subtitle=subtitle))
 
 
-def write_run_report(
-    outputs: StageOutputs, path: Path, claims: Sequence[Claim] = ()
-) -> Path:
+def write_run_report(outputs: StageOutputs, path: Path, claims: Sequence[Claim] = ()) -> Path:
     """Write the run page to ``path``, linking the full-size files relative to it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     html = run_page(outputs, claims, PageLinks(path.parent))
@@ -97,4 +95,3 @@ def main(args: argparse.Namespace) -> int:
     path = write_run_report(outputs, Path(args.out))
     print(f"wrote {path}: {', '.join(stage for stage, _ in outputs.present())}")
     return 0
-

@@ -441,9 +441,7 @@ class CheckpointSamples:
         return f"{SAMPLES_DIR}/{checkpoint_name(self.step)}"
 
     def report_row(self) -> dict[str, Any]:
-        files = [
-            {**sample, "file": f"{self.folder}/{sample['file']}"} for sample in self.samples
-        ]
+        files = [{**sample, "file": f"{self.folder}/{sample['file']}"} for sample in self.samples]
         return {"step": self.step, "chosen": self.chosen, "files": files}
 
     def copy_into(self, staging: Path) -> None:
