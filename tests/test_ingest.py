@@ -240,6 +240,26 @@ def test_every_other_file_is_reported_with_its_reason(corpus: tuple) -> None:
     assert "shorter side 300 < min_size 512" in details["bad/small.png"]
 
 
+def test_every_dropped_image_that_decodes_has_a_thumbnail_and_no_other_does(
+    corpus: tuple,
+) -> None:
+    """The report shows what was dropped; a file that is no image is never decoded again."""
+    _, output, report, _ = corpus
+    thumbnails = {drop["file"]: drop.get("thumbnail") for drop in report["dropped_files"]}
+    decodes = {
+        "bad/small.png",
+        "bad/banner.png",
+        "z_copy.bmp",
+        "a_scan_copy.png",
+        "a_landscape_small.jpg",
+    }
+    assert decodes <= {name for name, path in thumbnails.items() if path}
+    assert thumbnails["x.png"] is None and thumbnails["bad/bomb.png"] is None
+    for name in decodes:
+        with Image.open(Path(output) / thumbnails[name]) as thumbnail:
+            assert thumbnail.format == "JPEG" and max(thumbnail.size) <= 160
+
+
 def test_duplicates_name_the_kept_image(corpus: tuple) -> None:
     _, _, report, _ = corpus
     kept = {drop["file"]: drop.get("kept") for drop in report["dropped_files"]}
@@ -571,8 +591,10 @@ def test_quality_report_keeps_and_lists_flagged_images_with_values_and_thumbnail
     assert compressed["measures"]["jpeg_quality"] == 5
     assert compressed["flags"][0]["threshold"] == audit["thresholds"]["min_jpeg_quality"]
     assert audit["flagged_by_code"]["jpeg_artifacts"] == 1
-    assert sorted(path.name for path in (output / "flagged").iterdir()) == sorted(
-        Path(entry["thumbnail"]).name for entry in flagged.values()
+    # beside them: the thumbnails of the dropped images (here a near-duplicate)
+    shown = [entry["thumbnail"] for entry in [*flagged.values(), *report["dropped_files"]]]
+    assert sorted(f"flagged/{path.name}" for path in (output / "flagged").iterdir()) == sorted(
+        shown
     )
 
     markdown = (output / "report.md").read_text()

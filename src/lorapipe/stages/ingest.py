@@ -56,7 +56,7 @@ import tempfile
 import warnings
 import zipfile
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -97,6 +97,8 @@ TOO_SMALL = "too_small"
 EXTREME_ASPECT = "extreme_aspect"
 EXACT_DUPLICATE = "exact_duplicate"
 NEAR_DUPLICATE = "near_duplicate"
+# drops whose file is never decoded again, not even for a thumbnail
+UNDECODABLE = {UNSAFE_PATH, ZERO_BYTE, NOT_AN_IMAGE, TRUNCATED, UNREADABLE, DECOMPRESSION_BOMB}
 REASONS = (
     UNSAFE_PATH,
     ZERO_BYTE,
@@ -238,6 +240,7 @@ class _Drop:
     reason: str
     detail: str
     kept: str | None = None  # for duplicates: the file kept instead
+    thumbnail: str | None = None  # relative to the dataset, for a drop that decodes
 
 
 def run(input_uri: str, output_uri: str, config: IngestConfig | None = None) -> dict:
@@ -266,7 +269,7 @@ def run(input_uri: str, output_uri: str, config: IngestConfig | None = None) -> 
         )
         if kept:
             _write_kept(source, kept, captions.by_name, writer, config, workers, stats, audit)
-            _write_dropped_thumbnails(source, writer, config, workers, audit)
+            _write_dropped_thumbnails(source, writer, config, workers, audit, drops)
         report = build_report(input_uri, output_uri, config, stats, captions, audit, REASONS)
         if kept:
             writer.write_extra("report.json", json.dumps(report, indent=2) + "\n")
@@ -950,17 +953,30 @@ def _write_kept(
 
 
 def _write_dropped_thumbnails(
-    source: _Input, writer: DatasetWriter, config: IngestConfig, workers: int, audit: _Audit
+    source: _Input,
+    writer: DatasetWriter,
+    config: IngestConfig,
+    workers: int,
+    audit: _Audit,
+    drops: Sequence[_Drop],
 ) -> None:
-    """The thumbnails of the images the audit dropped: one more decode of each, as pass 2
-    does not see them."""
-    names = sorted(audit.dropped)
+    """The thumbnails of the dropped images that decode (too small, too wide, duplicates,
+    dropped by the audit), so the report shows what was dropped: one more decode of each, as
+    pass 2 does not see them."""
+    decodable = {drop.file: drop for drop in drops if drop.reason not in UNDECODABLE}
     decoded = _decode_all(
-        source, names, workers, "thumbnails", config.max_pixels, thumbnails=audit.dropped
+        source, sorted(decodable), workers, "thumbnails", config.max_pixels, thumbnails=decodable
     )
     for name, result in decoded:
-        if result.thumbnail:
+        if not result.thumbnail:
+            continue
+        if name in audit.dropped:
             audit.write_thumbnail(writer, name, result.thumbnail)
+            decodable[name].thumbnail = audit.thumbnails[name]
+        else:
+            path = thumbnail_name(f"dropped-{hashlib.sha256(name.encode()).hexdigest()[:16]}")
+            writer.write_extra(path, result.thumbnail)
+            decodable[name].thumbnail = path
 
 
 def _nothing_kept(input_uri: str, output_uri: str, report: dict[str, Any]) -> str:
