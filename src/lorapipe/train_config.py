@@ -477,8 +477,12 @@ def _check_sampling(train: TrainConfig, where: Where) -> None:
             f"{where('sample_prompts')}: '{train.sample_prompts[0]}' holds no prompts; write one "
             "a line, or give `sample_prompts: []` for no sample images"
         )
-    if prompts and not train.sample_seeds:
+    if prompts != [] and not train.sample_seeds:
         raise ConfigError(f"{where('sample_seeds')} is empty; give at least one seed, e.g. [1]")
+    seeds = train.sample_seeds
+    repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+    if repeated is not None:
+        raise ConfigError(f"{where('sample_seeds')} lists {repeated} twice; keep one")
     texts = [*(prompts or []), train.sample_negative_prompt]
     labels = [*(f"prompt {i + 1}" for i in range(len(prompts or []))), "the negative prompt"]
     for text, label in zip(texts, labels, strict=True):
