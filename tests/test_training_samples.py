@@ -289,6 +289,7 @@ def test_prompts_come_from_a_text_file_local_or_on_s3(tmp_path: Path, s3_bucket:
     assert sample_prompts(load_config(str(config_file))) == expected
     store.write_text(f"{s3_bucket}/prompts.txt", text)
     assert sample_prompts(TrainConfig(sample_prompts=[f"{s3_bucket}/prompts.txt"])) == expected
+    assert sample_prompts(TrainConfig(sample_prompts=[""])) == []  # --sample-prompts '': none
 
 
 @pytest.mark.parametrize(
@@ -304,6 +305,10 @@ def test_prompts_come_from_a_text_file_local_or_on_s3(tmp_path: Path, s3_bucket:
         (
             "sample_prompts: ['(a red circle']\n",
             "line 1: key 'sample_prompts' prompt 1, column 1: '(' is never closed",
+        ),
+        (
+            "sample_negative_prompt: 'blurry:1.2)'\n",
+            "line 1: key 'sample_negative_prompt', column 7: weight ':1.2)' closes no '('",
         ),
         ("sample_prompts: {empty}\n", "holds no prompts; write one a line, or give"),
         (

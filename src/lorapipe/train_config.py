@@ -265,7 +265,7 @@ class TrainConfig:
         help="A1111-syntax prompts rendered into each checkpoint's `samples/` (`<lora:>` tags "
         "are ignored: the LoRA being trained is applied at weight 1), or one "
         f"`{PROMPT_FILE_SUFFIX}` file, local or `s3://`, of one prompt a line (blank and `#` "
-        "lines skipped); `[]`: no sample images",
+        "lines skipped); `[]` (a flag: `--sample-prompts ''`): no sample images",
         separator=None,
         default_text=f"null (= the captions of the first {DEFAULT_SAMPLE_PROMPTS} validation "
         "images, else training images)",
@@ -483,11 +483,11 @@ def _check_sampling(train: TrainConfig, where: Where) -> None:
     repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
     if repeated is not None:
         raise ConfigError(f"{where('sample_seeds')} lists {repeated} twice; keep one")
-    texts = [*(prompts or []), train.sample_negative_prompt]
-    labels = [*(f"prompt {i + 1}" for i in range(len(prompts or []))), "the negative prompt"]
-    for text, label in zip(texts, labels, strict=True):
+    texts = [(f"{where('sample_prompts')} prompt {i + 1}", p) for i, p in enumerate(prompts or [])]
+    texts.append((where("sample_negative_prompt"), train.sample_negative_prompt))
+    for label, text in texts:
         try:
-            parse_prompt(text, where=f"{where('sample_prompts')} {label}")
+            parse_prompt(text, where=label)
         except PromptError as error:
             raise ConfigError(str(error)) from None
 
@@ -501,10 +501,11 @@ def prompt_file(prompts: Sequence[str] | None) -> str | None:
 
 def sample_prompts(train: TrainConfig, origin: Where | None = None) -> list[str] | None:
     """The sample prompts as configured: the list, or the lines of the prompt file (blank
-    lines and ``#`` comments skipped); None: the default, validation captions."""
+    prompts, and ``#`` lines of the file, skipped); None: the default, validation captions."""
     uri = prompt_file(train.sample_prompts)
     if uri is None:
-        return train.sample_prompts
+        given = train.sample_prompts
+        return None if given is None else [prompt for prompt in given if prompt.strip()]
     where = origin or (lambda key: f"key '{key}'")
     try:
         text = store.read_text(uri)

@@ -47,6 +47,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# one image per UNet call: beside the training state in memory, and an image does not depend on
+# which others share its batch
+IMAGES_PER_CALL = 1
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -121,8 +125,15 @@ class TrainingSamples:
             return None
         started = time.perf_counter()
         models = self.models
+        # a renderer per checkpoint: its cached conditioning is stale once a trained text
+        # encoder has moved on
         renderer = GridRenderer(
-            self.pipe, family=models.family, adapters={}, sampler=self.sampler, steps=self.steps
+            self.pipe,
+            family=models.family,
+            adapters={},
+            sampler=self.sampler,
+            steps=self.steps,
+            batch_size=IMAGES_PER_CALL,
         )
         images: dict[tuple[int, int], Image.Image] = {}
         random_states = rng_state()
