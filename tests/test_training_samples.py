@@ -255,7 +255,7 @@ def test_default_prompts_fall_back_to_training_captions_taken_literally() -> Non
     assert prompts_for_run(TrainConfig(sample_prompts=["mine"]), data(["a"], [])) == ["mine"]
 
 
-def test_sampling_works_on_sdxl_with_trained_text_encoders(
+def test_sdxl_with_trained_text_encoders_samples_and_trains_the_same(
     config: TrainConfig, tiny_sdxl_dir: Path, tmp_path: Path
 ) -> None:
     sdxl = dataclasses.replace(
@@ -263,17 +263,19 @@ def test_sampling_works_on_sdxl_with_trained_text_encoders(
         base_model=str(tiny_sdxl_dir),
         train_text_encoder=True,
         target_modules=["to_q", "to_v", "q_proj", "v_proj"],
-        max_train_steps=1,
-        save_steps=0,
+        max_train_steps=2,
+        save_steps=1,
         sample_seeds=[1],
     )
-    run(sdxl.train_data_dir, str(tmp_path / "out"), sdxl)
-    index = samples_json(tmp_path / "out" / "checkpoint-1")
+    run(sdxl.train_data_dir, str(tmp_path / "on"), sdxl)
+    run(sdxl.train_data_dir, str(tmp_path / "off"), dataclasses.replace(sdxl, sample_prompts=[]))
+    index = samples_json(tmp_path / "on" / "checkpoint-1")
     assert [s["file"] for s in index["samples"]] == ["p01_seed1.png", "p02_seed1.png"]
-    assert Image.open(tmp_path / "out" / "checkpoint-1" / "samples" / "p01_seed1.png").size == (
-        64,
-        64,
-    )
+    image = Image.open(tmp_path / "on" / "checkpoint-1" / "samples" / "p01_seed1.png")
+    assert image.size == (64, 64)
+    on, off = (load_file(tmp_path / out / "checkpoint-2" / "pytorch_lora_weights.safetensors") for out in ("on", "off"))  # fmt: skip
+    assert any(key.startswith("text_encoder_2.") for key in on)
+    assert on.keys() == off.keys() and all(torch.equal(on[key], off[key]) for key in on)
 
 
 # --------------------------------------------------------------------------- the config
