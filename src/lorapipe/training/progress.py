@@ -105,29 +105,29 @@ class TrainingLog:
     def validation(self, step: int, validation: Any) -> None:
         """Record a ``ValidationLoss`` (or None: no held-out images), computed since the last
         step."""
+        if self.enabled and validation is not None:
+            self.writer.add_scalar("validation/loss", validation.mean, step)
+            for timestep, loss in validation.by_timestep.items():
+                self.writer.add_scalar(f"validation/loss_t{timestep}", loss, step)
+            self.writer.flush()
         self._pause()
-        if not self.enabled or validation is None:
-            return
-        self.writer.add_scalar("validation/loss", validation.mean, step)
-        for timestep, loss in validation.by_timestep.items():
-            self.writer.add_scalar(f"validation/loss_t{timestep}", loss, step)
-        self.writer.flush()
 
     def sample_images(self, rendered: RenderedSamples | None) -> None:
         """Show a checkpoint's sample images (None: none rendered), rendered just now."""
         if rendered is None:
             return
-        self._pause()
         self.sample_seconds += rendered.seconds
-        if not self.enabled:
-            return
-        for sample in rendered.samples:
-            tag = f"samples/{sample.file_name.removesuffix('.png')}"
-            self.writer.add_image(tag, np.asarray(sample.image), rendered.step, dataformats="HWC")
-        self.writer.flush()
+        if self.enabled:
+            for sample in rendered.samples:
+                tag = f"samples/{sample.file_name.removesuffix('.png')}"
+                image = np.asarray(sample.image)
+                self.writer.add_image(tag, image, rendered.step, dataformats="HWC")
+            self.writer.flush()
+        self._pause()
 
     def _pause(self) -> None:
-        """The time since the last step or pause was not training: left out of throughput."""
+        """The time since the last step or pause (and its logging) was not training: left out
+        of throughput."""
         now = time.perf_counter()
         self.paused += now - self.last_time
         self.last_time = now

@@ -29,7 +29,7 @@ from PIL import Image
 from lorapipe import __version__
 from lorapipe.checkpoint_layout import SAMPLES_INDEX_NAME
 from lorapipe.generation.grid import Cell
-from lorapipe.generation.infotext import ParameterContext, a1111_parameters, save_png
+from lorapipe.generation.infotext import ParameterContext, a1111_parameters, png_bytes
 from lorapipe.generation.loras import basename, model_short_hash
 from lorapipe.generation.rendering import GridRenderer
 from lorapipe.generation.samplers import make_scheduler
@@ -47,17 +47,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# one image per UNet call: beside the training state in memory, and an image does not depend on
-# which others share its batch
-IMAGES_PER_CALL = 1
-
 
 @dataclass(frozen=True)
 class Sample:
-    """One sample image, its A1111 ``parameters`` text and its ``samples.json`` entry."""
+    """One sample image, its PNG file (with A1111's ``parameters`` text, encoded as part of
+    rendering) and its ``samples.json`` entry."""
 
     image: Image.Image
-    parameters: str
+    png: bytes
     record: dict[str, Any]  # "file" is its name
 
     @property
@@ -77,7 +74,7 @@ class RenderedSamples:
         """``directory`` (new) with every PNG and ``samples.json``."""
         directory.mkdir()
         for sample in self.samples:
-            save_png(sample.image, directory / sample.file_name, sample.parameters)
+            (directory / sample.file_name).write_bytes(sample.png)
         index = {
             "step": self.step,
             "seconds": round(self.seconds, 3),
@@ -106,6 +103,9 @@ class TrainingSamples:
         self.models = models
         self.every = config.sample_every_n_steps
         self.sampler, self.steps = config.sample_sampler, config.sample_steps
+        # images per UNet call: a training micro-batch's worth fits beside the training state
+        # (no activations are kept for a backward pass); an image does not depend on its batch
+        self.batch_size = config.batch_size
         self.cells = sample_cells(config, prompts, models.resolution) if enabled else []
         if not self.cells:
             return
@@ -133,7 +133,7 @@ class TrainingSamples:
             adapters={},
             sampler=self.sampler,
             steps=self.steps,
-            batch_size=IMAGES_PER_CALL,
+            batch_size=self.batch_size,
         )
         images: dict[tuple[int, int], Image.Image] = {}
         random_states = rng_state()
@@ -147,14 +147,11 @@ class TrainingSamples:
                     )
         finally:
             restore_rng_state(random_states)
-        samples = [
-            Sample(
-                image=images[cell.prompt_index, cell.seed],
-                parameters=a1111_parameters(cell, self.context),
-                record=sample_record(cell, self.context),
-            )
-            for cell in self.cells
-        ]
+        samples = []
+        for cell in self.cells:  # encoded here: PNG encoding is part of the sampling time
+            image = images[cell.prompt_index, cell.seed]
+            png = png_bytes(image, a1111_parameters(cell, self.context))
+            samples.append(Sample(image, png, sample_record(cell, self.context)))
         seconds = time.perf_counter() - started
         log.info("step %d: %d sample images in %.1f s", step, len(samples), seconds)
         return RenderedSamples(step, seconds, samples)
