@@ -64,7 +64,8 @@ class Sample:
 
 @dataclass(frozen=True)
 class RenderedSamples:
-    """The sample images of one checkpoint and the seconds they took to render."""
+    """The sample images of one checkpoint and the seconds they took (rendering and PNG
+    encoding)."""
 
     step: int
     seconds: float
