@@ -260,6 +260,7 @@ def train_lorapipe(
         learning_rate=LEARNING_RATE,
         save_steps=0,
         validation_split=0,
+        sample_prompts=[],  # the bench times training: no sample images at the end
         mixed_precision=args.mixed_precision,
         seed=SEED,
         cache_dir=str(workdir / "cache-lorapipe"),

@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from lorapipe.errors import PromptError
-from lorapipe.prompts.syntax import LoraTag, parse_prompt, with_lora_weights
+from lorapipe.prompts.syntax import (
+    LoraTag,
+    literal,
+    parse_prompt,
+    with_lora_weights,
+    without_lora_tags,
+)
 
 
 def weights_of(prompt: str) -> list[tuple[str, float]]:
@@ -64,6 +70,17 @@ def test_lora_tags_can_be_rewritten_with_other_weights() -> None:
     assert with_lora_weights("x, <lora:film_style:1>", weights) == "x, <lora:film_style:0.25:0.5>"
     weights = {"film_style": LoraTag("film_style", 0.9, 0.9)}
     assert with_lora_weights("x <lora:film_style:0.5:1.0>", weights) == "x <lora:film_style:0.9>"
+
+
+def test_lora_tags_can_be_dropped_from_a_prompt() -> None:
+    assert (
+        without_lora_tags("<lora:a:1> a cat, (smiling:1.2), <lora:b:0.5>") == "a cat, (smiling:1.2)"
+    )
+
+
+def test_a_caption_becomes_a_prompt_that_means_exactly_it() -> None:
+    caption = r"hat (object), [sic] a\b"
+    assert weights_of(literal(caption)) == [(caption, 1.0)]
 
 
 @pytest.mark.parametrize(

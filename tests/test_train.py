@@ -94,6 +94,9 @@ def config(tiny_model_dir: Path, cache_dir: Path) -> TrainConfig:
         validation_split=2,
         save_steps=2,
         max_train_steps=4,
+        # sample images stay on (the default), so every test here also shows they change
+        # nothing; at 2 steps they cost little (tests/test_training_samples.py looks at them)
+        sample_steps=2,
     )
 
 

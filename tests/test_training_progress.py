@@ -8,7 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
+from lorapipe.training import progress as progress_module
 from lorapipe.training.progress import RunningLoss, TrainingLog
+from lorapipe.training.samples import RenderedSamples
 from lorapipe.training.validation import ValidationLoss
 
 
@@ -62,3 +64,21 @@ def test_other_processes_write_nothing(tmp_path: Path) -> None:
         progress.step(1, epoch=1, loss=1.0, learning_rate=1e-4, samples=2)
         progress.validation(1, None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_throughput_leaves_out_validation_and_sample_images(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(progress_module.time, "perf_counter", lambda: now[0])
+    paths = SimpleNamespace(local=tmp_path, logs=tmp_path / "logs", mirrors=[])
+    with TrainingLog(paths, 0, 1, enabled=False) as progress:
+        now[0] = 1.0
+        progress.step(1, epoch=1, loss=1.0, learning_rate=1e-4, samples=2)  # 1 s of training
+        now[0] = 3.0
+        progress.validation(1, None)  # 2 s
+        now[0] = 6.0
+        progress.sample_images(RenderedSamples(step=1, seconds=3.0, samples=[]))  # 3 s
+        now[0] = 7.0  # 1 s writing the checkpoint
+        assert progress.throughput == pytest.approx(2 / (1 + 1))
+        assert progress.sample_seconds == 3.0

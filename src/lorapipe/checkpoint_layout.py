@@ -7,6 +7,9 @@ Layout of a training output (a local directory or an s3:// prefix)::
       lora_config.json                   rank, alpha, target modules per model
       record.json                        step, epoch, training and validation losses
       training_state/                    what resuming needs (see ``training.checkpoints``)
+      samples/                           sample images, if rendered (see ``training.samples``):
+        p<NN>_seed<S>.png                  prompt NN (1-based) at seed S, A1111 `parameters` text
+        samples.json                       step, seconds and each image's parameters
       _COMPLETE                          written last: without it a checkpoint does not count
     .staging-checkpoint-<step>-*/        a checkpoint being assembled (never read)
     loss_log.csv, training_report.json

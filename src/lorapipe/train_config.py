@@ -22,13 +22,16 @@ name that matches no layer at all is an error listing the names that exist.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from lorapipe import config
+from lorapipe import config, store
 from lorapipe.config import Where, option, options
-from lorapipe.errors import ConfigError
+from lorapipe.errors import ConfigError, PromptError, StorageError
+from lorapipe.generation.samplers import SAMPLERS
+from lorapipe.prompts.syntax import parse_prompt
 
 SEED_KEYS = (
     "train_data_dir",
@@ -68,6 +71,18 @@ TEXT_ENCODER_TO_UNET = {
     "out_proj": "to_out.0",
 }
 UNET_TO_TEXT_ENCODER = {unet: clip for clip, unet in TEXT_ENCODER_TO_UNET.items()}
+PROMPT_FILE_SUFFIX = ".txt"  # one such entry in sample_prompts names a file of prompts
+DEFAULT_SAMPLE_PROMPTS = 2  # validation (else training) captions sampled by default
+SAMPLE_SAMPLER = "DPM++ 2M Karras"  # generate's default, so samples look like its grids
+
+
+@functools.cache
+def base_negative_prompt() -> str:
+    """The shipped ``base`` negative layer as one prompt: what generate's ``base`` preset
+    writes, the default negative of sample images."""
+    from lorapipe.prompts.negatives import NegativeLibrary
+
+    return NegativeLibrary.load().build("base", adapt_to_lora=False).text
 
 
 @dataclass
@@ -244,6 +259,41 @@ class TrainConfig:
         help="fixed timesteps of the validation loss, each reported",
     )
 
+    # --- sample images (kohya's sample_prompts), rendered into each checkpoint
+    sample_prompts: list[str] | None = option(
+        None,
+        help="A1111-syntax prompts rendered into each checkpoint's `samples/` (`<lora:>` tags "
+        "are ignored: the LoRA being trained is applied at weight 1), or one "
+        f"`{PROMPT_FILE_SUFFIX}` file, local or `s3://`, of one prompt a line (blank and `#` "
+        "lines skipped); `[]` (a flag: `--sample-prompts ''`): no sample images",
+        separator=None,
+        default_text=f"null (= the captions of the first {DEFAULT_SAMPLE_PROMPTS} validation "
+        "images, else training images)",
+    )
+    sample_seeds: list[int] = option(
+        default_factory=lambda: [1, 2],
+        help="seeds of the sample images: each prompt is rendered once per seed",
+        minimum=0,
+    )
+    sample_sampler: str = option(
+        SAMPLE_SAMPLER, help="an A1111 sampler name", choices=tuple(SAMPLERS)
+    )
+    sample_steps: int = option(20, help="sampling steps of a sample image", minimum=1, maximum=1000)
+    sample_every_n_steps: int = option(
+        0,
+        help="render samples at the checkpoints whose step is a multiple of N (and always at "
+        "the last step); `0`: at every checkpoint",
+        minimum=0,
+    )
+    sample_cfg_scale: float = option(
+        7.0, help="classifier-free guidance scale of the sample images", minimum=1.0, maximum=100.0
+    )
+    sample_negative_prompt: str = option(
+        default_factory=base_negative_prompt,
+        help="negative prompt of the sample images (A1111 syntax); the default is generate's "
+        "`base` layer",
+    )
+
     # --- optimisation
     max_train_steps: int = option(
         0, help="stop after N optimizer steps; `0`: `epochs` decide", minimum=0
@@ -415,6 +465,54 @@ def check_values(train: TrainConfig, origin: Where | None = None) -> None:
         raise ConfigError(
             f"{where('checkpoint_mirror')} must be an s3:// prefix, got '{train.checkpoint_mirror}'"
         )
+    _check_sampling(train, where)
+
+
+def _check_sampling(train: TrainConfig, where: Where) -> None:
+    """The sample-image keys: seeds given, every prompt (from the file too) and the negative
+    parse as A1111 syntax."""
+    prompts = sample_prompts(train, where)
+    if prompts == [] and prompt_file(train.sample_prompts):
+        raise ConfigError(
+            f"{where('sample_prompts')}: '{train.sample_prompts[0]}' holds no prompts; write one "
+            "a line, or give `sample_prompts: []` for no sample images"
+        )
+    if prompts != [] and not train.sample_seeds:
+        raise ConfigError(f"{where('sample_seeds')} is empty; give at least one seed, e.g. [1]")
+    seeds = train.sample_seeds
+    repeated = next((seed for i, seed in enumerate(seeds) if seed in seeds[:i]), None)
+    if repeated is not None:
+        raise ConfigError(f"{where('sample_seeds')} lists {repeated} twice; keep one")
+    texts = [(f"{where('sample_prompts')} prompt {i + 1}", p) for i, p in enumerate(prompts or [])]
+    texts.append((where("sample_negative_prompt"), train.sample_negative_prompt))
+    for label, text in texts:
+        try:
+            parse_prompt(text, where=label)
+        except PromptError as error:
+            raise ConfigError(str(error)) from None
+
+
+def prompt_file(prompts: Sequence[str] | None) -> str | None:
+    """The file ``sample_prompts`` names (its single entry ending in ``.txt``), or None."""
+    if prompts and len(prompts) == 1 and prompts[0].strip().endswith(PROMPT_FILE_SUFFIX):
+        return prompts[0].strip()
+    return None
+
+
+def sample_prompts(train: TrainConfig, origin: Where | None = None) -> list[str] | None:
+    """The sample prompts as configured: the list, or the lines of the prompt file (blank
+    prompts, and ``#`` lines of the file, skipped); None: the default, validation captions."""
+    uri = prompt_file(train.sample_prompts)
+    if uri is None:
+        given = train.sample_prompts
+        return None if given is None else [prompt for prompt in given if prompt.strip()]
+    where = origin or (lambda key: f"key '{key}'")
+    try:
+        text = store.read_text(uri)
+    except StorageError as error:
+        raise ConfigError(f"{where('sample_prompts')}: cannot read '{uri}' ({error})") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 # --------------------------------------------------------------------------- target modules

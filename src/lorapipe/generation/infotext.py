@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Mapping
@@ -84,6 +85,13 @@ def parse_parameters(text: str) -> dict[str, str]:
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    path.write_bytes(png_bytes(image, parameters))
+
+
+def png_bytes(image: Image.Image, parameters: str) -> bytes:
+    """The PNG file of ``image`` with its ``parameters`` text."""
     info = PngInfo()
     info.add_text("parameters", parameters)  # Pillow falls back to iTXt for non-Latin-1 text
-    image.save(path, pnginfo=info)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

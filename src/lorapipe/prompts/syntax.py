@@ -205,3 +205,17 @@ def with_lora_weights(prompt: str, weights: Mapping[str, LoraTag]) -> str:
         return weights[name].format() if name in weights else match[0]
 
     return re.sub(r"<(?P<kind>\w+):(?P<args>[^>]*)>", rewrite, prompt)
+
+
+_LORA_TAG = re.compile(r"\s*<(?:lora|lyco):[^>]*>")
+_SYNTAX_CHARACTER = re.compile(r"([()\[\]\\])")
+
+
+def without_lora_tags(prompt: str) -> str:
+    """``prompt`` with its ``<lora:...>`` tags (and the commas they leave at the ends) removed."""
+    return _LORA_TAG.sub("", prompt).strip(" ,")
+
+
+def literal(text: str) -> str:
+    """A prompt that means exactly ``text`` (a caption): brackets and backslashes escaped."""
+    return _SYNTAX_CHARACTER.sub(r"\\\1", text)

@@ -3,10 +3,11 @@ process or many.
 
 ``run`` is the whole training, top to bottom: the models with LoRA adapters, the data (split,
 latents cached), the optimizer, then the loop (micro-batches -> UNet -> loss -> optimizer step ->
-log -> now and then a checkpoint with its validation loss), then the report. The machinery is in
-``lorapipe.training``: ``data`` (examples, order, random draws), ``encoders`` (latent and caption
-caches), ``batches`` (samples to tensors), ``objective``, ``lora``, ``validation``,
-``checkpoints`` (save, mirror, prune, resume) and ``progress`` (bar, loss_log.csv, TensorBoard).
+log -> now and then a checkpoint with its validation loss and sample images), then the report.
+The machinery is in ``lorapipe.training``: ``data`` (examples, order, random draws), ``encoders``
+(latent and caption caches), ``batches`` (samples to tensors), ``objective``, ``lora``,
+``validation``, ``samples`` (sample images), ``checkpoints`` (save, mirror, prune, resume) and
+``progress`` (bar, loss_log.csv, TensorBoard).
 The config and its checks are in ``lorapipe.train_config``.
 
 Processes: ``lorapipe train --num-processes N`` starts N processes with accelerate (one per GPU;
@@ -89,6 +90,7 @@ def _train_holding_outputs(
     from lorapipe.training.lora import lora_config_record
     from lorapipe.training.objective import per_sample_mse
     from lorapipe.training.progress import RunningLoss, TrainingLog
+    from lorapipe.training.samples import TrainingSamples, prompts_for_run
     from lorapipe.training.validation import eval_mode
 
     started_at = _now()
@@ -119,6 +121,9 @@ def _train_holding_outputs(
         writer_locks=locks,
     )
     start_step = checkpointer.resume(config.resume)
+    sample_images = TrainingSamples(
+        config, models, prompts_for_run(config, data), enabled=accelerator.is_main_process
+    )
 
     with TrainingLog(
         paths, start_step, data.total_steps, enabled=accelerator.is_main_process
@@ -157,9 +162,18 @@ def _train_holding_outputs(
                 with eval_mode(*[accelerator.unwrap_model(model) for model in trained]):
                     validation = validate(models.unet, accelerator)
                 progress.validation(done, validation)
-                checkpointer.save(done, epoch, data.plan.samples_seen(done), validation)
+                images = sample_images.render(done, last=done == data.total_steps)  # main only
+                progress.sample_images(images)
+                checkpointer.save(done, epoch, data.plan.samples_seen(done), validation, images)
 
-    report = training_report(config, models, data, started_at, throughput=progress.throughput)
+    report = training_report(
+        config,
+        models,
+        data,
+        started_at,
+        throughput=progress.throughput,
+        sample_seconds=progress.sample_seconds,
+    )
     if accelerator.is_main_process:
         for lock in locks:
             lock.check()  # taken over meanwhile: the report must not go over the new holder's
@@ -578,8 +592,10 @@ def training_report(
     started_at: str,
     *,
     throughput: float | None,
+    sample_seconds: float,
 ) -> dict[str, Any]:
-    """``training_report.json``: the resolved config and what the run trained on."""
+    """``training_report.json``: the resolved config and what the run trained on; the training
+    throughput and the seconds spent on sample images are this attempt's."""
     from lorapipe.captions import split_caption
     from lorapipe.training.lora import lora_config_record
 
@@ -606,6 +622,7 @@ def training_report(
         "epochs": math.ceil(data.total_steps / data.plan.steps_per_epoch),
         "lora": lora_config_record(config, models.targets),
         "samples_per_second": throughput,
+        "sample_seconds": round(sample_seconds, 3),
     }
 
 

@@ -37,6 +37,7 @@ from lorapipe.checkpoint_layout import (
     LORA_CONFIG_NAME,
     OPTIMIZER_NAME,
     RECORD_NAME,
+    SAMPLES_DIR,
     STAGING_PREFIX,
     STATE_DIR,
     STATE_NAME,
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from torch.optim.lr_scheduler import LRScheduler
 
     from lorapipe.training.progress import RunningLoss
+    from lorapipe.training.samples import RenderedSamples
     from lorapipe.training.validation import ValidationLoss
     from lorapipe.writer_lock import WriterLock
 
@@ -340,10 +342,16 @@ class Checkpointer:
         )
 
     def save(
-        self, step: int, epoch: int, samples_seen: int, validation: ValidationLoss | None
+        self,
+        step: int,
+        epoch: int,
+        samples_seen: int,
+        validation: ValidationLoss | None,
+        samples: RenderedSamples | None = None,
     ) -> None:
-        """Write ``checkpoint-<step>`` with a record of the losses since the last one and the
-        ``ValidationLoss`` (or None), mirror it and prune old ones."""
+        """Write ``checkpoint-<step>`` with a record of the losses since the last one, the
+        ``ValidationLoss`` (or None) and its sample images (if rendered, in ``samples/``),
+        mirror it and prune old ones."""
         from accelerate.utils import gather_object
 
         rng_states = gather_object([rng_state()])
@@ -360,15 +368,23 @@ class Checkpointer:
         }
         self.last = str(self.output / checkpoint_name(step))
         if self.accelerator.is_main_process:
-            self._write(step, record, rng_states)
+            self._write(step, record, rng_states, samples)
         self.accelerator.wait_for_everyone()
 
-    def _write(self, step: int, record: dict[str, Any], rng_states: list[dict[str, Any]]) -> None:
+    def _write(
+        self,
+        step: int,
+        record: dict[str, Any],
+        rng_states: list[dict[str, Any]],
+        samples: RenderedSamples | None,
+    ) -> None:
         staging = staging_dir(self.output, step)
         try:
             save_lora_weights(staging, self.unet, self.text_encoders, self.pipeline_class)
             (staging / LORA_CONFIG_NAME).write_text(json.dumps(self.lora_record, indent=1))
             (staging / RECORD_NAME).write_text(json.dumps(record, indent=1))
+            if samples:
+                samples.write(staging / SAMPLES_DIR)
             state = {
                 "step": step,
                 "epoch": record["epoch"],

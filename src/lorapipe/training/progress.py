@@ -2,8 +2,12 @@
 TensorBoard scalars, written by the main process only.
 
 TensorBoard tags: ``train/loss``, ``train/learning_rate``, ``train/samples_per_second``,
-``validation/loss`` and ``validation/loss_t<timestep>`` for each validation timestep; the text
-``buckets``: the bucket table.
+``validation/loss`` and ``validation/loss_t<timestep>`` for each validation timestep; the images
+``samples/p<NN>_seed<S>`` at each checkpoint that rendered them; the text ``buckets``: the
+bucket table.
+
+Samples per second measure training: the time spent on validation and on sample images is left
+out (checkpoint writes are not).
 """
 
 from __future__ import annotations
@@ -14,11 +18,15 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm import tqdm
 
 from lorapipe import store
+
+if TYPE_CHECKING:
+    from lorapipe.training.samples import RenderedSamples
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,8 @@ class TrainingLog:
         self.loss_log = paths.local / LOSS_LOG_NAME
         self.started = self.last_time = time.perf_counter()
         self.samples = 0
+        self.paused = 0.0  # seconds of validation and sample images: not training
+        self.sample_seconds = 0.0
         if not enabled:
             return
         _start_loss_log(self.loss_log, start_step, paths.mirrors)
@@ -93,19 +103,42 @@ class TrainingLog:
             self.writer.add_text(tag, markdown)
 
     def validation(self, step: int, validation: Any) -> None:
-        """Record a ``ValidationLoss`` (or None: no held-out images)."""
-        if not self.enabled or validation is None:
+        """Record a ``ValidationLoss`` (or None: no held-out images), computed since the last
+        step."""
+        if self.enabled and validation is not None:
+            self.writer.add_scalar("validation/loss", validation.mean, step)
+            for timestep, loss in validation.by_timestep.items():
+                self.writer.add_scalar(f"validation/loss_t{timestep}", loss, step)
+            self.writer.flush()
+        self._pause()
+
+    def sample_images(self, rendered: RenderedSamples | None) -> None:
+        """Show a checkpoint's sample images (None: none rendered), rendered just now."""
+        if rendered is None:
             return
-        self.writer.add_scalar("validation/loss", validation.mean, step)
-        for timestep, loss in validation.by_timestep.items():
-            self.writer.add_scalar(f"validation/loss_t{timestep}", loss, step)
-        self.writer.flush()
-        self.last_time = time.perf_counter()  # validation time is not training throughput
+        self.sample_seconds += rendered.seconds
+        if self.enabled:
+            for sample in rendered.samples:
+                tag = f"samples/{sample.file_name.removesuffix('.png')}"
+                image = np.asarray(sample.image)
+                self.writer.add_image(tag, image, rendered.step, dataformats="HWC")
+            self.writer.flush()
+        self._pause()
+
+    def _pause(self) -> None:
+        """The time since the last step or pause (and its logging) was not training: left out
+        of throughput."""
+        now = time.perf_counter()
+        self.paused += now - self.last_time
+        self.last_time = now
 
     @property
     def throughput(self) -> float | None:
-        """Samples per second of this attempt so far, validation and checkpoints included."""
-        return self.samples / (time.perf_counter() - self.started) if self.samples else None
+        """Training samples per second of this attempt so far: checkpoint writes included,
+        validation and sample images not."""
+        if not self.samples:
+            return None
+        return self.samples / (time.perf_counter() - self.started - self.paused)
 
     def __enter__(self) -> TrainingLog:
         return self
