@@ -39,6 +39,7 @@ OPTIMIZER_NAME = "optimizer.pt"
 STATE_NAME = "state.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 TRAINING_REPORT_NAME = "training_report.json"
+LOSS_LOG_NAME = "loss_log.csv"  # step, epoch, loss, lr of every step
 # sample images rendered at a checkpoint, and their index (what each is: prompt, seed, ...)
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX_NAME = "samples.json"

@@ -48,29 +48,6 @@ def lint_table(cells: Sequence[Cell], job_lints: Sequence[Lint]) -> list[dict[st
     return sorted(rows, key=lambda row: (row["level"] != "warning", -row["count"]))
 
 
-METRIC_COLUMNS = {
-    "negative_preset": "negative preset",
-    "size": "size",
-    "lora_scale": "LoRA scale",
-    "cfg_scale": "CFG",
-    "images": "images",
-    "sharpness": "sharpness (var. of Laplacian)",
-    "highlight_clipping": "highlight clipping",
-    "shadow_clipping": "shadow clipping",
-    "mean_luminance": "mean luminance",
-    "colorfulness": "colorfulness",
-    "clip_score": "CLIP score",
-}
-
-
-def metric_columns(config: Mapping[str, Any]) -> dict[str, str]:
-    """The metrics table's columns (name -> header); the CLIP score only when it was measured."""
-    columns = dict(METRIC_COLUMNS)
-    if not config.get("clip_model"):
-        columns.pop("clip_score")
-    return columns
-
-
 def summary(
     *,
     base_model_uri: str,

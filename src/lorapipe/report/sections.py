@@ -7,11 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from lorapipe import charts, store
 from lorapipe.checkpoint_layout import (
+    LOSS_LOG_NAME,
     TRAINING_REPORT_NAME,
     CheckpointLosses,
     checkpoint_name,
@@ -27,7 +28,28 @@ if TYPE_CHECKING:
 FLAGGED_SIDE = 160  # thumbnails of flagged or dropped images
 SAMPLE_SIDE = 192  # training samples, a row per checkpoint
 SHEET_SIDE = 1400  # a contact sheet's longer side in the page; full size on click
-LOSS_LOG_NAME = "loss_log.csv"
+# the columns of generate's metrics table (name in report.json -> header)
+METRIC_COLUMNS = {
+    "negative_preset": "negative preset",
+    "size": "size",
+    "lora_scale": "LoRA scale",
+    "cfg_scale": "CFG",
+    "images": "images",
+    "sharpness": "sharpness (var. of Laplacian)",
+    "highlight_clipping": "highlight clipping",
+    "shadow_clipping": "shadow clipping",
+    "mean_luminance": "mean luminance",
+    "colorfulness": "colorfulness",
+    "clip_score": "CLIP score",
+}
+
+
+def metric_columns(config: Mapping[str, Any]) -> dict[str, str]:
+    """The metrics table's columns (name -> header); the CLIP score only when it was measured."""
+    columns = dict(METRIC_COLUMNS)
+    if not config.get("clip_model"):
+        columns.pop("clip_score")
+    return columns
 
 
 def read_report(output_uri: str, name: str = "report.json") -> dict[str, Any]:
@@ -183,8 +205,6 @@ def select_section(output_uri: str, links: PageLinks) -> Section:
 
 def generate_section(output_uri: str, links: PageLinks) -> Section:
     """The contact sheets (full size on click), the prompt checks and the metrics table."""
-    from lorapipe.generation.report import metric_columns
-
     report = read_report(output_uri)
     job_uri = store.join(output_uri, report["files"]["job"])
     sheets = []

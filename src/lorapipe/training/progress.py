@@ -24,13 +24,13 @@ import numpy as np
 from tqdm import tqdm
 
 from lorapipe import store
+from lorapipe.checkpoint_layout import LOSS_LOG_NAME
 
 if TYPE_CHECKING:
     from lorapipe.training.samples import RenderedSamples
 
 log = logging.getLogger(__name__)
 
-LOSS_LOG_NAME = "loss_log.csv"
 LOSS_LOG_COLUMNS = ("step", "epoch", "loss", "lr")
 EMA_DECAY = 0.9
 
