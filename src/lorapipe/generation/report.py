@@ -49,7 +49,7 @@ class SheetSection:
     prompt: str
     image: Image.Image
     file: str  # where the full-size sheet is, relative to the report
-    # (column label, negative prompt used in that column)
+    # (which images, e.g. "LoRA scale 0.5", the negative prompt they used)
     negatives: Sequence[tuple[str, str]] = ()
 
 
@@ -120,8 +120,8 @@ def _lints(lints: Sequence[Mapping[str, Any]]) -> str:
 def _sheets(sheets: Sequence[SheetSection]) -> str:
     parts = [
         "<h2>Contact sheets</h2>",
-        '<p class="muted">One sheet per prompt, negative preset and image size. Rows: CFG scale. '
-        "Columns: LoRA scale, one image per seed.</p>",
+        '<p class="muted">Columns and rows: the job\'s grid_x and grid_y (LoRA scale and seed '
+        "unless chosen); one sheet per combination of the other axes' values.</p>",
     ]
     for sheet in sheets:
         negatives = "".join(
@@ -131,7 +131,7 @@ def _sheets(sheets: Sequence[SheetSection]) -> str:
         parts.append(
             f"<figure><h3>{_e(sheet.title)}</h3>"
             f"<p><b>Prompt:</b> {_e(sheet.prompt)}</p>"
-            f"<table><tr><th>column</th><th>negative prompt</th></tr>{negatives}</table>"
+            f"<table><tr><th>images</th><th>negative prompt</th></tr>{negatives}</table>"
             f'<img src="{image_data_uri(sheet.image)}" alt="{_e(sheet.title)}">'
             f'<figcaption class="muted">full size: {_e(sheet.file)}</figcaption></figure>'
         )
@@ -215,7 +215,8 @@ def report_page(
         summary={
             "base model": f"{report['base_model']} (hash {report['model_hash']})",
             "LoRAs": loras or "none",
-            "sampler": f"{config['sampler']}, {config['steps']} steps",
+            "sampler": f"{', '.join(config['samplers'])}, "
+            f"{', '.join(str(steps) for steps in config['steps'])} steps",
             "sizes": ", ".join(config["sizes"]),
             "guidance rescale": config["guidance_rescale"],
             "grid": f"{len(config['prompts'])} prompts x {len(config['negative_presets'])} "
