@@ -1,5 +1,6 @@
 """The grid: every combination of prompt, negative preset, image size, sampler, step count, LoRA
-scale, CFG and seed as a :class:`Cell`, with its LoRA weights and negative prompt; and the job's prompt checks."""
+scale, CFG and seed as a :class:`Cell`, with its LoRA weights and negative prompt; and the
+job's prompt checks."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Cells into images on one diffusers pipeline: LoRA weights set once per group, batched UNet
-calls of one image size, sampler and step count (each cell's own), each image from its own seed, each batch's conditioning encoded just
-before it runs (a grid of any length streams); then PNGs with their parameters and index rows.
+calls of one image size, sampler and step count (each cell's own), each image from its own
+seed, each batch's conditioning encoded just before it runs (a grid of any length streams);
+then PNGs with their parameters and index rows.
 What differs between model families (text encoders, SDXL's pooled embedding and size
 conditioning, a VAE that overflows in float16) is asked of the family."""
 

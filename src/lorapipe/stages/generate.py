@@ -15,9 +15,10 @@ weights as written. Each cell's negative prompt is built from its preset by the 
 
 How it stays fast: images that share their LoRA weights, size, sampler, step count and
 conditioning length run together, up to ``batch_size`` per UNet call, whatever their prompt,
-negative or CFG (guidance is a per-image tensor). The grid streams: the batches are planned from token counts, each
-batch's texts are encoded just before it runs (a text the recent batches used is not encoded
-again), so the first image comes at once and memory does not grow with the number of prompts.
+negative or CFG (guidance is a per-image tensor). The grid streams: the batches are planned
+from token counts, each batch's texts are encoded just before it runs (a text the recent
+batches used is not encoded again), so the first image comes at once and memory does not grow
+with the number of prompts.
 Before rendering, the run logs how many images and batches the grid makes. Each image's noise
 comes from its own ``torch.Generator`` seeded with its seed, used for the initial latents and,
 in ancestral/SDE samplers, for the noise of every step; so an image does not depend on the
