@@ -328,10 +328,10 @@ def write_contact_sheets(
     }
     split = [axis for axis in others if len(values[axis.name]) > 1]
     named = [axis for axis in others if axis.always_named or axis in split]
+    xs, ys = values[x_axis.name], values[y_axis.name]
     sheets = []
     for _, group in group_by(cells, lambda cell: tuple(axis.value(cell) for axis in split)):
         first = group[0]
-        xs, ys = values[x_axis.name], values[y_axis.name]
         x_labels = {x_axis.value(cell): x_axis.label(cell) for cell in group}
         y_labels = {y_axis.value(cell): y_axis.label(cell) for cell in group}
         images = {
@@ -341,11 +341,8 @@ def write_contact_sheets(
             for cell in group
         }
         title = " / ".join(axis.heading(first) for axis in named)
-        caption = (
-            title
-            if "prompt" in (x_axis.name, y_axis.name)
-            else (f"{title}: {first.parsed.plain_text}")
-        )
+        on_axes = "prompt" in (x_axis.name, y_axis.name)
+        caption = title if on_axes else f"{title}: {first.parsed.plain_text}"
         image = draw_grid(
             caption,
             Axis(x_axis.title, [x_labels[value] for value in xs]),
