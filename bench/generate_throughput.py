@@ -75,7 +75,7 @@ def compare(args: argparse.Namespace, workdir: Path) -> None:
         lora_scales=LORA_SCALES,
         cfg_scales=CFG_SCALES,
         seeds=SEEDS,
-        sampler=args.sampler,
+        samplers=[args.sampler],
         steps=args.steps,
         width=args.size,
         height=args.size,

@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from lora_fixtures import selected_lora_folder
@@ -42,6 +43,7 @@ def test_a_job_file_sets_the_grid_and_the_base_model(tmp_path: Path) -> None:
         "cfg_scales: [7, 8.5]\n"
         "seeds: [1, 2, 3]\n"
         "sampler: Euler a\n"
+        "steps: 30\n"
         "width: 512\n"
         "height: 768\n"
     )
@@ -50,7 +52,13 @@ def test_a_job_file_sets_the_grid_and_the_base_model(tmp_path: Path) -> None:
     config.validate()
     assert base_model == "models/tiny-sd"
     assert config.lora_scales == [0.5, 1.0] and config.cfg_scales == [7.0, 8.5]
-    assert (config.width, config.height, config.sampler) == (512, 768, "Euler a")
+    # one sampler and one step count, as job files wrote them before they could be lists
+    assert (config.width, config.height, config.samplers, config.steps) == (
+        512,
+        768,
+        ["Euler a"],
+        [30],
+    )
     json_job = tmp_path / "job.json"
     json_job.write_text(json.dumps({"prompts": "one prompt", "seeds": 4}))
     assert load_job(str(json_job)) == ({"prompts": ["one prompt"], "seeds": [4]}, None)
@@ -63,11 +71,13 @@ def test_a_job_file_sets_the_grid_and_the_base_model(tmp_path: Path) -> None:
         ({"prompts": []}, "job.yaml: prompts is empty; give at least one prompt"),
         ({"lora_scales": []}, "lora_scales is empty"),
         (
-            {"sampler": "DPM++ 9M"},
-            "sampler 'DPM++ 9M' is unknown; use one of DPM++ 2M Karras, DPM++ 2M,",
+            {"samplers": ["Euler a", "DPM++ 9M"]},
+            "samplers 'DPM++ 9M' is unknown; use one of DPM++ 2M Karras, DPM++ 2M,",
         ),
         ({"width": 500}, "width 500 must be a positive multiple of 8"),
         ({"seeds": [1, 2, 1]}, "seeds lists 1 twice"),
+        ({"steps": [20, 20]}, "steps lists 20 twice"),
+        ({"steps": [0]}, "steps value 0 must be between 1 and 1000"),
         ({"cfg_scales": [0.5]}, "cfg_scales value 0.5 must be between 1.0 and 100.0"),
         (
             {"height": 100000},
@@ -90,6 +100,22 @@ def command_line(*flags: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     configure_parser(parser)
     return parser.parse_args(["--base-model", "models/tiny-sd", "--out", "review", *flags])
+
+
+def test_samplers_and_steps_take_one_value_or_several_in_a_job_or_flags(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text("prompts: [a cat]\nsamplers: [Euler a, DDIM]\nsteps: [10, 30]\n")
+    values, _ = load_job(str(job))
+    assert (values["samplers"], values["steps"]) == (["Euler a", "DDIM"], [10, 30])
+    flags = command_line("--prompt", "a cat", "--sampler", "Euler a", "--steps", "12")
+    config = config_from_args(flags)[0]
+    assert (config.samplers, config.steps) == (["Euler a"], [12])
+    config = config_from_args(command_line("--prompt", "a cat", "--steps", "10", "20"))[0]
+    assert config.steps == [10, 20]
+    assert GenerateConfig(prompts=["a cat"], steps=8).steps == [8]  # Python callers, as before
+    job.write_text("prompts: [a cat]\nsampler: Euler a\nsamplers: [DDIM]\n")
+    with pytest.raises(ConfigError, match="'samplers' and 'sampler' are the same key; keep one"):
+        load_job(str(job))
 
 
 def test_sizes_come_from_the_job_file_or_repeated_size_flags(tmp_path: Path) -> None:
@@ -197,13 +223,14 @@ def test_cli_generate_writes_images_sheets_index_and_report(
     )[0]
     assert parameters["Lora hashes"] == f"film_style: {kohya_hash[:12]}"
 
+    # LoRA scale across, seed down (the default axes): a sheet per prompt x preset x CFG
     sheets = sorted(p.name for p in (out / "sheets").glob("*.png"))
-    assert sheets == [
-        "p01_landscape_64x64.png",
-        "p01_portrait_64x64.png",
-        "p02_landscape_64x64.png",
-        "p02_portrait_64x64.png",
-    ]
+    assert sheets == sorted(
+        f"p0{prompt}_{preset}_64x64_cfg{cfg}.png"
+        for prompt in (1, 2)
+        for preset in ("portrait", "landscape")
+        for cfg in (7, 9)
+    )
 
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert len(index) == 32
@@ -220,7 +247,7 @@ def test_cli_generate_writes_images_sheets_index_and_report(
     assert {"resolve_positive_conflicts", "check_term_count", "adapt_to_lora_scale"} <= rules
     assert len(report["metrics"]) == 2 * 2 * 2  # preset x LoRA scale x CFG
     html = (out / "report.html").read_text()
-    assert html.count("data:image/jpeg;base64,") == 4
+    assert html.count("data:image/jpeg;base64,") == 8
     assert "lorapipe generate --job" in html
 
     # the written job reproduces the run
@@ -255,6 +282,36 @@ def test_a_grid_of_two_sizes_renders_each_and_says_so_everywhere(
     assert "prompt 1 / base / 64x96" in html and "prompt 1 / base / 96x64" in html
     assert "<th>sizes</th><td>64x96, 96x64</td>" in html
     assert "- sizes: 64x96, 96x64" in (out / "report.md").read_text()
+
+
+def test_samplers_and_steps_on_the_grid_render_each_image_with_its_own(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = GenerateConfig(prompts=["a red dog"], samplers=["Euler", "DDIM"], steps=[1, 2])
+    with caplog.at_level(logging.INFO, logger="lorapipe.stages.generate"):
+        report = run(str(tiny_model_dir), str(tmp_path / "grid"), config)
+    assert "1 prompt x 2 samplers x 2 step counts = 4 images in 4 batches" in caplog.text
+    images = {}
+    for row in pq.read_table(tmp_path / "grid" / "index.parquet").to_pylist():
+        with Image.open(tmp_path / "grid" / row["file"]) as image:
+            parameters = parse_parameters(image.info["parameters"])
+            images[row["sampler"], row["steps"]] = np.asarray(image)
+        assert (parameters["Sampler"], int(parameters["Steps"])) == (row["sampler"], row["steps"])
+    assert sorted(images) == [("DDIM", 1), ("DDIM", 2), ("Euler", 1), ("Euler", 2)]
+    # the default sheets (LoRA scale x seed) are one per sampler x steps
+    assert report["sheets"] == [
+        f"sheets/p01_base_64x64_{sampler}_steps{steps}.png"
+        for sampler in ("Euler", "DDIM")
+        for steps in (1, 2)
+    ]
+    # the DDIM, 2-step image of the grid is the one a DDIM, 2-step job renders alone
+    alone = GenerateConfig(prompts=["a red dog"], samplers=["DDIM"], steps=[2])
+    run(str(tiny_model_dir), str(tmp_path / "alone"), alone)
+    (path,) = (tmp_path / "alone" / "images").glob("*.png")
+    assert path.name == "p01_base_64x64_lora-tagged_cfg7_seed1.png"  # one of each: no suffix
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(image), images["DDIM", 2])
+    assert not np.array_equal(images["DDIM", 2], images["Euler", 2])
 
 
 def test_a_run_without_sizes_records_the_native_size_for_a_rerun(

@@ -63,6 +63,36 @@ def test_sizes_are_an_axis_of_the_grid_inside_prompt_and_preset() -> None:
     assert portrait.negative is cells[2].negative  # the negative does not depend on the size
 
 
+def test_several_samplers_and_step_counts_are_axes_named_in_the_files() -> None:
+    cells = grid(
+        prompts=["a street"], samplers=["Euler a", "DPM++ 2M"], steps=[10, 30], seeds=[1, 2]
+    )
+    assert [(c.sampler, c.steps, c.seed) for c in cells] == [
+        ("Euler a", 10, 1),
+        ("Euler a", 10, 2),
+        ("Euler a", 30, 1),
+        ("Euler a", 30, 2),
+        ("DPM++ 2M", 10, 1),
+        ("DPM++ 2M", 10, 2),
+        ("DPM++ 2M", 30, 1),
+        ("DPM++ 2M", 30, 2),
+    ]
+    assert cells[-1].file_name == "p01_base_64x64_lora-tagged_cfg7_seed2_DPM-2M_steps30.png"
+    assert len({cell.file_name for cell in cells}) == len(cells)
+    # one sampler and one step count, as every job had before: no suffix
+    (one,) = grid(prompts=["a street"], samplers=["Euler a"], steps=[10])
+    assert (one.sampler, one.steps) == ("Euler a", 10)
+    assert one.file_name == "p01_base_64x64_lora-tagged_cfg7_seed1.png"
+    summary = grid_summary(
+        GenerateConfig(
+            prompts=["a"], sizes=["64x64"], samplers=["Euler a", "DDIM"], steps=[10, 20, 30]
+        ),
+        6,
+        1,
+    )
+    assert summary == "1 prompt x 2 samplers x 3 step counts = 6 images in 1 batch of up to 8"
+
+
 def test_width_and_height_make_the_one_size_of_a_grid_without_sizes() -> None:
     (cell,) = grid(prompts=["a street"], width=128, height=64)
     assert (cell.width, cell.height) == (128, 64)

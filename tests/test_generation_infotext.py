@@ -25,10 +25,10 @@ def test_png_parameters_are_webui_infotext_and_parse_back(tmp_path: Path) -> Non
         cfg_scales=[7.5],
         seeds=[42],
         sizes=["512x768"],
+        samplers=["DPM++ 2M Karras"],
+        steps=20,
     )
     context = ParameterContext(
-        sampler="DPM++ 2M Karras",
-        steps=20,
         model_hash="0123456789",
         model_name="tiny-sd",
         clip_skip=2,
@@ -55,8 +55,18 @@ def test_png_parameters_are_webui_infotext_and_parse_back(tmp_path: Path) -> Non
 
 def test_each_image_carries_its_own_size() -> None:
     portrait, landscape = grid(prompts=["a street"], sizes=["512x768", "768x512"])
-    context = ParameterContext(
-        sampler="Euler a", steps=20, model_hash="0123456789", model_name="tiny-sd"
-    )
+    context = ParameterContext(model_hash="0123456789", model_name="tiny-sd")
     assert "Size: 512x768," in a1111_parameters(portrait, context)
     assert "Size: 768x512," in a1111_parameters(landscape, context)
+
+
+def test_each_image_carries_its_own_sampler_and_steps() -> None:
+    cells = grid(prompts=["a street"], samplers=["Euler a", "DDIM"], steps=[10, 30])
+    context = ParameterContext(model_hash="0123456789", model_name="tiny-sd")
+    parameters = [parse_parameters(a1111_parameters(cell, context)) for cell in cells]
+    assert [(p["Sampler"], p["Steps"]) for p in parameters] == [
+        ("Euler a", "10"),
+        ("Euler a", "30"),
+        ("DDIM", "10"),
+        ("DDIM", "30"),
+    ]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import generation_helpers
 import numpy as np
 import pytest
 import torch
-from generation_helpers import grid
 from PIL import Image
 
 from lorapipe.generation.grid import Cell, group_by
@@ -28,17 +28,13 @@ def max_difference(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(pixels(a) - pixels(b)).max())
 
 
-def renderer(
-    pipe, sampler: str = "DPM++ 2M Karras", batch_size: int = 8, steps: int = STEPS
-) -> GridRenderer:
-    return GridRenderer(
-        pipe,
-        family=SD1,
-        adapters={"film_style": "lora_0"},
-        sampler=sampler,
-        steps=steps,
-        batch_size=batch_size,
-    )
+def grid(**values) -> list[Cell]:
+    """The cells of ``values``, at ``STEPS`` steps unless they say."""
+    return generation_helpers.grid(**{"steps": STEPS, **values})
+
+
+def renderer(pipe, batch_size: int = 8) -> GridRenderer:
+    return GridRenderer(pipe, family=SD1, adapters={"film_style": "lora_0"}, batch_size=batch_size)
 
 
 def render_all(grid_renderer: GridRenderer, cells: list[Cell]) -> dict[Cell, Image.Image]:
@@ -74,7 +70,7 @@ def test_each_image_equals_a_one_off_diffusers_pipeline_call(pipe) -> None:
         negative_presets=["portrait"],
         cfg_scales=[7, 9.5],
         seeds=[1, 2],
-        sampler="DPM++ 2M Karras",
+        samplers=["DPM++ 2M Karras"],
     )
     grid_renderer = renderer(pipe)
     batched = render_all(grid_renderer, cells)
@@ -88,11 +84,11 @@ def test_an_image_does_not_depend_on_its_batch_even_with_an_ancestral_sampler(pi
         prompts=["red dog, <lora:film_style:0.7>", "blue sky <lora:film_style:0.7>"],
         cfg_scales=[7, 11],
         seeds=[1, 2],
-        sampler="Euler a",
+        samplers=["Euler a"],
     )
-    all_at_once = render_all(renderer(pipe, "Euler a", batch_size=8), cells)
-    one_by_one = render_all(renderer(pipe, "Euler a", batch_size=1), cells)
-    in_threes = render_all(renderer(pipe, "Euler a", batch_size=3), cells)
+    all_at_once = render_all(renderer(pipe, batch_size=8), cells)
+    one_by_one = render_all(renderer(pipe, batch_size=1), cells)
+    in_threes = render_all(renderer(pipe, batch_size=3), cells)
     for cell in cells:
         assert max_difference(all_at_once[cell], one_by_one[cell]) <= PIXEL_TOLERANCE
         assert max_difference(all_at_once[cell], in_threes[cell]) <= PIXEL_TOLERANCE
@@ -127,6 +123,17 @@ def test_a_batch_holds_one_image_size_and_each_image_has_its_cells_size(pipe) ->
     assert (portrait.width, portrait.height) == (64, 96)
     alone = one_off(pipe, renderer(pipe), portrait)
     assert max_difference(batches[0][1][0], alone) <= PIXEL_TOLERANCE
+
+
+def test_a_batch_holds_one_sampler_and_step_count(pipe) -> None:
+    cells = grid(prompts=["red dog"], samplers=["Euler", "DDIM"], steps=[1, 2], seeds=[1, 2])
+    batches = renderer(pipe).batches(cells)
+    assert [[(cell.sampler, cell.steps) for cell in batch] for batch in batches] == [
+        [("Euler", 1)] * 2,
+        [("Euler", 2)] * 2,
+        [("DDIM", 1)] * 2,
+        [("DDIM", 2)] * 2,
+    ]
 
 
 def test_conditioning_is_encoded_once_per_distinct_text(pipe, monkeypatch) -> None:
@@ -207,9 +214,11 @@ def test_streaming_renders_the_same_batches_and_the_same_pixels_as_encoding_ever
         sizes=["64x64", "64x96"],
         lora_scales=[0.5, 1.0],
         seeds=[1],
+        samplers=["Euler a"],
+        steps=2,
     )
-    streamed = render_all(renderer(pipe, "Euler a", batch_size=3, steps=2), cells)
-    before = rendered_as_before_streaming(renderer(pipe, "Euler a", batch_size=3, steps=2), cells)
+    streamed = render_all(renderer(pipe, batch_size=3), cells)
+    before = rendered_as_before_streaming(renderer(pipe, batch_size=3), cells)
     assert list(streamed) == list(before)  # the same cells in the same order
     for cell in cells:
         assert np.array_equal(pixels(streamed[cell]), pixels(before[cell])), cell.label

@@ -21,8 +21,10 @@ JOB = {
     "lora_scales": [0.7],
     "cfg_scales": [7.0],
     "seeds": [1],
-    "sampler": "Euler a",
-    "steps": 4,
+    "samplers": ["Euler a"],
+    "steps": [4],
+    "grid_x": "lora_scale",
+    "grid_y": "seed",
     "guidance_rescale": 0.0,
     "clip_model": None,
 }

@@ -47,8 +47,6 @@ def renderer(pipe, batch_size: int = 8) -> GridRenderer:
         pipe,
         family=SDXL,
         adapters={},
-        sampler="DPM++ 2M Karras",
-        steps=STEPS,
         batch_size=batch_size,
     )
 
@@ -142,6 +140,7 @@ def test_each_image_equals_a_one_off_diffusers_sdxl_pipeline_call(sdxl_pipe) -> 
         sizes=["64x96", "96x64"],
         cfg_scales=[7, 9.5],
         seeds=[1],
+        steps=STEPS,
     )
     grid_renderer = renderer(sdxl_pipe)
     batches = list(grid_renderer.render(cells))
@@ -214,9 +213,7 @@ def test_a_lora_at_scale_zero_leaves_both_text_encoders_as_the_base_model_has_th
     lora_file = save_lora(trained, tmp_path / "film")
     lora = resolve_lora("film", str(lora_file), adapter="lora_0")
     pipe = load_pipeline(str(tiny_sdxl_dir), [lora], family=SDXL, device="cpu", dtype=torch.float32)
-    with_lora = GridRenderer(
-        pipe, family=SDXL, adapters={"film": "lora_0"}, sampler="Euler", steps=STEPS
-    )
+    with_lora = GridRenderer(pipe, family=SDXL, adapters={"film": "lora_0"})
     base = renderer(load_base_model(str(tiny_sdxl_dir)))
     off, on = grid(prompts=["red dog <lora:film:0>", "red dog <lora:film:1>"], seeds=[1])
     with_lora.apply_loras(off.loras)

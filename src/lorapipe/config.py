@@ -55,6 +55,9 @@ class OptionSpec:
     above: float | None = None
     # more flag names for the same key (e.g. "prompt" for prompts), without dashes
     aliases: tuple[str, ...] = ()
+    # names the key had before (e.g. "sampler" for samplers): files and flags that use them
+    # still work
+    former_names: tuple[str, ...] = ()
     # a list key given as one string is split on this ("to_q,to_v"); None: never split
     separator: str | None = ","
     # False: a config-file key only (nested mappings), no flag
@@ -74,6 +77,7 @@ def option(
     maximum: float | None = None,
     above: float | None = None,
     aliases: Sequence[str] = (),
+    former_names: Sequence[str] = (),
     separator: str | None = ",",
     flag: bool = True,
     default_text: str | None = None,
@@ -87,6 +91,7 @@ def option(
         maximum=maximum,
         above=above,
         aliases=tuple(aliases),
+        former_names=tuple(former_names),
         separator=separator,
         flag=flag,
         default_text=default_text,
@@ -179,7 +184,9 @@ def from_mapping(
         return origins.get(key, f"key '{key}'")
 
     values = checked_values(config_class, raw, where)
-    missing = [o.name for o in options(config_class) if o.default is MISSING and o.name not in raw]
+    missing = [
+        o.name for o in options(config_class) if o.default is MISSING and o.name not in values
+    ]
     if missing:
         raise ConfigError(f"{missing[0]} is not set; give {flag(missing[0])}")
     config = config_class(**values)
@@ -192,13 +199,22 @@ def from_mapping(
 
 
 def checked_values(config_class: type, raw: Mapping[str, Any], where: Where) -> dict[str, Any]:
-    """``raw`` with every key known to ``config_class`` and every value of its key's type."""
+    """``raw`` with every key known to ``config_class`` and every value of its key's type; a
+    key's former name (``sampler`` for ``samplers``) is that key, so older files still load."""
     known = {item.name: item for item in options(config_class)}
+    names = {former: item.name for item in known.values() for former in item.spec.former_names}
     values = {}
+    given: dict[str, str] = {}
     for key, value in raw.items():
-        if key not in known:
+        name = names.get(key, key)
+        if name not in known:
             raise unknown_key(key, known, where(key), config_class)
-        values[key] = check_value(known[key], value, where(key))
+        if name in given:
+            raise ConfigError(
+                f"{where(key)}: '{key}' and '{given[name]}' are the same key; keep one"
+            )
+        given[name] = key
+        values[name] = check_value(known[name], value, where(key))
     return values
 
 
@@ -454,9 +470,10 @@ def add_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
 
 
 def flag_names(item: Option) -> list[str]:
-    """``--train-data-dir`` and ``--train_data_dir`` (and the aliases', likewise)."""
+    """``--train-data-dir`` and ``--train_data_dir`` (and the aliases' and former names',
+    likewise)."""
     names: list[str] = []
-    for name in (item.name, *item.spec.aliases):
+    for name in (item.name, *item.spec.aliases, *item.spec.former_names):
         names += [flag(name), "--" + name]
     return list(dict.fromkeys(names))
 

@@ -1,5 +1,6 @@
-"""The grid: every combination of prompt, negative preset, image size, LoRA scale, CFG and seed
-as a :class:`Cell`, with its LoRA weights and negative prompt; and the job's prompt checks."""
+"""The grid: every combination of prompt, negative preset, image size, sampler, step count, LoRA
+scale, CFG and seed as a :class:`Cell`, with its LoRA weights and negative prompt; and the
+job's prompt checks."""
 
 from __future__ import annotations
 
@@ -31,10 +32,15 @@ class Cell:
     lora_scale: float | None  # the grid value; None: weights as written in the tags
     cfg_scale: float
     seed: int
+    sampler: str
+    steps: int
     parsed: ParsedPrompt  # the job's prompt
     prompt: str  # the prompt with this cell's LoRA weights written into its tags
     loras: tuple[LoraTag, ...]  # the weights this image runs with
     negative: NegativePrompt
+    # tells the file apart from cells of other samplers or step counts; empty when the job has
+    # one of each, so file names stay those of a job without them
+    name_suffix: str = ""
 
     @property
     def size(self) -> str:
@@ -46,7 +52,7 @@ class Cell:
         scale = "-tagged" if self.lora_scale is None else f"{self.lora_scale:g}"
         return (
             f"p{self.prompt_index + 1:02d}_{safe_name(self.negative_preset)}_{self.size}"
-            f"_lora{scale}_cfg{self.cfg_scale:g}_seed{self.seed}.png"
+            f"_lora{scale}_cfg{self.cfg_scale:g}_seed{self.seed}{self.name_suffix}.png"
         )
 
     @property
@@ -86,14 +92,16 @@ def effective_lora_scale(tags: Sequence[LoraTag]) -> float | None:
 def plan_grid(
     config: GenerateConfig, prompts: Sequence[ParsedPrompt], library: NegativeLibrary
 ) -> list[Cell]:
-    """Every cell in grid order: prompt, preset, size, LoRA scale, CFG, seed (the negative
-    prompt does not depend on the size)."""
+    """Every cell in grid order: prompt, preset, size, sampler, steps, LoRA scale, CFG, seed
+    (the negative prompt does not depend on the size, sampler or steps)."""
     cells = []
     negatives: dict[tuple[int, str, tuple[LoraTag, ...], float], NegativePrompt] = {}
-    for (index, parsed), preset, (width, height), scale, cfg in itertools.product(
+    for (index, parsed), preset, (width, height), sampler, steps, scale, cfg in itertools.product(
         enumerate(prompts),
         config.negative_presets,
         config.image_sizes(),
+        config.samplers,
+        config.steps,
         config.lora_scales or [None],
         config.cfg_scales,
     ):
@@ -110,20 +118,25 @@ def plan_grid(
                 drop_conflicts=config.drop_conflicting_negatives,
             )
         prompt = with_lora_weights(parsed.source, {tag.name: tag for tag in tags})
+        suffix = f"_{safe_name(sampler)}" if len(config.samplers) > 1 else ""
+        suffix += f"_steps{steps}" if len(config.steps) > 1 else ""
         for seed in config.seeds:
             cells.append(
                 Cell(
-                    index,
-                    preset,
-                    width,
-                    height,
-                    scale,
-                    cfg,
-                    seed,
-                    parsed,
-                    prompt,
-                    tags,
-                    negatives[key],
+                    prompt_index=index,
+                    negative_preset=preset,
+                    width=width,
+                    height=height,
+                    lora_scale=scale,
+                    cfg_scale=cfg,
+                    seed=seed,
+                    sampler=sampler,
+                    steps=steps,
+                    parsed=parsed,
+                    prompt=prompt,
+                    loras=tags,
+                    negative=negatives[key],
+                    name_suffix=suffix,
                 )
             )
     return cells
@@ -136,6 +149,8 @@ def grid_summary(config: GenerateConfig, images: int, batches: int) -> str:
     axes = [
         ("negative preset", len(config.negative_presets)),
         ("size", len(config.image_sizes())),
+        ("sampler", len(config.samplers)),
+        ("step count", len(config.steps)),
         ("LoRA scale", len(config.lora_scales or [None])),
         ("CFG scale", len(config.cfg_scales)),
         ("seed", len(config.seeds)),

@@ -18,10 +18,8 @@ from lorapipe.generation.grid import Cell
 
 @dataclass(frozen=True)
 class ParameterContext:
-    """What every image's parameters text shares (the size is the cell's)."""
+    """What every image's parameters text shares (size, sampler and steps are the cell's)."""
 
-    sampler: str
-    steps: int
     model_hash: str
     model_name: str
     clip_skip: int = 1
@@ -41,8 +39,8 @@ def a1111_parameters(cell: Cell, context: ParameterContext) -> str:
         if tag.name in context.lora_hashes
     )
     fields = {
-        "Steps": context.steps,
-        "Sampler": context.sampler,
+        "Steps": cell.steps,
+        "Sampler": cell.sampler,
         "CFG scale": f"{cell.cfg_scale:g}",
         "Seed": cell.seed,
         "Size": cell.size,

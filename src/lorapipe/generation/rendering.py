@@ -1,6 +1,7 @@
 """Cells into images on one diffusers pipeline: LoRA weights set once per group, batched UNet
-calls of one image size, each image from its own seed, each batch's conditioning encoded just
-before it runs (a grid of any length streams); then PNGs with their parameters and index rows.
+calls of one image size, sampler and step count (each cell's own), each image from its own
+seed, each batch's conditioning encoded just before it runs (a grid of any length streams);
+then PNGs with their parameters and index rows.
 What differs between model families (text encoders, SDXL's pooled embedding and size
 conditioning, a VAE that overflows in float16) is asked of the family."""
 
@@ -63,8 +64,8 @@ class RecentCache(Generic[K, T]):
 
 class GridRenderer:
     """Turns cells into images on one pipeline: LoRA weights set once per group, up to
-    ``batch_size`` images of one size per UNet call, each from its own seed, each batch's texts
-    encoded when it runs."""
+    ``batch_size`` images of one size, sampler and step count per UNet call, each from its own
+    seed, each batch's texts encoded when it runs."""
 
     def __init__(
         self,
@@ -72,8 +73,6 @@ class GridRenderer:
         *,
         family: ModelFamily,
         adapters: Mapping[str, str],
-        sampler: str,
-        steps: int,
         guidance_rescale: float = 0.0,
         batch_size: int = 8,
         clip_skip: int = 1,
@@ -81,8 +80,6 @@ class GridRenderer:
         self.pipe = pipe
         self.family = family
         self.adapters = dict(adapters)  # LoRA name -> adapter name
-        self.sampler = sampler
-        self.steps = steps
         self.guidance_rescale = guidance_rescale
         self.batch_size = batch_size
         self.encoder = ConditioningEncoder(pipe, family, clip_skip=clip_skip)
@@ -104,13 +101,20 @@ class GridRenderer:
             yield batch, self.denoise(batch, *self.batch_conditioning(batch))
 
     def batches(self, cells: Sequence[Cell]) -> list[list[Cell]]:
-        """The UNet calls of a grid in render order: cells grouped by LoRA weights, then by size
-        and conditioning length, up to ``batch_size`` each; planned from token counts, before
-        anything is encoded."""
+        """The UNet calls of a grid in render order: cells grouped by LoRA weights, then by size,
+        sampler, steps and conditioning length, up to ``batch_size`` each; planned from token
+        counts, before anything is encoded."""
         planned = []
         for _, group in group_by(cells, lambda cell: cell.loras):
             for _, batchable in group_by(
-                group, lambda cell: (cell.width, cell.height, self.chunk_count(cell))
+                group,
+                lambda cell: (
+                    cell.width,
+                    cell.height,
+                    cell.sampler,
+                    cell.steps,
+                    self.chunk_count(cell),
+                ),
             ):
                 planned += _batched(batchable, self.batch_size)
         return planned
@@ -171,8 +175,8 @@ class GridRenderer:
     def denoise(
         self, cells: Sequence[Cell], positive: Conditioning, negative: Conditioning
     ) -> list[Image.Image]:
-        """The images of one batch (one size): per-image seeds and CFG, one UNet call per
-        step (negatives first, as diffusers' pipelines batch them)."""
+        """The images of one batch (one size, sampler and step count): per-image seeds and CFG,
+        one UNet call per step (negatives first, as diffusers' pipelines batch them)."""
         import inspect
 
         import torch
@@ -183,9 +187,9 @@ class GridRenderer:
 
         pipe = self.pipe
         device, dtype = pipe.unet.device, pipe.unet.dtype
-        scheduler = make_scheduler(self.sampler, pipe.scheduler.config)
+        scheduler = make_scheduler(cells[0].sampler, pipe.scheduler.config)
         generators = [torch.Generator("cpu").manual_seed(cell.seed) for cell in cells]
-        scheduler.set_timesteps(self.steps, device=device)
+        scheduler.set_timesteps(cells[0].steps, device=device)
         shape = (
             len(cells),
             pipe.unet.config.in_channels,

@@ -24,7 +24,7 @@ class SheetSection:
     title: str
     prompt: str
     file: str  # where the full-size sheet is, relative to the report
-    # (column label, negative prompt used in that column)
+    # (which images, e.g. "LoRA scale 0.5", the negative prompt they used)
     negatives: Sequence[tuple[str, str]] = ()
 
 
@@ -64,12 +64,16 @@ def summary(
     return {
         "base model": f"{base_model_uri} (hash {model_hash})",
         "LoRAs": lora_names or "none",
-        "sampler": f"{job['sampler']}, {job['steps']} steps",
+        "sampler": f"{', '.join(job['samplers'])}, "
+        f"{', '.join(str(steps) for steps in job['steps'])} steps",
         "sizes": ", ".join(job["sizes"]),
         "guidance rescale": str(job["guidance_rescale"]),
         "grid": f"{len(job['prompts'])} prompts x {len(job['negative_presets'])} presets x "
         f"{len(job['sizes'])} sizes x {len(job['lora_scales'] or [None])} LoRA scales x "
-        f"{len(job['cfg_scales'])} CFG x {len(job['seeds'])} seeds = {images} images",
+        f"{len(job['cfg_scales'])} CFG x {len(job['seeds'])} seeds x "
+        f"{len(job['samplers'])} samplers x {len(job['steps'])} step counts = {images} images",
+        "sheets": f"X: {job['grid_x']}, Y: {job['grid_y']}; one sheet per value of every other "
+        "axis that has several",
         "time": f"{seconds:.1f} s ({images_per_second} images/s rendering)",
         "device": f"{environment['device']}, {environment['dtype']}",
     }

@@ -1,9 +1,10 @@
-"""``lorapipe generate``: a grid of images over prompts, negative presets, image sizes, LoRA
-scales, CFG scales and seeds, with the numbers and the report to choose between them.
+"""``lorapipe generate``: a grid of images over prompts, negative presets, image sizes,
+samplers, step counts, LoRA scales, CFG scales and seeds, with the numbers and the report to
+choose between them.
 
 The grid (``GenerateConfig``, from a job file or flags) is every combination of
 
-    prompts x negative_presets x sizes x lora_scales x cfg_scales x seeds
+    prompts x negative_presets x sizes x samplers x steps x lora_scales x cfg_scales x seeds
 
 Prompts use A1111 syntax (``lorapipe.prompts.syntax``); ``<lora:name:w>`` names a LoRA of the job's
 ``loras`` map. A LoRA scale from the grid *replaces* the weight written in every ``<lora:>``
@@ -12,11 +13,12 @@ the scale, the text encoder the scale times te/unet); leaving ``lora_scales`` ou
 weights as written. Each cell's negative prompt is built from its preset by the rules in
 ``lorapipe.prompts.negatives`` (the LoRA scale and CFG of the cell take part).
 
-How it stays fast: images that share their LoRA weights, size and conditioning length run
-together, up to ``batch_size`` per UNet call, whatever their prompt, negative or CFG (guidance
-is a per-image tensor). The grid streams: the batches are planned from token counts, each
-batch's texts are encoded just before it runs (a text the recent batches used is not encoded
-again), so the first image comes at once and memory does not grow with the number of prompts.
+How it stays fast: images that share their LoRA weights, size, sampler, step count and
+conditioning length run together, up to ``batch_size`` per UNet call, whatever their prompt,
+negative or CFG (guidance is a per-image tensor). The grid streams: the batches are planned
+from token counts, each batch's texts are encoded just before it runs (a text the recent
+batches used is not encoded again), so the first image comes at once and memory does not grow
+with the number of prompts.
 Before rendering, the run logs how many images and batches the grid makes. Each image's noise
 comes from its own ``torch.Generator`` seeded with its seed, used for the initial latents and,
 in ancestral/SDE samplers, for the noise of every step; so an image does not depend on the
@@ -32,8 +34,8 @@ embedding and size conditioning, its 1024 px native size) comes from the family
 Output (a directory, local or s3://, published whole when everything is written):
 
 - ``images/*.png`` with A1111's ``parameters`` text (WebUI's PNG Info reads it)
-- ``sheets/*.png``: a contact sheet per prompt x preset x size (rows CFG, columns LoRA scale x
-  seed)
+- ``sheets/*.png``: contact sheets, ``grid_x`` across and ``grid_y`` down (LoRA scale x seed
+  unless chosen), one per combination of the other axes' values
 - ``index.parquet``: every image with its parameters and metrics
 - ``report.html`` (self-contained), ``report.json``, ``report.md``, ``job.yaml`` (to rerun)
 
@@ -86,7 +88,7 @@ from lorapipe.generation.rendering import (
 )
 from lorapipe.generation.report import lint_table, run_report, write_reports
 from lorapipe.generation.samplers import SAMPLERS
-from lorapipe.generation.sheets import write_contact_sheets
+from lorapipe.generation.sheets import SHEET_AXES, write_contact_sheets
 from lorapipe.prompts.encoding import check_clip_skip
 from lorapipe.prompts.negatives import NegativeLibrary
 from lorapipe.prompts.syntax import parse_prompt
@@ -152,8 +154,17 @@ class GenerateConfig:
     seeds: list[int] = option(
         default_factory=lambda: [1], help="seeds of the grid", aliases=("seed",), minimum=0
     )
-    sampler: str = option("DPM++ 2M Karras", help="an A1111 sampler name", choices=tuple(SAMPLERS))
-    steps: int = option(20, help="sampling steps", minimum=1, maximum=1000)
+    samplers: list[str] = option(
+        default_factory=lambda: ["DPM++ 2M Karras"],
+        help="A1111 sampler names; one (`sampler: Euler a`, `--sampler`) or several, an axis of "
+        "the grid",
+        former_names=("sampler",),
+        choices=tuple(SAMPLERS),
+        separator=None,
+    )
+    steps: list[int] = option(
+        default_factory=lambda: [20], help="sampling steps", minimum=1, maximum=1000
+    )
     sizes: list[str] = option(
         default_factory=list,
         help="image sizes of the grid, `WIDTHxHEIGHT` with sides multiples of 8 (`512x768`, "
@@ -227,10 +238,27 @@ class GenerateConfig:
     dtype: str = option("auto", help="`auto` is float16 on GPU, float32 on CPU", choices=DTYPES)
     sheet_cell_size: int = option(
         256,
-        help="longest side of an image in the contact sheets, pixels",
-        minimum=16,
+        help="short side of a thumbnail in the contact sheets, pixels",
+        minimum=128,
         maximum=2048,
     )
+    grid_x: str = option(
+        "lora_scale",
+        help="what the contact sheets' columns vary; every other axis with more than one value "
+        "makes separate sheets",
+        choices=SHEET_AXES,
+    )
+    grid_y: str = option(
+        "seed", help="what the contact sheets' rows vary (not grid_x's axis)", choices=SHEET_AXES
+    )
+
+    def __post_init__(self) -> None:
+        """A lone sampler or step count (``steps=20``, as callers wrote it before these were
+        lists) is a list of one, as it is in a job file."""
+        if isinstance(self.samplers, str):
+            self.samplers = [self.samplers]
+        if isinstance(self.steps, int):
+            self.steps = [self.steps]
 
     def validate(self, source: str | Where = "the job") -> None:
         """Raise ConfigError (one line naming the key) for anything that cannot run."""
@@ -240,6 +268,8 @@ class GenerateConfig:
             ("negative_presets", "negative preset (e.g. base, portrait or none)"),
             ("cfg_scales", "CFG scale"),
             ("seeds", "seed"),
+            ("samplers", "sampler"),
+            ("steps", "step count"),
         ):
             if not getattr(self, key):
                 raise ConfigError(f"{where(key)} is empty; give at least one {what}")
@@ -248,9 +278,21 @@ class GenerateConfig:
                 f"{where('lora_scales')} is empty; give scales or leave the key out to use the "
                 "weights written in the <lora:> tags"
             )
-        if self.sampler not in SAMPLERS:
+        for sampler in self.samplers:
+            if sampler not in SAMPLERS:
+                raise ConfigError(
+                    f"{where('samplers')} '{sampler}' is unknown; use one of {', '.join(SAMPLERS)}"
+                )
+        for key in ("grid_x", "grid_y"):
+            if getattr(self, key) not in SHEET_AXES:
+                raise ConfigError(
+                    f"{where(key)} '{getattr(self, key)}' is not an axis; use one of "
+                    f"{', '.join(SHEET_AXES)}"
+                )
+        if self.grid_x == self.grid_y:
             raise ConfigError(
-                f"{where('sampler')} '{self.sampler}' is unknown; use one of {', '.join(SAMPLERS)}"
+                f"{where('grid_y')} is '{self.grid_y}', the axis grid_x already shows; give "
+                "grid_x and grid_y two different axes (e.g. grid_x: lora_scale, grid_y: seed)"
             )
         for item in config_options.options(type(self)):
             spec = item.spec
@@ -262,7 +304,15 @@ class GenerateConfig:
                     _check_range(where, item.name, single, spec.minimum, spec.maximum)
         for seed in self.seeds:
             _check_range(where, "seeds", seed, 0, 2**63 - 1)
-        for key in ("prompts", "negative_presets", "lora_scales", "cfg_scales", "seeds"):
+        for key in (
+            "prompts",
+            "negative_presets",
+            "lora_scales",
+            "cfg_scales",
+            "seeds",
+            "samplers",
+            "steps",
+        ):
             values = getattr(self, key) or []
             repeated = next((v for i, v in enumerate(values) if v in values[:i]), None)
             if repeated is not None:
@@ -458,15 +508,11 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
         pipe,
         family=family,
         adapters={lora.name: lora.adapter for lora in loras},
-        sampler=config.sampler,
-        steps=config.steps,
         guidance_rescale=config.guidance_rescale,
         batch_size=config.batch_size,
         clip_skip=config.clip_skip,
     )
     context = ParameterContext(
-        sampler=config.sampler,
-        steps=config.steps,
         model_hash=model_short_hash(model_dir),
         model_name=basename(base_model_uri).removesuffix(".safetensors"),  # WebUI: the stem
         clip_skip=config.clip_skip,
