@@ -280,7 +280,7 @@ def test_a_grid_of_two_sizes_renders_each_and_says_so_everywhere(
     assert [entry["size"] for entry in report["metrics"]] == ["64x96", "96x64"]
     html = (out / "report.html").read_text()
     assert "prompt 1 / base / 64x96" in html and "prompt 1 / base / 96x64" in html
-    assert "<th>sizes</th><td>64x96, 96x64</td>" in html
+    assert "<dt>sizes</dt><dd>64x96, 96x64</dd>" in html
     assert "- sizes: 64x96, 96x64" in (out / "report.md").read_text()
 
 
@@ -397,3 +397,55 @@ def test_a_trained_lora_joins_the_job_and_every_prompt(tmp_path: Path) -> None:
 def test_a_folder_that_select_did_not_write_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no report.json; give the output of lorapipe select"):
         chosen_lora(str(tmp_path))
+
+
+def test_checkpoints_on_the_grid_compare_the_lora_at_each_step_of_training(
+    tiny_model_dir: Path, lora_dir: Path, tmp_path: Path
+) -> None:
+    """WebUI's X/Y/Z "checkpoint" axis: each image runs with one checkpoint in place of the
+    LoRA the prompts use, and the sheet puts the checkpoints across."""
+    from lora_fixtures import add_random_lora, randomize_lora, save_lora
+
+    from lorapipe.models import load_base_model
+
+    later = load_base_model(str(tiny_model_dir))
+    add_random_lora(later)
+    randomize_lora(later, seed=7)
+    checkpoints = [lora_dir, save_lora(later, tmp_path / "train" / "checkpoint-300").parent]
+    config = GenerateConfig(
+        prompts=["a red dog, <lora:film:1>"],
+        loras={"film": str(lora_dir)},
+        checkpoints=[str(path) for path in checkpoints],
+        grid_x="checkpoint",
+        steps=[2],
+    )
+    report = run(str(tiny_model_dir), str(tmp_path / "grid"), config)
+
+    rows = pq.read_table(tmp_path / "grid" / "index.parquet").to_pylist()
+    assert [row["loras"][0]["name"] for row in rows] == [
+        f"film@{lora_dir.name}",
+        "film@checkpoint-300",
+    ]
+    pixels = {}
+    for row in rows:
+        with Image.open(tmp_path / "grid" / row["file"]) as image:
+            pixels[row["loras"][0]["name"]] = np.asarray(image)
+    assert not np.array_equal(*pixels.values())
+    # a checkpoint of the prompts' LoRA is applied in its place, not "loaded but unused"
+    assert "check_lora_tags" not in {lint["rule"] for lint in report["lints"]}
+    # the first checkpoint is the LoRA itself: its image is the one a job without the axis gets
+    alone = GenerateConfig(prompts=config.prompts, loras=config.loras, steps=[2])
+    run(str(tiny_model_dir), str(tmp_path / "alone"), alone)
+    (path,) = (tmp_path / "alone" / "images").glob("*.png")
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(image), pixels[f"film@{lora_dir.name}"])
+    (sheet,) = report["sheet_pages"]
+    assert sheet["file"] == "sheets/p01_base_64x64.png"
+
+
+def test_comparing_checkpoints_needs_the_prompts_to_use_one_lora(tmp_path: Path) -> None:
+    from lorapipe.stages.generate import with_checkpoints
+
+    config = GenerateConfig(prompts=["a street"], checkpoints=[str(tmp_path / "checkpoint-1")])
+    with pytest.raises(ConfigError, match="but they use none; tag exactly one LoRA"):
+        with_checkpoints(config)

@@ -8,6 +8,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from lorapipe.errors import PromptError
@@ -38,9 +39,10 @@ class Cell:
     prompt: str  # the prompt with this cell's LoRA weights written into its tags
     loras: tuple[LoraTag, ...]  # the weights this image runs with
     negative: NegativePrompt
-    # tells the file apart from cells of other samplers or step counts; empty when the job has
-    # one of each, so file names stay those of a job without them
+    # tells the file apart from cells of other samplers, step counts or checkpoints; empty
+    # when the job has one of each, so file names stay those of a job without them
     name_suffix: str = ""
+    checkpoint: str | None = None  # the checkpoint axis's value (``checkpoint-300``), if any
 
     @property
     def size(self) -> str:
@@ -84,6 +86,25 @@ def scaled_lora_tags(tags: Iterable[LoraTag], scale: float | None) -> tuple[Lora
     return tuple(scaled)
 
 
+def checkpoint_label(uri: str) -> str:
+    """What the checkpoint axis calls a checkpoint: its folder's or file's name
+    (``checkpoint-300``, ``my_lora-000004``)."""
+    return PurePosixPath(uri.rstrip("/")).name.removesuffix(".safetensors")
+
+
+def checkpoint_lora_name(lora: str, label: str) -> str:
+    """The name the job loads checkpoint ``label`` of ``lora`` under."""
+    return f"{lora}@{label}"
+
+
+def swapped_for(tags: Sequence[LoraTag], checkpoint: str) -> tuple[LoraTag, ...]:
+    """The tags with their LoRA (the one the prompts use) swapped for its ``checkpoint``."""
+    return tuple(
+        LoraTag(checkpoint_lora_name(tag.name, checkpoint), tag.te_weight, tag.unet_weight)
+        for tag in tags
+    )
+
+
 def effective_lora_scale(tags: Sequence[LoraTag]) -> float | None:
     """The LoRA strength the negative-prompt rules see: the largest UNet weight."""
     return max((tag.unet_weight for tag in tags), default=None)
@@ -96,10 +117,15 @@ def plan_grid(
     (the negative prompt does not depend on the size, sampler or steps)."""
     cells = []
     negatives: dict[tuple[int, str, tuple[LoraTag, ...], float], NegativePrompt] = {}
-    for (index, parsed), preset, (width, height), sampler, steps, scale, cfg in itertools.product(
+    checkpoints = [checkpoint_label(uri) for uri in config.checkpoints] or [None]
+    for (index, parsed), preset, (
+        width,
+        height,
+    ), checkpoint, sampler, steps, scale, cfg in itertools.product(
         enumerate(prompts),
         config.negative_presets,
         config.image_sizes(),
+        checkpoints,
         config.samplers,
         config.steps,
         config.lora_scales or [None],
@@ -120,6 +146,7 @@ def plan_grid(
         prompt = with_lora_weights(parsed.source, {tag.name: tag for tag in tags})
         suffix = f"_{safe_name(sampler)}" if len(config.samplers) > 1 else ""
         suffix += f"_steps{steps}" if len(config.steps) > 1 else ""
+        suffix += f"_{safe_name(checkpoint)}" if checkpoint else ""
         for seed in config.seeds:
             cells.append(
                 Cell(
@@ -134,9 +161,10 @@ def plan_grid(
                     steps=steps,
                     parsed=parsed,
                     prompt=prompt,
-                    loras=tags,
+                    loras=tags if checkpoint is None else swapped_for(tags, checkpoint),
                     negative=negatives[key],
                     name_suffix=suffix,
+                    checkpoint=checkpoint,
                 )
             )
     return cells
@@ -149,6 +177,7 @@ def grid_summary(config: GenerateConfig, images: int, batches: int) -> str:
     axes = [
         ("negative preset", len(config.negative_presets)),
         ("size", len(config.image_sizes())),
+        ("checkpoint", len(config.checkpoints)),
         ("sampler", len(config.samplers)),
         ("step count", len(config.steps)),
         ("LoRA scale", len(config.lora_scales or [None])),
@@ -185,6 +214,8 @@ def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) 
             if names.count(name) > 1:
                 raise PromptError(f"prompt {index + 1}: LoRA '{name}' is tagged twice; keep one")
         used.update(names)
+    # a checkpoint of a LoRA the prompts use (checkpoint_lora_name) is applied in its place
+    used |= {name for name in known if name.split("@", 1)[0] in used}
     return [
         Lint(
             "check_lora_tags",

@@ -269,6 +269,14 @@ GRID_AXES: dict[str, SheetAxis] = {
             always_named=True,
         ),
         SheetAxis(
+            "checkpoint",
+            "checkpoint",
+            value=lambda c: c.checkpoint,
+            label=lambda c: c.checkpoint or "as loaded",
+            heading=lambda c: c.checkpoint or "as loaded",
+            file_part=lambda c: safe_name(c.checkpoint or "loaded"),
+        ),
+        SheetAxis(
             "sampler",
             "sampler",
             value=lambda c: c.sampler,

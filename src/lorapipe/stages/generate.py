@@ -65,6 +65,8 @@ from lorapipe.config import Where, option
 from lorapipe.errors import ConfigError, InputError
 from lorapipe.generation.grid import (
     check_lora_tags,
+    checkpoint_label,
+    checkpoint_lora_name,
     count_prompt_tokens,
     grid_summary,
     plan_grid,
@@ -251,6 +253,13 @@ class GenerateConfig:
     grid_y: str = option(
         "seed", help="what the contact sheets' rows vary (not grid_x's axis)", choices=SHEET_AXES
     )
+    checkpoints: list[str] = option(
+        default_factory=list,
+        help="LoRA checkpoints to compare on the grid's `checkpoint` axis: train's "
+        "`checkpoint-<step>` folders or `.safetensors` files (local or `s3://`); each image runs "
+        "with one of them in place of the one LoRA the prompts use",
+        aliases=("checkpoint",),
+    )
 
     def __post_init__(self) -> None:
         """A lone sampler or step count (``steps=20``, as callers wrote it before these were
@@ -433,6 +442,36 @@ def with_trained_lora(config: GenerateConfig) -> GenerateConfig:
     )
 
 
+def with_checkpoints(config: GenerateConfig) -> GenerateConfig:
+    """``checkpoints`` loaded as LoRAs of their own (``NAME@checkpoint-300``) beside the one
+    LoRA the prompts use, which the grid's checkpoint axis swaps for each of them."""
+    if not config.checkpoints:
+        return config
+    where = "key 'checkpoints'"
+    names = {
+        tag.name
+        for index, prompt in enumerate(config.prompts)
+        for tag in parse_prompt(prompt, where=f"prompt {index + 1}").loras
+    }
+    if len(names) != 1:
+        used = ", ".join(sorted(names)) or "none"
+        raise ConfigError(
+            f"{where}: comparing checkpoints swaps the one LoRA the prompts use, but they use "
+            f"{used}; tag exactly one LoRA (or give trained_lora)"
+        )
+    (compared,) = names
+    labels = [checkpoint_label(uri) for uri in config.checkpoints]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(
+            f"{where}: two checkpoints are named alike ({', '.join(labels)}); give each once"
+        )
+    extra = {
+        checkpoint_lora_name(compared, label): uri
+        for label, uri in zip(labels, config.checkpoints, strict=True)
+    }
+    return dataclasses.replace(config, loras={**config.loras, **extra})
+
+
 def chosen_lora(lora_path: str) -> tuple[str, str]:
     """(name, kohya file) of the LoRA that ``select`` wrote to ``lora_path``."""
     root = store.resolve(lora_path)
@@ -471,7 +510,7 @@ def run(base_model_uri: str, output_uri: str, config: GenerateConfig) -> dict[st
     from lorapipe import __version__, models
 
     config.validate()
-    config = with_trained_lora(config)
+    config = with_checkpoints(with_trained_lora(config))
     started = time.monotonic()
     # 1. the prompts parsed and checked, the negative library, the LoRAs located, named and
     # hashed as WebUI hashes them
