@@ -103,7 +103,6 @@ class TrainingSamples:
     ) -> None:
         self.models = models
         self.every = config.sample_every_n_steps
-        self.sampler, self.steps = config.sample_sampler, config.sample_steps
         # images per UNet call: a training micro-batch's worth fits beside the training state
         # (no activations are kept for a backward pass); an image does not depend on its batch
         self.batch_size = config.batch_size
@@ -112,8 +111,6 @@ class TrainingSamples:
             return
         self.pipe = sampling_pipeline(models, config.sample_sampler)
         self.context = ParameterContext(
-            sampler=config.sample_sampler,
-            steps=config.sample_steps,
             model_hash=model_short_hash(models.model_dir),
             model_name=basename(config.base_model).removesuffix(".safetensors"),
             version=f"lorapipe {__version__}",
@@ -132,8 +129,6 @@ class TrainingSamples:
             self.pipe,
             family=models.family,
             adapters={},
-            sampler=self.sampler,
-            steps=self.steps,
             batch_size=self.batch_size,
         )
         images: dict[tuple[int, int], Image.Image] = {}
@@ -152,7 +147,7 @@ class TrainingSamples:
         for cell in self.cells:  # encoded here: PNG encoding is part of the sampling time
             image = images[cell.prompt_index, cell.seed]
             png = png_bytes(image, a1111_parameters(cell, self.context))
-            samples.append(Sample(image, png, sample_record(cell, self.context)))
+            samples.append(Sample(image, png, sample_record(cell)))
         seconds = time.perf_counter() - started
         log.info("step %d: %d sample images in %.1f s", step, len(samples), seconds)
         return RenderedSamples(step, seconds, samples)
@@ -180,6 +175,8 @@ def sample_cells(config: TrainConfig, prompts: list[str], resolution: int) -> li
                     lora_scale=None,
                     cfg_scale=config.sample_cfg_scale,
                     seed=seed,
+                    sampler=config.sample_sampler,
+                    steps=config.sample_steps,
                     parsed=parsed,
                     prompt=prompt,
                     loras=(),
@@ -189,7 +186,7 @@ def sample_cells(config: TrainConfig, prompts: list[str], resolution: int) -> li
     return cells
 
 
-def sample_record(cell: Cell, context: ParameterContext) -> dict[str, Any]:
+def sample_record(cell: Cell) -> dict[str, Any]:
     """A sample's ``samples.json`` entry."""
     return {
         "file": f"p{cell.prompt_index + 1:02d}_seed{cell.seed}.png",
@@ -197,8 +194,8 @@ def sample_record(cell: Cell, context: ParameterContext) -> dict[str, Any]:
         "prompt": cell.prompt,
         "negative_prompt": cell.negative.text,
         "seed": cell.seed,
-        "sampler": context.sampler,
-        "steps": context.steps,
+        "sampler": cell.sampler,
+        "steps": cell.steps,
         "cfg_scale": cell.cfg_scale,
         "width": cell.width,
         "height": cell.height,
