@@ -56,8 +56,13 @@ def open_page(browser: Any, path: Path) -> tuple[Any, list[str]]:
 
 
 def images_that_did_not_load(page: Any) -> list[str]:
+    """The alt text of every image that did not load or does not decode."""
     return page.evaluate(
-        "[...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.alt)"
+        """async () => {
+            const images = [...document.images];
+            const decoded = await Promise.all(images.map(i => i.decode().then(() => true, () => false)));
+            return images.filter((i, n) => !decoded[n] || i.naturalWidth === 0).map(i => i.alt);
+        }"""
     )
 
 
