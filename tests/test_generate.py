@@ -298,6 +298,9 @@ def test_samplers_and_steps_on_the_grid_render_each_image_with_its_own(
             images[row["sampler"], row["steps"]] = np.asarray(image)
         assert (parameters["Sampler"], int(parameters["Steps"])) == (row["sampler"], row["steps"])
     assert sorted(images) == [("DDIM", 1), ("DDIM", 2), ("Euler", 1), ("Euler", 2)]
+    assert [(row["sampler"], row["steps"]) for row in report["metrics"]] == [
+        ("Euler", 1), ("Euler", 2), ("DDIM", 1), ("DDIM", 2),
+    ]  # fmt: skip
     # the default sheets (LoRA scale x seed) are one per sampler x steps
     assert report["sheets"] == [
         f"sheets/p01_base_64x64_{sampler}_steps{steps}.png"
@@ -441,6 +444,9 @@ def test_checkpoints_on_the_grid_compare_the_lora_at_each_step_of_training(
         assert np.array_equal(np.asarray(image), pixels[f"film@{lora_dir.name}"])
     (sheet,) = report["sheet_pages"]
     assert sheet["file"] == "sheets/p01_base_64x64.png"
+    # the metrics compare the checkpoints, each a row of the table
+    assert [row["checkpoint"] for row in report["metrics"]] == [lora_dir.name, "checkpoint-300"]
+    assert "<th>checkpoint</th>" in (tmp_path / "grid" / "report.html").read_text()
 
 
 def test_comparing_checkpoints_needs_the_prompts_to_use_one_lora(tmp_path: Path) -> None:

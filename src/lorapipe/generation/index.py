@@ -31,6 +31,7 @@ def index_row(
         "seed": cell.seed,
         "sampler": cell.sampler,
         "steps": cell.steps,
+        "checkpoint": cell.checkpoint,
         "width": cell.width,
         "height": cell.height,
         "guidance_rescale": context.guidance_rescale,
@@ -60,6 +61,7 @@ def index_schema() -> Any:
             ("seed", pa.int64()),
             ("sampler", pa.string()),
             ("steps", pa.int32()),
+            ("checkpoint", pa.string()),
             ("width", pa.int32()),
             ("height", pa.int32()),
             ("guidance_rescale", pa.float64()),
@@ -79,15 +81,19 @@ def write_index(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def metrics_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Mean metrics per negative preset x size x LoRA scale x CFG, in grid order."""
+    """Mean metrics per negative preset x size x checkpoint x sampler x steps x LoRA scale x
+    CFG (over prompts and seeds), in grid order."""
     names = [*image_metrics.METRIC_NAMES, "clip_score"]
     table = []
-    for (preset, width, height, scale, cfg), group in group_by(
+    for (preset, width, height, checkpoint, sampler, steps, scale, cfg), group in group_by(
         rows,
         lambda row: (
             row["negative_preset"],
             row["width"],
             row["height"],
+            row["checkpoint"],
+            row["sampler"],
+            row["steps"],
             row["lora_scale"],
             row["cfg_scale"],
         ),
@@ -95,6 +101,9 @@ def metrics_table(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {
             "negative_preset": preset,
             "size": f"{width}x{height}",
+            "checkpoint": checkpoint,
+            "sampler": sampler,
+            "steps": steps,
             "lora_scale": "as tagged" if scale is None else scale,
             "cfg_scale": cfg,
             "images": len(group),

@@ -32,6 +32,9 @@ SHEET_SIDE = 1400  # a contact sheet's longer side in the page; full size on cli
 METRIC_COLUMNS = {
     "negative_preset": "negative preset",
     "size": "size",
+    "checkpoint": "checkpoint",
+    "sampler": "sampler",
+    "steps": "steps",
     "lora_scale": "LoRA scale",
     "cfg_scale": "CFG",
     "images": "images",
@@ -45,11 +48,13 @@ METRIC_COLUMNS = {
 
 
 def metric_columns(config: Mapping[str, Any]) -> dict[str, str]:
-    """The metrics table's columns (name -> header); the CLIP score only when it was measured."""
-    columns = dict(METRIC_COLUMNS)
+    """The metrics table's columns (name -> header): checkpoint, sampler and steps only when
+    the grid has several, the CLIP score only when it was measured."""
+    several = {"checkpoint": "checkpoints", "sampler": "samplers", "steps": "steps"}
+    hidden = {column for column, key in several.items() if len(config.get(key) or []) < 2}
     if not config.get("clip_model"):
-        columns.pop("clip_score")
-    return columns
+        hidden.add("clip_score")
+    return {name: title for name, title in METRIC_COLUMNS.items() if name not in hidden}
 
 
 def read_report(output_uri: str, name: str = "report.json") -> dict[str, Any]:
