@@ -18,6 +18,7 @@ from lorapipe.report.page import (
     picture_of_file,
     render,
 )
+from lorapipe.thumbnails import thumbnail_jpeg
 
 
 def decoded(src: str) -> Image.Image:
@@ -33,6 +34,13 @@ def test_a_picture_is_a_shrunk_jpeg_that_never_enlarges() -> None:
     assert decoded(wide.src).size == (200, 100)
     small = picture(Image.new("L", (40, 30)), "small", max_side=200)
     assert (small.width, small.height) == (40, 30)
+
+
+def test_a_stored_thumbnail_is_embedded_as_it_is_not_encoded_again() -> None:
+    stored = thumbnail_jpeg(Image.new("RGB", (300, 200), (200, 10, 10)))
+    shown = picture(stored, "flagged", max_side=160)
+    assert base64.b64decode(shown.src.split(",", 1)[1]) == stored
+    assert (shown.width, shown.height) == (160, 107)
 
 
 def test_full_size_links_are_relative_to_the_page_and_absent_when_it_travels_alone(

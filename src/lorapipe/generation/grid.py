@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from lorapipe.stages.generate import GenerateConfig
 
 T = TypeVar("T")
+CHECKPOINT_SEPARATOR = "@"  # film@checkpoint-300: checkpoint-300 of the LoRA film
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,12 @@ def checkpoint_label(uri: str) -> str:
 
 def checkpoint_lora_name(lora: str, label: str) -> str:
     """The name the job loads checkpoint ``label`` of ``lora`` under."""
-    return f"{lora}@{label}"
+    return f"{lora}{CHECKPOINT_SEPARATOR}{label}"
+
+
+def lora_of_checkpoint(name: str) -> str:
+    """The LoRA a ``checkpoint_lora_name`` stands in for (a plain LoRA name: itself)."""
+    return name.split(CHECKPOINT_SEPARATOR, 1)[0]
 
 
 def swapped_for(tags: Sequence[LoraTag], checkpoint: str) -> tuple[LoraTag, ...]:
@@ -215,7 +221,7 @@ def check_lora_tags(prompts: Sequence[ParsedPrompt], lora_names: Iterable[str]) 
                 raise PromptError(f"prompt {index + 1}: LoRA '{name}' is tagged twice; keep one")
         used.update(names)
     # a checkpoint of a LoRA the prompts use (checkpoint_lora_name) is applied in its place
-    used |= {name for name in known if name.split("@", 1)[0] in used}
+    used |= {name for name in known if lora_of_checkpoint(name) in used}
     return [
         Lint(
             "check_lora_tags",

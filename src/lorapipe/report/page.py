@@ -12,7 +12,7 @@ import base64
 import io
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,9 @@ import jinja2
 from PIL import Image
 
 from lorapipe import store
+from lorapipe.thumbnails import thumbnail_jpeg
 
 TEMPLATES = Path(__file__).with_name("templates")
-THUMBNAIL_QUALITY = 82
 STAGE_TITLES = {
     "ingest": "Ingest / clean",
     "tag": "Auto-tag",
@@ -46,16 +46,16 @@ class Picture:
     href: str | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Section:
     """One stage's part of a report: ``templates/<stage>.html.j2`` rendered with ``context``."""
 
     stage: str
     context: Mapping[str, Any]
-    title: str = ""
 
-    def __post_init__(self) -> None:
-        self.title = self.title or STAGE_TITLES[self.stage]
+    @property
+    def title(self) -> str:
+        return STAGE_TITLES[self.stage]
 
 
 @dataclass(frozen=True)
@@ -72,26 +72,27 @@ class PageLinks:
         return Path(os.path.relpath(path, self.folder.resolve())).as_posix()
 
 
-@dataclass
+@dataclass(frozen=True)
 class Page:
     title: str
     sections: Sequence[Section]
     subtitle: str = ""
-    notes: Sequence[str] = field(default_factory=list)
 
 
 def picture(
     data: bytes | Image.Image, alt: str, *, max_side: int, href: str | None = None
 ) -> Picture:
-    """A :class:`Picture` of ``data`` (encoded image bytes or an image), shrunk (never
-    enlarged) to ``max_side`` pixels on its longer side."""
+    """A :class:`Picture` of ``data`` (encoded image bytes or an image) as a JPEG of at most
+    ``max_side`` pixels on its longer side (``thumbnails.thumbnail_jpeg``); a JPEG that small
+    already (a stage's stored thumbnail) is embedded as it is, not encoded again."""
     image = data if isinstance(data, Image.Image) else Image.open(io.BytesIO(data))
-    small = image.convert("RGB")
-    small.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    small.save(buffer, format="JPEG", quality=THUMBNAIL_QUALITY)
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return Picture(f"data:image/jpeg;base64,{encoded}", alt, small.width, small.height, href)
+    if isinstance(data, bytes) and image.format == "JPEG" and max(image.size) <= max_side:
+        jpeg, size = data, image.size
+    else:
+        jpeg = thumbnail_jpeg(image, max_side)
+        size = Image.open(io.BytesIO(jpeg)).size
+    encoded = base64.b64encode(jpeg).decode("ascii")
+    return Picture(f"data:image/jpeg;base64,{encoded}", alt, *size, href)
 
 
 def picture_of_file(uri: str, alt: str, *, max_side: int, links: PageLinks) -> Picture | None:
