@@ -7,6 +7,7 @@ as a subprocess under ``kfp.local`` and in the stage's image (``images/``) on a 
 """
 
 from components.augment import augment
+from components.fingerprint import fingerprint
 from components.generate import generate
 from components.ingest import ingest
 from components.report import run_report
@@ -14,4 +15,4 @@ from components.select import select
 from components.tag import tag
 from components.train import train
 
-__all__ = ["augment", "generate", "ingest", "run_report", "select", "tag", "train"]
+__all__ = ["augment", "fingerprint", "generate", "ingest", "run_report", "select", "tag", "train"]

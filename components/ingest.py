@@ -10,6 +10,7 @@ def ingest(
     metadata_uri: str,
     min_size: int,
     quality_policy: str,
+    inputs_fingerprint: str,
     dataset: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
@@ -22,6 +23,8 @@ def ingest(
         min_size: Drop images whose shorter side is below this many pixels.
         quality_policy: report or drop the images the quality audit flags (blurry, upscaled,
             over-compressed, clipped, low contrast).
+        inputs_fingerprint: The digest of data_uri's and metadata_uri's files (the
+            fingerprint step's); not read, it makes KFP's cache key change with the content.
         dataset: The cleaned dataset (lorapipe's Parquet format).
         report: Every dropped file and why, and every image the quality audit flags.
         metrics: Images kept, dropped and flagged.

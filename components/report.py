@@ -6,6 +6,7 @@ from components.images import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def run_report(
+    inputs: Input[Artifact],
     ingested: Input[Dataset],
     dataset: Input[Dataset],
     augmented: Input[Dataset],
@@ -17,6 +18,7 @@ def run_report(
     """The whole run on one page: a section per stage, in DAG order.
 
     Args:
+        inputs: The fingerprint step's output: what the run read.
         ingested: Ingest's dataset.
         dataset: What augment read: the tagged dataset, or ingest's when no tagger ran.
         augmented: Augment's dataset.
@@ -29,6 +31,7 @@ def run_report(
 
     pipeline_steps.run_report(
         report.path,
+        inputs=inputs.path,
         ingested=ingested.path,
         dataset=dataset.path,
         augmented=augmented.path,

@@ -1,3 +1,5 @@
+from typing import Optional
+
 from kfp import dsl
 from kfp.dsl import HTML, Input, Metrics, Model, Output
 
@@ -10,9 +12,12 @@ def select(
     epsilon: float,
     publish_uri: str,
     run_id: str,
+    promote: str,
+    fingerprint: str,
     lora: Output[Model],
     report: Output[HTML],
     metrics: Output[Metrics],
+    promotion_epsilon: Optional[float] = None,  # noqa: UP045 - KFP parses Optional, not X | None
 ):
     """The earliest checkpoint within epsilon of the lowest validation loss, as diffusers and
     kohya (WebUI/ComfyUI) LoRA files; published under publish_uri/<run id>/ when given.
@@ -22,6 +27,10 @@ def select(
         epsilon: Relative tolerance over the lowest validation loss.
         publish_uri: Where the LoRA is published with latest.json; empty: not published.
         run_id: The pipeline run's id, in the LoRA's metadata and the published folder.
+        promote: better (latest.json moves only to a LoRA not worse than the published one
+            on this run's validation images) or always.
+        fingerprint: The run's input fingerprint, recorded in latest.json.
+        promotion_epsilon: Relative tolerance of promote better; None: epsilon's.
         lora: Both LoRA files, the selection, the loss curve and the report.
         report: The choice and why: the rule, the table, the loss curve and a row of
             samples per checkpoint.
@@ -36,6 +45,9 @@ def select(
         epsilon=epsilon,
         publish_uri=publish_uri,
         run_id=run_id,
+        promote=promote,
+        promotion_epsilon=promotion_epsilon,
+        fingerprint=fingerprint,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

@@ -12,6 +12,7 @@ def tag(
     trigger_word: str,
     merge: str,
     defect_policy: str,
+    tagger_fingerprint: str,
     tagged: Output[Dataset],
     report: Output[HTML],
     metrics: Output[Metrics],
@@ -26,6 +27,8 @@ def tag(
         merge: keep, append or replace a hand-written caption.
         defect_policy: caption, drop or report images whose tags name a defect (watermark,
             signature, text, ...) or whose style is not the set's.
+        tagger_fingerprint: The digest of tagger_uri's files (the fingerprint step's); not
+            read, it makes KFP's cache key change with the tagger.
         tagged: The captioned dataset, with metadata.csv.
         report: Tag frequencies, what changed, and the flagged images.
         metrics: Images tagged, distinct tags and flagged images.

@@ -14,6 +14,7 @@ def train(
     run_id: str,
     num_nodes: int,
     trainer_image: str,
+    publish_uri: str,
     training: Output[Model],
     report: Output[HTML],
     metrics: Output[Metrics],
@@ -30,6 +31,8 @@ def train(
         run_id: The pipeline run's id: names its checkpoint folder and TrainJob.
         num_nodes: Nodes; above 1, a TrainJob.
         trainer_image: The torch image the TrainJob's nodes run.
+        publish_uri: Where latest.json is: its LoRA is measured on this run's validation
+            images, so that select promotes only a LoRA that is not worse.
         training: Checkpoints (with the samples rendered at each), loss log and training
             report.
         report: Loss and validation-by-timestep charts, throughput and buckets.
@@ -48,6 +51,7 @@ def train(
         run_id=run_id,
         num_nodes=num_nodes,
         trainer_image=trainer_image,
+        publish_uri=publish_uri,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

@@ -86,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         arguments = parse_params(args.param, args.params)
         if args.command == "run-local":
             run = local_run.run_local(Path(args.out), arguments, args.s3_prefix)
+            if not run.trained:
+                print(run.reason)
             for claim in run.claims:
                 print(claim.line())
             if run.claims:
                 held = sum(claim.passed for claim in run.claims)
                 print(f"the demo shows {held} of its {len(run.claims)} claims")
-            print(f"report: {run.report.resolve()}")
+            if run.report.is_file():
+                print(f"report: {run.report.resolve()}")
         elif args.command == "submit":
             print(f"run: {cluster.submit(arguments, args.host, args.experiment)}")
         else:

@@ -23,10 +23,14 @@ from pipelines.lora_training import PIPELINE_NAME
 
 @dataclass(frozen=True)
 class LocalRun:
-    """A finished local run: its run report and, for the demo, what the run showed."""
+    """A finished local run: its run report and, for the demo, what the run showed; or, when
+    the inputs had not changed since the published LoRA's, why nothing was trained (``report``
+    is then the last training's, if any)."""
 
     report: Path
     claims: list[Claim] = field(default_factory=list)
+    trained: bool = True
+    reason: str = ""
 
 
 def run_local(
@@ -43,7 +47,9 @@ def run_local(
     DAG runs a second time under ``out/scraped`` on the captions as scraped
     (``demo.DEMO_SCRAPED_RUN``), to measure cleaning against the negative preset. Afterwards
     the claims are measured (``lorapipe.demo.claims``), written to ``demo_checks.json`` and
-    shown in the run report (``out/report.html``). With ``s3_prefix`` (``s3://bucket/path``), the inputs are
+    shown in the run report (``out/report.html``). The LoRA is published to ``out/published``,
+    so a second run on unchanged inputs stops after the fingerprint step, trains nothing and
+    leaves the report as it was (``force_retrain`` trains anyway). With ``s3_prefix`` (``s3://bucket/path``), the inputs are
     uploaded there and checkpoints and the LoRA are mirrored and published there, through the
     S3 endpoint and credentials in the environment (LORAPIPE_S3_ENDPOINT, AWS_ACCESS_KEY_ID,
     ...).
@@ -77,6 +83,9 @@ def run_local(
         arguments = {**defaults, **arguments}
 
     run_dir = _run_pipeline(out / "pipeline-root", arguments)
+    checked = json.loads((run_dir / "fingerprint" / "inputs" / "report.json").read_text())
+    if not checked["retrain"]:
+        return LocalRun(out / "report.html", trained=False, reason=checked["reason"])
     report = collect_outputs(run_dir, out)
     if demo_folder is None:
         return LocalRun(report)
@@ -152,6 +161,7 @@ def stage_outputs(run_dir: Path) -> StageOutputs:
         return str(found[0]) if found else None
 
     return StageOutputs(
+        fingerprint=artifact("fingerprint/inputs"),
         ingest=artifact("ingest/dataset"),
         tag=artifact("tag*/tagged"),
         augment=artifact("augment*/augmented"),

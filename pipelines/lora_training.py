@@ -1,4 +1,9 @@
-"""The DAG: ingest -> [tag] -> augment -> train -> select -> generate -> run report.
+"""The DAG: fingerprint -> ingest -> [tag] -> augment -> train -> select -> generate -> run report.
+
+The first step fingerprints every input (``lorapipe.retraining``); when nothing changed since
+the LoRA ``latest.json`` records, the run stops there (``dsl.If`` on its ``retrain`` output)
+unless ``force_retrain``. Its digests are inputs of ingest and tag, so their KFP cache key
+changes exactly when the files under ``data_uri``/``metadata_uri``/``tagger_uri`` do.
 
 Tagging runs only when a DeepDanbooru project is given (``dsl.If``). KFP cannot yet hand one
 of two conditional artifacts to a later task when running locally (``dsl.OneOf`` of
@@ -9,16 +14,17 @@ Cluster wiring lives here and nowhere else: images come from ``components.images
 credentials from the ``lorapipe-s3`` Secret and the endpoint from the ``lorapipe-s3``
 ConfigMap (``k8s/``), both as environment variables, never as parameters; train gets the GPUs,
 a memory-backed /dev/shm for its data-loader workers and retries that resume from mirrored
-checkpoints; the deterministic data stages are cached.
+checkpoints; the deterministic data stages are cached, on their inputs' fingerprints; the
+fingerprint step never is.
 """
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from kfp import dsl, kubernetes
-from kfp.dsl import Dataset, Input
+from kfp.dsl import Artifact, Dataset, Input
 
-from components import augment, generate, ingest, run_report, select, tag, train
+from components import augment, fingerprint, generate, ingest, run_report, select, tag, train
 from components.images import TORCH_IMAGE
 from pipelines import parameters
 
@@ -85,6 +91,9 @@ def _select_and_review(
     base_model_uri: str,
     epsilon: float,
     publish_uri: str,
+    promote: str,
+    promotion_epsilon: Optional[float],  # noqa: UP045 - KFP parses Optional, not X | None
+    run_fingerprint: str,
     prompts: list,
     negative_presets: list,
     lora_scales: list,
@@ -98,6 +107,9 @@ def _select_and_review(
         epsilon=epsilon,
         publish_uri=publish_uri,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        promote=promote,
+        promotion_epsilon=promotion_epsilon,
+        fingerprint=run_fingerprint,
     )
     selected.set_display_name("select checkpoint")
     selected.set_caching_options(False)
@@ -137,6 +149,7 @@ def _select_and_review(
 
 @dsl.pipeline(name="augment-train-review")
 def augment_train_review(
+    inputs: Input[Artifact],
     ingested: Input[Dataset],
     dataset: Input[Dataset],
     base_model_uri: str,
@@ -146,6 +159,9 @@ def augment_train_review(
     checkpoint_mirror_uri: str,
     epsilon: float,
     publish_uri: str,
+    promote: str,
+    promotion_epsilon: Optional[float],  # noqa: UP045 - KFP parses Optional, not X | None
+    run_fingerprint: str,
     prompts: list,
     negative_presets: list,
     lora_scales: list,
@@ -156,7 +172,8 @@ def augment_train_review(
 ):
     """flip-augment -> train -> select -> generate -> run report; train runs in its own pod,
     or with num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself). ``ingested``
-    is ingest's dataset, for the run report; ``dataset`` is what augment reads."""
+    is ingest's dataset and ``inputs`` the fingerprint step's output, for the run report;
+    ``dataset`` is what augment reads."""
     augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
     augmented.set_display_name("flip-augment")
 
@@ -169,12 +186,21 @@ def augment_train_review(
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         num_nodes=num_nodes,
         trainer_image=TORCH_IMAGE,
+        publish_uri=publish_uri,
     )
-    data = dict(ingested=ingested, dataset=dataset, augmented=augmented.outputs["augmented"])
+    data = dict(
+        inputs=inputs,
+        ingested=ingested,
+        dataset=dataset,
+        augmented=augmented.outputs["augmented"],
+    )
     review = dict(
         base_model_uri=base_model_uri,
         epsilon=epsilon,
         publish_uri=publish_uri,
+        promote=promote,
+        promotion_epsilon=promotion_epsilon,
+        run_fingerprint=run_fingerprint,
         prompts=prompts,
         negative_presets=negative_presets,
         lora_scales=lora_scales,
@@ -193,6 +219,54 @@ def augment_train_review(
         trained = _train_task(training, gpus=None)
         trained.set_display_name("train LoRA (TrainJob)")
         _select_and_review(trained, data, **review)
+
+
+def _ingest_onwards(
+    checked: dsl.PipelineTask,
+    *,
+    data_uri: str,
+    metadata_uri: str,
+    tagger_uri: str,
+    min_size: int,
+    quality_policy: str,
+    threshold: float,
+    trigger_word: str,
+    merge: str,
+    defect_policy: str,
+    after_data: dict[str, Any],
+) -> None:
+    """ingest -> [tag] -> augment_train_review, the data stages keyed on the fingerprints."""
+    ingested = _data_stage(
+        ingest(
+            data_uri=data_uri,
+            metadata_uri=metadata_uri,
+            min_size=min_size,
+            quality_policy=quality_policy,
+            inputs_fingerprint=checked.outputs["data"],
+        ),
+        cpu="4",
+        memory="8Gi",
+    )
+    ingested.set_display_name("ingest / clean")
+    reports = dict(inputs=checked.outputs["inputs"], ingested=ingested.outputs["dataset"])
+    with dsl.If(tagger_uri != "", name="tagger given"):
+        tagged = _data_stage(
+            tag(
+                dataset=ingested.outputs["dataset"],
+                tagger_uri=tagger_uri,
+                threshold=threshold,
+                trigger_word=trigger_word,
+                merge=merge,
+                defect_policy=defect_policy,
+                tagger_fingerprint=checked.outputs["tagger"],
+            ),
+            cpu="4",
+            memory="16Gi",
+        )
+        tagged.set_display_name("auto-tag (DeepDanbooru)")
+        augment_train_review(**reports, dataset=tagged.outputs["tagged"], **after_data)
+    with dsl.Else(name="no tagger"):
+        augment_train_review(**reports, dataset=ingested.outputs["dataset"], **after_data)
 
 
 @dsl.pipeline(
@@ -218,6 +292,9 @@ def lora_training(
     checkpoint_mirror_uri: str = "",
     epsilon: float = 0.01,
     publish_uri: str = "",
+    promote: str = "better",
+    promotion_epsilon: Optional[float] = None,  # noqa: UP045 - KFP parses Optional, not X | None
+    force_retrain: bool = False,
     prompts: list = DEFAULT_PROMPTS,
     negative_presets: list = ["landscape"],  # noqa: B006 - KFP reads defaults from the signature
     lora_scales: list = [0.6, 0.8, 1.0],  # noqa: B006
@@ -226,53 +303,61 @@ def lora_training(
     steps: int = 25,
     job_yaml: str = "",
 ):
-    ingested = _data_stage(
-        ingest(
-            data_uri=data_uri,
-            metadata_uri=metadata_uri,
-            min_size=min_size,
-            quality_policy=quality_policy,
-        ),
-        cpu="4",
-        memory="8Gi",
-    )
-    ingested.set_display_name("ingest / clean")
-    after_data = dict(
+    checked = fingerprint(
+        data_uri=data_uri,
+        metadata_uri=metadata_uri,
+        tagger_uri=tagger_uri,
         base_model_uri=base_model_uri,
         training_config=training_config,
+        min_size=min_size,
+        quality_policy=quality_policy,
+        threshold=threshold,
+        trigger_word=trigger_word,
+        merge=merge,
+        defect_policy=defect_policy,
         num_gpus=num_gpus,
         num_nodes=num_nodes,
-        checkpoint_mirror_uri=checkpoint_mirror_uri,
         epsilon=epsilon,
         publish_uri=publish_uri,
-        prompts=prompts,
-        negative_presets=negative_presets,
-        lora_scales=lora_scales,
-        cfg_scales=cfg_scales,
-        seeds=seeds,
-        steps=steps,
-        job_yaml=job_yaml,
+        force_retrain=force_retrain,
     )
-    with dsl.If(tagger_uri != "", name="tagger given"):
-        tagged = _data_stage(
-            tag(
-                dataset=ingested.outputs["dataset"],
-                tagger_uri=tagger_uri,
-                threshold=threshold,
-                trigger_word=trigger_word,
-                merge=merge,
-                defect_policy=defect_policy,
+    checked.set_display_name("fingerprint inputs")
+    checked.set_caching_options(False)  # it reads what is under the URIs now
+    checked.set_retry(num_retries=2, backoff_duration="10s", backoff_factor=2)
+    checked.set_cpu_request("1").set_memory_request("1Gi").set_memory_limit("2Gi")
+    _with_s3_access(checked)
+
+    with dsl.If(checked.outputs["retrain"] == True, name="inputs changed"):  # noqa: E712
+        _ingest_onwards(
+            checked,
+            data_uri=data_uri,
+            metadata_uri=metadata_uri,
+            tagger_uri=tagger_uri,
+            min_size=min_size,
+            quality_policy=quality_policy,
+            threshold=threshold,
+            trigger_word=trigger_word,
+            merge=merge,
+            defect_policy=defect_policy,
+            after_data=dict(
+                base_model_uri=base_model_uri,
+                training_config=training_config,
+                num_gpus=num_gpus,
+                num_nodes=num_nodes,
+                checkpoint_mirror_uri=checkpoint_mirror_uri,
+                epsilon=epsilon,
+                publish_uri=publish_uri,
+                promote=promote,
+                promotion_epsilon=promotion_epsilon,
+                run_fingerprint=checked.outputs["run"],
+                prompts=prompts,
+                negative_presets=negative_presets,
+                lora_scales=lora_scales,
+                cfg_scales=cfg_scales,
+                seeds=seeds,
+                steps=steps,
+                job_yaml=job_yaml,
             ),
-            cpu="4",
-            memory="16Gi",
-        )
-        tagged.set_display_name("auto-tag (DeepDanbooru)")
-        augment_train_review(
-            ingested=ingested.outputs["dataset"], dataset=tagged.outputs["tagged"], **after_data
-        )
-    with dsl.Else(name="no tagger"):
-        augment_train_review(
-            ingested=ingested.outputs["dataset"], dataset=ingested.outputs["dataset"], **after_data
         )
 
 

@@ -33,6 +33,9 @@ PIPELINE_HELP = {
     "checkpoint_mirror_uri": "An s3:// prefix: checkpoints are mirrored to <this>/<run id>/ as "
     "they are written, and a retried train pod resumes from there.",
     "job_yaml": "YAML of any other `lorapipe generate` keys (sampler, sizes, clip_skip, ...).",
+    "force_retrain": "Train even when the inputs' fingerprint equals that of the LoRA "
+    "latest.json records (or of the last run published there); otherwise such a run stops "
+    "after its first step, with nothing trained.",
 }
 
 # parameters that are a stage's config key: (stage command, key)
@@ -45,6 +48,8 @@ STAGE_KEYS = {
     "defect_policy": ("tag", "defects"),
     "epsilon": ("select", "epsilon"),
     "publish_uri": ("select", "publish_uri"),
+    "promote": ("select", "promote"),
+    "promotion_epsilon": ("select", "promotion_epsilon"),
     "prompts": ("generate", "prompts"),
     "negative_presets": ("generate", "negative_presets"),
     "lora_scales": ("generate", "lora_scales"),

@@ -133,3 +133,45 @@ def test_a_failing_stage_stops_the_run_with_one_line_naming_the_task(
         local_run.run_local(tmp_path / "run", arguments)
     (report,) = (tmp_path / "run" / "pipeline-root").glob("*/ingest/dataset/report.md")
     assert "photo.jpg" in report.read_text() and "not_an_image" in report.read_text()
+
+
+def test_a_second_run_on_unchanged_inputs_trains_nothing_and_an_added_image_retrains(
+    tmp_path: Path,
+) -> None:
+    """Scheduled retraining, on this machine: the second run stops after its fingerprint step;
+    with one more image the third trains, measures the published LoRA on its own validation
+    images and records the comparison in latest.json's history."""
+    from lorapipe.demo import inputs as demo
+
+    folder = demo.write_sample_folder(tmp_path / "photos", count=12)
+    arguments = {
+        **QUICK,
+        "data_uri": str(folder),
+        "base_model_uri": str(demo.WORLD_MODEL),
+        "tagger_uri": "",
+        "publish_uri": str(tmp_path / "published"),
+    }
+    first = local_run.run_local(tmp_path / "first", arguments)
+    (first_run,) = json.loads((tmp_path / "published" / "latest.json").read_text())["history"]
+
+    second = local_run.run_local(tmp_path / "second", arguments)
+
+    assert first.trained and not second.trained
+    assert second.reason.startswith(f"no new data since run {first_run['run_id']}; nothing trained")
+    (run_dir,) = (tmp_path / "second" / "pipeline-root").glob("lorapipe-lora-training-*")
+    assert [task.name for task in run_dir.iterdir()] == ["fingerprint"], "nothing after it ran"
+    assert not (tmp_path / "second" / "report.html").exists()
+
+    demo.write_sample_folder(folder, count=13)  # one image more, the others untouched
+    third = local_run.run_local(tmp_path / "third", arguments)
+
+    assert third.trained
+    latest = json.loads((tmp_path / "published" / "latest.json").read_text())
+    assert [record["run_id"] for record in latest["history"]][0] == first_run["run_id"]
+    newest = latest["history"][-1]
+    assert newest["compared_with"] == first_run["run_id"]
+    assert newest["compared_val_loss"] > 0 and newest["fingerprint"] != first_run["fingerprint"]
+    assert latest["run_id"] == (newest["run_id"] if newest["promoted"] else first_run["run_id"])
+    html = third.report.read_text()
+    assert "the inputs changed since run" in html
+    assert ("Promoted: " if newest["promoted"] else "Not promoted: ") in html

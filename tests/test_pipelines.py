@@ -21,7 +21,8 @@ from components import images
 from pipelines import __main__ as pipelines_cli
 from pipelines import lora_training
 
-STAGE_COMPONENTS = {"ingest", "tag", "augment", "train", "select", "generate", "run"}  # run-report
+# run-report's executor starts with "run"
+STAGE_COMPONENTS = {"fingerprint", "ingest", "tag", "augment", "train", "select", "generate", "run"}
 
 
 def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -45,7 +46,7 @@ def test_the_dag_runs_the_six_stages_in_order_then_the_run_report(compiled: Path
     executors = {name.removeprefix("exec-") for name in spec["deploymentSpec"]["executors"]}
     assert {name.split("-")[0] for name in executors} == STAGE_COMPONENTS
 
-    assert set(spec["root"]["dag"]["tasks"]) == {"ingest", "condition-branches-1"}
+    assert set(spec["root"]["dag"]["tasks"]) == {"fingerprint", "condition-1"}
     tasks = tasks_by_display_name(spec)
     for augment in tasks["flip-augment"]:
         assert augment["componentRef"]["name"].startswith("comp-augment")
@@ -63,6 +64,7 @@ def test_the_dag_runs_the_six_stages_in_order_then_the_run_report(compiled: Path
         assert _producer(page, "lora")[0].startswith("select")
         assert _producer(page, "training")[0].startswith("train")
         assert _producer(page, "ingested") == ("parent", "pipelinechannel--ingested")
+        assert _producer(page, "inputs") == ("parent", "pipelinechannel--inputs")
     report_outputs = spec["components"]["comp-run-report"]["outputDefinitions"]["artifacts"]
     assert report_outputs["report"]["artifactType"]["schemaTitle"] == "system.HTML"
 
@@ -75,7 +77,7 @@ def test_kfp_loads_the_committed_yaml_back_as_the_pipeline_with_its_parameters()
     assert set(loaded.component_spec.inputs) == set(
         lora_training.lora_training.component_spec.inputs
     )
-    assert set(loaded.pipeline_spec.root.dag.tasks) == {"ingest", "condition-branches-1"}
+    assert set(loaded.pipeline_spec.root.dag.tasks) == {"fingerprint", "condition-1"}
     executors = loaded.pipeline_spec.deployment_spec["executors"]
     assert {name.removeprefix("exec-").split("-")[0] for name in executors} == STAGE_COMPONENTS
 
@@ -101,7 +103,7 @@ def test_parameters_carry_the_stage_key_names_and_the_old_names_still_work() -> 
 def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
     components = spec["components"]
-    branches = components["comp-condition-branches-1"]["dag"]["tasks"]
+    branches = components["comp-condition-branches-2"]["dag"]["tasks"]
     with_tagger, without_tagger = (branches[name] for name in sorted(branches))
     assert "pipelinechannel--tagger_uri" in with_tagger["triggerPolicy"]["condition"]
     assert "!=" in with_tagger["triggerPolicy"]["condition"]
@@ -109,10 +111,10 @@ def test_tagging_runs_only_when_a_tagger_is_given(compiled: Path) -> None:
         f"!({with_tagger['triggerPolicy']['condition']})"
     )
 
-    tagged = components["comp-condition-2"]["dag"]["tasks"]
+    tagged = components["comp-condition-3"]["dag"]["tasks"]
     assert _producer(tagged["tag"], "dataset") == ("parent", "pipelinechannel--ingest-dataset")
     assert _producer(tagged["augment-train-review"], "dataset") == ("tag", "tagged")
-    untagged = components["comp-condition-3"]["dag"]["tasks"]
+    untagged = components["comp-condition-4"]["dag"]["tasks"]
     assert _producer(untagged["augment-train-review-2"], "dataset") == (
         "parent",
         "pipelinechannel--ingest-dataset",
@@ -156,12 +158,58 @@ def test_with_several_nodes_the_train_step_only_coordinates_and_holds_no_gpu(
         )
 
 
-def test_data_stages_are_cached_and_the_rest_are_not(compiled: Path) -> None:
+def test_a_run_trains_only_when_the_uncached_fingerprint_step_says_the_inputs_changed(
+    compiled: Path,
+) -> None:
+    """KFP caches a task on its inputs' values: ingest and tag take the fingerprint step's
+    digests of what lies under their URIs, so their cache hits exactly when the files are the
+    same; the fingerprint step itself runs every time, and everything after it only when it
+    says to train."""
     spec, _ = load_compiled(compiled)
+    root = spec["root"]["dag"]["tasks"]
+    assert root["fingerprint"]["cachingOptions"] == {}
+    assert root["condition-1"]["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--fingerprint-retrain'] == true"
+    )
+    (ingest,) = [
+        task for task in _all_tasks(spec).values() if task["taskInfo"]["name"] == "ingest / clean"
+    ]
+    assert ingest["inputs"]["parameters"]["inputs_fingerprint"] == {
+        "componentInputParameter": "pipelinechannel--fingerprint-data"
+    }
+    (tag,) = tasks_by_display_name(spec)["auto-tag (DeepDanbooru)"]
+    assert tag["inputs"]["parameters"]["tagger_fingerprint"] == {
+        "componentInputParameter": "pipelinechannel--fingerprint-tagger"
+    }
+    for select in tasks_by_display_name(spec)["select checkpoint"]:
+        assert select["inputs"]["parameters"]["fingerprint"] == {
+            "componentInputParameter": "pipelinechannel--run_fingerprint"
+        }  # the sub-pipeline's input, which each branch gives the step's run digest
+    for name, task in _all_tasks(spec).items():
+        if name.startswith("augment-train-review"):
+            assert task["inputs"]["parameters"]["run_fingerprint"] == {
+                "componentInputParameter": "pipelinechannel--fingerprint-run"
+            }
+    for train in tasks_by_display_name(spec)["train LoRA"]:
+        assert train["inputs"]["parameters"]["publish_uri"] == {
+            "componentInputParameter": "pipelinechannel--publish_uri"
+        }
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
+    assert defaults["force_retrain"]["defaultValue"] is False
+    assert defaults["promote"]["defaultValue"] == "better"
+    assert defaults["promotion_epsilon"]["isOptional"]
+
+
+def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     tasks = {**spec["root"]["dag"]["tasks"]}
     for component in spec["components"].values():
         tasks.update(component.get("dag", {}).get("tasks", {}))
-    for name, task in tasks.items():
+    return tasks
+
+
+def test_data_stages_are_cached_and_the_rest_are_not(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    for name, task in _all_tasks(spec).items():
         cached = name.split("-")[0] in ("ingest", "tag", "augment")
         if name.split("-")[0] in STAGE_COMPONENTS:
             assert task["cachingOptions"] == ({"enableCache": True} if cached else {}), name
@@ -188,6 +236,7 @@ def test_components_run_in_the_stage_images(compiled: Path) -> None:
     spec, _ = load_compiled(compiled)
     executors = spec["deploymentSpec"]["executors"]
     expected = {
+        "fingerprint": images.BASE_IMAGE,
         "ingest": images.BASE_IMAGE,
         "tag": images.TAGGER_IMAGE,
         "augment": images.BASE_IMAGE,

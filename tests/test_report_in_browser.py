@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-RUN_SECTIONS = ["ingest", "tag", "augment", "train", "select", "generate", "claims"]
+RUN_SECTIONS = ["fingerprint", "ingest", "tag", "augment", "train", "select", "generate", "claims"]
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from lorapipe.cli import main as cli
 from lorapipe.errors import ConfigError
@@ -23,7 +23,10 @@ def stage_outputs(tmp_path_factory: pytest.TempPathFactory) -> StageOutputs:
     raw = root / "raw"
     raw.mkdir()
     for index, size in enumerate([(96, 64), (64, 96), (16, 16)]):
-        Image.new("RGB", size, (60 * index, 90, 160)).save(raw / f"image_{index}.png")
+        # a stripe per image at its own place: flat images would be near duplicates
+        image = Image.new("RGB", size, (60 * index, 90, 160))
+        ImageDraw.Draw(image).rectangle((0, 0, size[0] // (index + 2), size[1]), fill="white")
+        image.save(raw / f"image_{index}.png")
     (raw / "metadata.csv").write_text(
         "filename,text\nimage_0.png,a cat on the left\nimage_1.png,a dog\n"
     )

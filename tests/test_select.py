@@ -11,7 +11,6 @@ import torch
 from lora_fixtures import (
     add_random_lora,
     record,
-    selected_lora_folder,
     training_report,
     write_training_output,
 )
@@ -21,7 +20,7 @@ from safetensors import safe_open
 from lorapipe import lora_format, store
 from lorapipe.cli import main as cli
 from lorapipe.errors import ConfigError, InputError
-from lorapipe.stages.select import CheckpointLosses, SelectConfig, choose_checkpoint, publish, run
+from lorapipe.stages.select import CheckpointLosses, SelectConfig, choose_checkpoint, run
 
 
 def _losses(*rows: tuple[int, float | None, float]) -> list[CheckpointLosses]:
@@ -349,32 +348,118 @@ def test_cli_selects_and_errors_in_one_line(training_output, tmp_path: Path, cap
 
 def test_cli_publishes_like_the_pipeline_step(training_output, tmp_path: Path, s3_bucket) -> None:
     """`lorapipe select --publish-uri` does what the select component does: the LoRA goes to
-    <publish_uri>/<run id>/ and latest.json points at it."""
+    <publish_uri>/<run id>/ and latest.json points at it, with the run's record."""
     root, _ = training_output
     argv = ["select", str(root), "--out", str(tmp_path / "a"), "--output_name", "film"]
     publish = ["--publish-uri", f"{s3_bucket}/loras", "--pipeline-run-id", "run 5"]
-    assert cli([*argv, *publish]) == 0
+    assert cli([*argv, *publish, "--fingerprint", "abc"]) == 0
 
     latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
-    assert latest == {"run_id": "run 5", "uri": f"{s3_bucket}/loras/run-5"}
+    assert (latest["run_id"], latest["uri"]) == ("run 5", f"{s3_bucket}/loras/run-5")
+    assert (latest["fingerprint"], latest["val_loss"], latest["checkpoint_step"]) == (
+        "abc",
+        0.1512,
+        200,
+    )
+    assert [record["run_id"] for record in latest["history"]] == ["run 5"]
     assert (
         store.read_bytes(f"{s3_bucket}/loras/run-5/film.safetensors")
         == (tmp_path / "a" / "film.safetensors").read_bytes()
     )
 
 
-def test_publishing_writes_a_run_scoped_copy_then_moves_latest(
-    tmp_path: Path, s3_bucket: str
-) -> None:
-    lora = selected_lora_folder(tmp_path / "lora")
-    first = publish(str(lora), f"{s3_bucket}/loras", "run/1 (retry)")
-    second = publish(str(lora), f"{s3_bucket}/loras", "run-2")
+def _published(tmp_path: Path, run_id: str, val_loss: float) -> str:
+    """A publish folder whose latest.json points at ``run_id`` with ``val_loss``."""
+    folder = tmp_path / "loras"
+    folder.mkdir(exist_ok=True)
+    latest = {"run_id": run_id, "uri": str(folder / run_id), "val_loss": val_loss, "history": []}
+    (folder / "latest.json").write_text(json.dumps(latest))
+    return str(folder)
 
-    assert first == f"{s3_bucket}/loras/run-1-retry"
-    assert store.read_bytes(f"{first}/filmstyle.safetensors") == b"kohya"
-    assert store.is_complete(first) and store.is_complete(second)
-    latest = json.loads(store.read_text(f"{s3_bucket}/loras/latest.json"))
-    assert latest == {"run_id": "run-2", "uri": second}
+
+def _measured(training_root: Path, run_id: str, val_loss: float) -> None:
+    """What train writes when it measured the published LoRA on its validation images."""
+    record = {
+        "compare_with": "loras", "status": "measured", "reason": "", "run_id": run_id,
+        "uri": f"loras/{run_id}", "val_loss": val_loss, "val_loss_by_timestep": None,
+        "validation_images": 2, "base_model_hash": None, "measured_at": "2026-12-01T00:00:00+00:00",
+    }  # fmt: skip
+    (training_root / "published_validation.json").write_text(json.dumps(record))
+
+
+def test_a_lora_worse_than_the_published_one_is_written_but_latest_stays(
+    training_output, tmp_path: Path
+) -> None:
+    """The chosen checkpoint's validation loss (0.1512) against the published LoRA's 0.10 on
+    the same images: 51% worse, so the new LoRA is published under its run id only."""
+    root, _ = training_output
+    publish_uri = _published(tmp_path, "week-1", 0.12)
+    _measured(root, "week-1", 0.10)
+
+    report = run(
+        str(root),
+        str(tmp_path / "out"),
+        SelectConfig(publish_uri=publish_uri, pipeline_run_id="week-2"),
+    )
+
+    promotion = report["promotion"]
+    assert not promotion["promoted"]
+    assert (promotion["compared_with"], promotion["compared_val_loss"]) == ("week-1", 0.10)
+    assert "51.2% worse" in promotion["reason"] and "stays at run week-1" in promotion["reason"]
+    latest = json.loads((Path(publish_uri) / "latest.json").read_text())
+    assert latest["run_id"] == "week-1"
+    assert [(r["run_id"], r["promoted"]) for r in latest["history"]] == [("week-2", False)]
+    assert (Path(publish_uri) / "week-2" / "pytorch_lora_weights.safetensors").is_file()
+    selection = json.loads((tmp_path / "out" / "selection.json").read_text())
+    assert selection["promotion"] == promotion and selection["history"] == latest["history"]
+    assert report["metrics"]["promoted"] == 0.0
+    assert report["metrics"]["val_loss_vs_published"] == pytest.approx(0.512)
+    assert "Not promoted" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_lora_as_good_as_the_published_one_within_epsilon_is_promoted(
+    training_output, tmp_path: Path
+) -> None:
+    root, _ = training_output
+    publish_uri = _published(tmp_path, "week-1", 0.12)
+    _measured(root, "week-1", 0.1500)  # 0.1512 is 0.8% worse: within the default 1%
+
+    report = run(
+        str(root),
+        str(tmp_path / "out"),
+        SelectConfig(publish_uri=publish_uri, pipeline_run_id="week-2"),
+    )
+
+    assert report["promotion"]["promoted"]
+    assert json.loads((Path(publish_uri) / "latest.json").read_text())["run_id"] == "week-2"
+    tight = SelectConfig(publish_uri=publish_uri, pipeline_run_id="week-3", promotion_epsilon=0.001)
+    _measured(root, "week-2", 0.1500)
+    assert not run(str(root), str(tmp_path / "out"), tight)["promotion"]["promoted"]
+
+
+def test_promote_always_moves_latest_whatever_the_losses(training_output, tmp_path: Path) -> None:
+    root, _ = training_output
+    publish_uri = _published(tmp_path, "week-1", 0.12)
+    _measured(root, "week-1", 0.05)
+
+    config = SelectConfig(publish_uri=publish_uri, pipeline_run_id="week-2", promote="always")
+    report = run(str(root), str(tmp_path / "out"), config)
+
+    assert report["promotion"]["promoted"] and "promote: always" in report["promotion"]["reason"]
+    assert json.loads((Path(publish_uri) / "latest.json").read_text())["run_id"] == "week-2"
+
+
+def test_an_unmeasured_published_lora_is_not_replaced(training_output, tmp_path: Path) -> None:
+    """Train measured nothing (no compare_with): the new LoRA is not promoted, and the reason
+    says how to measure or to promote anyway."""
+    root, _ = training_output
+    publish_uri = _published(tmp_path, "week-1", 0.12)
+
+    config = SelectConfig(publish_uri=publish_uri, pipeline_run_id="week-2")
+    promotion = run(str(root), str(tmp_path / "out"), config)["promotion"]
+
+    assert not promotion["promoted"]
+    assert "compare_with" in promotion["reason"] and "promote: always" in promotion["reason"]
 
 
 def test_select_reads_and_writes_s3(training_output, s3_bucket: str) -> None:

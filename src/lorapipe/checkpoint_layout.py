@@ -40,6 +40,7 @@ STATE_NAME = "state.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 TRAINING_REPORT_NAME = "training_report.json"
 LOSS_LOG_NAME = "loss_log.csv"  # step, epoch, loss, lr of every step
+PUBLISHED_VALIDATION_NAME = "published_validation.json"  # the published LoRA, measured here
 # sample images rendered at a checkpoint, and their index (what each is: prompt, seed, ...)
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX_NAME = "samples.json"
@@ -177,3 +178,10 @@ def read_samples(checkpoint_uri: str | Path) -> dict[str, Any] | None:
     if not store.exists(index_uri):
         return None
     return read_json(index_uri)
+
+
+def read_published_validation(training_uri: str) -> dict[str, Any] | None:
+    """Train's measurement of the LoRA published when it ran (its ``compare_with`` key), or
+    None when it measured nothing."""
+    uri = store.join(training_uri, PUBLISHED_VALIDATION_NAME)
+    return read_json(uri) if store.exists(uri) else None

@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lorapipe.stages.train", "train a LoRA on 1..N processes, with validation loss"),
     "generate": ("lorapipe.stages.generate", "image grid with layered negatives, metrics, report"),
     "report": ("lorapipe.report.run_report", "one HTML page for a run: a section per stage"),
+    "fingerprint": (
+        "lorapipe.fingerprint",
+        "the digest of each input's listing, as the pipeline's cache key",
+    ),
 }
 
 

@@ -42,6 +42,42 @@ def pipeline_task(step: Callable[P, R]) -> Callable[P, R]:
 
 
 @pipeline_task
+def fingerprint(
+    output_path: str,
+    report_path: str,
+    *,
+    uris: Mapping[str, str],
+    settings: Mapping[str, Any],
+    publish_uri: str = "",
+    force_retrain: bool = False,
+) -> dict[str, Any]:
+    """Fingerprint the run's inputs and decide whether it trains (``lorapipe.retraining``);
+    the digests for the data stages' cache keys, the decision and the UI's numbers."""
+    from lorapipe.retraining import check_inputs
+
+    Path(output_path).mkdir(parents=True, exist_ok=True)
+    report = check_inputs(
+        output_path, uris, settings, publish_uri=publish_uri, force_retrain=force_retrain
+    )
+    _write_page("fingerprint", output_path, report_path)
+    found = report["fingerprint"]
+    inputs = found["inputs"].values()
+    values = {
+        "retrain": int(report["retrain"]),
+        "files": sum(entry["files"] for entry in inputs),
+        "bytes": sum(entry["bytes"] for entry in inputs),
+    }
+    return {
+        "retrain": report["retrain"],
+        "reason": report["reason"],
+        "run": found["run"],
+        "data": found["data"],
+        "tagger": found["tagger"],
+        "metrics": metrics_for_kfp(values),
+    }
+
+
+@pipeline_task
 def ingest(
     data_uri: str,
     dataset_path: str,
@@ -112,13 +148,15 @@ def train(
     run_id: str = "",
     num_nodes: int = 1,
     trainer_image: str = "",
+    publish_uri: str = "",
 ) -> Metrics:
     """Train with the user's YAML config; the pipeline decides data, model and output.
 
     Checkpoints go to ``checkpoint_mirror_uri/<run_id>/`` and training resumes from the newest
     complete one there, so a retried pod continues instead of starting over. ``num_gpus`` are
     the pod's (one process each; on a node with none, one CPU process), or each node's with
-    ``num_nodes`` > 1.
+    ``num_nodes`` > 1. The LoRA published at ``publish_uri`` is measured on this run's
+    validation images (train's ``compare_with``), for select's promotion rule.
     """
     from lorapipe.stages import train as stage
     from lorapipe.train_config import load_config_text
@@ -135,6 +173,7 @@ def train(
         "num_processes": num_gpus if num_nodes > 1 else stage.processes_for_gpus(num_gpus),
         "num_nodes": num_nodes,
         "trainer_image": trainer_image,
+        "compare_with": publish_uri,
     }
     settings = load_config_text(training_config, pipeline_keys)
     if stage.train(settings) != 0:
@@ -155,11 +194,22 @@ def select(
     epsilon: float = 0.01,
     publish_uri: str = "",
     run_id: str = "",
+    promote: str = "better",
+    promotion_epsilon: float | None = None,
+    fingerprint: str = "",
 ) -> Metrics:
-    """Pick the checkpoint, write both LoRA formats; publish them under ``publish_uri``."""
+    """Pick the checkpoint, write both LoRA formats; publish them under ``publish_uri``, moving
+    latest.json only to a LoRA that is promoted."""
     from lorapipe.stages import select as stage
 
-    values = {"epsilon": epsilon, "publish_uri": publish_uri, "pipeline_run_id": run_id}
+    values = {
+        "epsilon": epsilon,
+        "publish_uri": publish_uri,
+        "pipeline_run_id": run_id,
+        "promote": promote,
+        "promotion_epsilon": promotion_epsilon,
+        "fingerprint": fingerprint,
+    }
     settings = _from_parameters(stage.SelectConfig, values)
     report = stage.run(training_path, lora_path, settings)
     _write_page("select", lora_path, report_path)
@@ -224,6 +274,7 @@ def _write_page(stage: str, stage_output: str, report_path: str) -> None:
 def run_report(
     report_path: str,
     *,
+    inputs: str,
     ingested: str,
     dataset: str,
     augmented: str,
@@ -232,12 +283,13 @@ def run_report(
     images: str,
 ) -> None:
     """The whole run on one page, the pipeline's last HTML artifact. ``dataset`` is what
-    augment read: the tagged dataset, or ``ingested`` itself when no tagger ran."""
+    augment read: the tagged dataset, or ``ingested`` itself when no tagger ran; ``inputs`` is
+    the fingerprint step's output."""
     from lorapipe.report.run_report import StageOutputs, run_page
     from lorapipe.report.sections import read_report
 
     tagged = dataset if read_report(dataset).get("stage") == "tag" else None
-    outputs = StageOutputs(ingested, tagged, augmented, training, lora, images)
+    outputs = StageOutputs(ingested, tagged, augmented, training, lora, images, inputs)
     Path(report_path).write_text(run_page(outputs), encoding="utf-8")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -101,11 +102,20 @@ def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int, tuple[
 def write_sample_folder(folder: str | Path, count: int = DEMO_IMAGES) -> Path:
     """The raw sample images, their ``metadata.csv`` and the files ingest must drop; the
     ground truth (scene and tags per file) goes next to the folder, as ``<folder>.truth.json``,
-    where ingest does not see it."""
+    where ingest does not see it. A file that is already there with the same bytes is left
+    alone, so that a second run sees unchanged inputs (the pipeline's fingerprint reads
+    modification times)."""
     folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{folder.name}-", dir=folder.parent) as fresh:
+        truth = _write_samples(Path(fresh), count)
+        _replace_changed_files(Path(fresh), folder)
+    truth_file(folder).write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def _write_samples(folder: Path, count: int) -> dict[str, dict]:
+    """Write the sample images, the planted files and metadata.csv; the ground truth."""
     rows, truth = [], {}
     for index, (scene, seed, frame) in enumerate(demo_scenes(count)):
         name = f"{TRIGGER}_{index:02d}.png"
@@ -119,8 +129,19 @@ def write_sample_folder(folder: str | Path, count: int = DEMO_IMAGES) -> Path:
     truncated.write_bytes(truncated.read_bytes()[:4000])
     world.render(spare, 256, seed=1).save(small)
     world.write_metadata_csv(folder / "metadata.csv", rows)
-    truth_file(folder).write_text(json.dumps(truth, indent=1) + "\n", encoding="utf-8")
-    return folder
+    return truth
+
+
+def _replace_changed_files(fresh: Path, folder: Path) -> None:
+    """Make ``folder`` hold exactly ``fresh``'s files, touching only those that differ."""
+    folder.mkdir(exist_ok=True)
+    for stale in folder.iterdir():
+        if not (fresh / stale.name).is_file():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for new in fresh.iterdir():
+        old = folder / new.name
+        if not (old.is_file() and old.read_bytes() == new.read_bytes()):
+            new.replace(old)
 
 
 def truth_file(folder: str | Path) -> Path:

@@ -24,6 +24,7 @@ from lorapipe.thumbnails import thumbnail_jpeg
 
 TEMPLATES = Path(__file__).with_name("templates")
 STAGE_TITLES = {
+    "fingerprint": "Inputs",
     "ingest": "Ingest / clean",
     "tag": "Auto-tag",
     "augment": "Flip-augment",

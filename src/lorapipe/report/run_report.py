@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 SectionBuilder = Callable[[str, PageLinks], Section]
 BUILDERS: dict[str, SectionBuilder] = {
+    "fingerprint": sections.fingerprint_section,
     "ingest": sections.ingest_section,
     "tag": sections.tag_section,
     "augment": sections.augment_section,
@@ -43,6 +44,7 @@ class StageOutputs:
     train: str | None = None
     select: str | None = None
     generate: str | None = None
+    fingerprint: str | None = None  # the first step's; last, so positional use stays as it was
 
     def present(self) -> list[tuple[str, str]]:
         """(stage, output) of the stages that ran, in DAG order."""
@@ -83,7 +85,7 @@ def write_run_report(outputs: StageOutputs, path: Path, claims: Sequence[Claim] 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     for stage in BUILDERS:
         parser.add_argument(
-            f"--{stage}", metavar="URI", help=f"the output folder of `lorapipe {stage}`"
+            f"--{stage}", metavar="URI", help=f"the output folder of the pipeline's {stage} step"
         )
     parser.add_argument(
         "--out", required=True, help="the HTML file to write (e.g. runs/mine/report.html)"

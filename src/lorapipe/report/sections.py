@@ -76,6 +76,16 @@ def _thumbnail(output_uri: str, relative: str | None, alt: str, links: PageLinks
     )
 
 
+# --------------------------------------------------------------------------- fingerprint
+
+
+def fingerprint_section(output_uri: str, links: PageLinks) -> Section:
+    """What the run read (each input's digest) and whether it had anything new to train."""
+    report = read_report(output_uri)
+    settings = json.dumps(report["fingerprint"]["settings"], indent=2, sort_keys=True)
+    return Section("fingerprint", {"report": report, "settings_text": settings})
+
+
 # --------------------------------------------------------------------------- ingest
 
 

@@ -22,24 +22,30 @@ Output (a directory, local or s3://):
 - ``metrics.json``: ``{"metrics": [...]}`` as the KFP v1 UI reads it, plus ``"values"``, a flat
   ``{name: number}`` for KFP v2's ``Metrics.log_metric``
 - ``report.json`` / ``report.md``
+
+With ``publish_uri``, the LoRA is also published there (:mod:`lorapipe.publication`): always
+under its run id, and ``latest.json`` moves to it only when it is promoted, i.e. with
+``promote: better`` when its validation loss is not worse than the published LoRA's (measured
+by train on this run's validation images) by more than ``promotion_epsilon``. The decision and
+the publish folder's history are in ``selection.json`` (``promotion``, ``history``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
 import math
 import re
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from lorapipe import config as config_options
-from lorapipe import kohya_names, lora_format, outputs, store
+from lorapipe import kohya_names, lora_format, outputs, publication, store
 from lorapipe.charts import draw_loss_curve
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
@@ -51,6 +57,7 @@ from lorapipe.checkpoint_layout import (
     find_checkpoints,
     read_json,
     read_losses,
+    read_published_validation,
     read_samples,
 )
 from lorapipe.config import Where, option
@@ -105,8 +112,29 @@ class SelectConfig:
     )
     publish_uri: str = option(
         "",
-        help="also copy the LoRA files to `<publish_uri>/<pipeline_run_id>/` and then point "
-        "`<publish_uri>/latest.json` at them (local or `s3://`); empty: no publishing",
+        help="also copy the LoRA files to `<publish_uri>/<pipeline_run_id>/`, then point "
+        "`<publish_uri>/latest.json` at them if they are promoted (`promote`); local or "
+        "`s3://`; empty: no publishing",
+    )
+    promote: str = option(
+        "better",
+        help="when a published LoRA moves `latest.json` to the new one: `better` (its "
+        "validation loss, on this run's validation images, is not worse than the published "
+        "LoRA's by more than promotion_epsilon; train measures the published one, its "
+        "`compare_with` key) or `always`",
+        choices=publication.PROMOTE_CHOICES,
+    )
+    promotion_epsilon: float | None = option(
+        None,
+        help="relative tolerance of `promote: better`: promoted when the new validation loss "
+        "<= the published LoRA's x (1 + promotion_epsilon)",
+        default_text="epsilon",
+        minimum=0,
+    )
+    fingerprint: str = option(
+        "",
+        help="the run's input fingerprint (`lorapipe fingerprint`), recorded in `latest.json` "
+        "so that a scheduled run on the same inputs trains nothing",
     )
 
     def validate(self, where: Where | None = None) -> None:
@@ -116,6 +144,16 @@ class SelectConfig:
             raise ConfigError(f"metric '{self.metric}' is unknown; use one of {', '.join(METRICS)}")
         if self.output_name is not None:
             check_output_name(self.output_name, "output_name")
+        if self.promote not in publication.PROMOTE_CHOICES:
+            raise ConfigError(
+                f"promote '{self.promote}' is unknown; use "
+                f"{' or '.join(publication.PROMOTE_CHOICES)}"
+            )
+        epsilon = self.promotion_epsilon
+        if epsilon is not None and not (math.isfinite(epsilon) and epsilon >= 0):
+            raise ConfigError(
+                f"promotion_epsilon {epsilon} must be a number >= 0, e.g. 0.01 for 1%"
+            )
 
 
 def run(training_output_uri: str, output_uri: str, config: SelectConfig | None = None) -> dict:
@@ -157,7 +195,19 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
     samples = checkpoint_samples(complete, selection.step)
     report.update(samples=[row.report_row() for row in samples], sample_prompts=_prompts(samples))
 
-    with outputs.staged_output(output_uri, OUTPUT_KIND) as staging:
+    with (
+        outputs.staged_output(output_uri, OUTPUT_KIND) as staging,
+        _publishing(config.publish_uri) as published,
+    ):
+        if published is not None:
+            record = published.record(
+                _candidate(config, selection, chosen, training_report),
+                read_published_validation(training_output_uri),
+                promote=config.promote,
+                epsilon=_promotion_epsilon(config),
+            )
+            report.update(promotion=asdict(record), history=published.history(record))
+            report["metrics"].update(_promotion_metrics(record))
         lora_format.save_diffusers(
             staging / report["files"]["diffusers"],
             modules,
@@ -174,31 +224,52 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         for row in samples:
             row.copy_into(staging)
         _write_json(
-            staging / report["files"]["selection"], {key: report[key] for key in SELECTION_KEYS}
+            staging / report["files"]["selection"],
+            {key: report[key] for key in SELECTION_KEYS if key in report},
         )
         _write_json(staging / report["files"]["metrics"], _kfp_metrics(report["metrics"]))
         _write_json(staging / "report.json", report)
         (staging / "report.md").write_text(render_markdown(report))
-        if config.publish_uri:
-            report["published"] = publish(staging, config.publish_uri, config.pipeline_run_id)
+        if published is not None:
+            report["published"] = published.publish(staging, record)
     log.info("selected %s: %s", checkpoint_name(selection.step), selection.reason)
     return report
 
 
-def publish(lora_dir: str | Path, publish_uri: str, run_id: str) -> str:
-    """Copy the chosen LoRA to ``publish_uri/<run_id>/`` and then point ``latest.json`` at it.
+@contextlib.contextmanager
+def _publishing(publish_uri: str) -> Iterator[publication.Publication | None]:
+    """The publish folder held for the block (None without ``publish_uri``)."""
+    if not publish_uri:
+        yield None
+        return
+    with publication.publishing(publish_uri) as published:
+        yield published
 
-    Runs never overwrite each other's files; whoever reads ``latest.json`` finds a complete
-    upload, because the pointer is written only after every file (and the manifest) is there.
-    """
-    run_prefix = store.join(publish_uri, store.safe_name(run_id))
-    with outputs.staged_output(run_prefix, OUTPUT_KIND) as staging:
-        ignore = shutil.ignore_patterns(store.MANIFEST_NAME)  # publishing writes its own
-        shutil.copytree(lora_dir, staging, ignore=ignore, dirs_exist_ok=True)
-    pointer = {"run_id": run_id, "uri": run_prefix}
-    store.write_text(store.join(publish_uri, "latest.json"), json.dumps(pointer, indent=2) + "\n")
-    log.info("published the LoRA to %s", run_prefix)
-    return run_prefix
+
+def _candidate(
+    config: SelectConfig,
+    selection: Selection,
+    chosen: CheckpointLosses,
+    training_report: Mapping[str, Any],
+) -> publication.Candidate:
+    return publication.Candidate(
+        run_id=config.pipeline_run_id,
+        fingerprint=config.fingerprint,
+        checkpoint_step=selection.step,
+        val_loss=chosen.val_loss,
+        base_model_hash=training_report.get("base_model_hash"),
+    )
+
+
+def _promotion_epsilon(config: SelectConfig) -> float:
+    return config.epsilon if config.promotion_epsilon is None else config.promotion_epsilon
+
+
+def _promotion_metrics(record: publication.RunRecord) -> dict[str, float]:
+    values = {"promoted": float(record.promoted), "published_val_loss": record.compared_val_loss}
+    if record.margin is not None:
+        values["val_loss_vs_published"] = record.margin
+    return {name: value for name, value in values.items() if value is not None}
 
 
 # --------------------------------------------------------------------------- reading train's output
@@ -368,7 +439,7 @@ def _base_model_name(uri: Any) -> str | None:
 # what selection.json holds (report.json holds these and more)
 SELECTION_KEYS = (
     "rule", "metric", "epsilon", "chosen", "reason", "warnings", "checkpoints",
-    "incomplete_checkpoints",
+    "incomplete_checkpoints", "promotion", "history",
 )  # fmt: skip
 
 
@@ -552,6 +623,9 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             )
             mark = " **chosen**" if row["chosen"] else ""
             lines += ["", f"{checkpoint_name(row['step'])}{mark}: {images}"]
+    if promotion := report.get("promotion"):
+        verdict = "promoted" if promotion["promoted"] else "not promoted"
+        lines += ["", "## Publishing", "", f"**{verdict.capitalize()}:** {promotion['reason']}."]
     lora = report["lora"]
     lines += [
         "",
@@ -587,6 +661,7 @@ def main(args: argparse.Namespace) -> int:
     print(report["reason"])
     print(f"wrote {store.join(args.out, report['files']['kohya'])} (use {report['webui_prompt']})")
     print(f"wrote {store.join(args.out, report['files']['diffusers'])}")
-    if config.publish_uri:
-        print(f"published {report['published']}")
+    if promotion := report.get("promotion"):
+        verdict = "promoted" if promotion["promoted"] else "not promoted"
+        print(f"published {promotion['uri']} ({verdict}: {promotion['reason']})")
     return 0

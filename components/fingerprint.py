@@ -1,0 +1,83 @@
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Metrics, Output
+
+from components.images import BASE_IMAGE
+
+
+@dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
+def fingerprint(
+    data_uri: str,
+    metadata_uri: str,
+    tagger_uri: str,
+    base_model_uri: str,
+    training_config: str,
+    min_size: int,
+    quality_policy: str,
+    threshold: float,
+    trigger_word: str,
+    merge: str,
+    defect_policy: str,
+    num_gpus: int,
+    num_nodes: int,
+    epsilon: float,
+    publish_uri: str,
+    force_retrain: bool,
+    inputs: Output[Artifact],
+    report: Output[HTML],
+    metrics: Output[Metrics],
+) -> NamedTuple("Fingerprints", retrain=bool, run=str, data=str, tagger=str, reason=str):
+    """Fingerprint every input the run reads; train only if they changed since latest.json's.
+
+    Args:
+        data_uri: Raw images: a folder, a .zip/.tar archive or an s3:// prefix.
+        metadata_uri: lora-scripts metadata.csv; empty: the one beside the images.
+        tagger_uri: DeepDanbooru project folder; empty: no tagging.
+        base_model_uri: The base model.
+        training_config: YAML of train keys, in the run's digest by value.
+        min_size: Ingest's, in the run's digest.
+        quality_policy: Ingest's, in the run's digest.
+        threshold: The tagger's, in the run's digest.
+        trigger_word: The tagger's, in the run's digest.
+        merge: The tagger's, in the run's digest.
+        defect_policy: The tagger's, in the run's digest.
+        num_gpus: In the run's digest: the global batch depends on it.
+        num_nodes: In the run's digest: the global batch depends on it.
+        epsilon: Select's, in the run's digest.
+        publish_uri: Where latest.json is; empty: always train.
+        force_retrain: Train even when nothing changed.
+        inputs: The fingerprints and the decision (report.json).
+        report: Each input's digest and whether the run trains, and why.
+        metrics: Files and bytes read, and whether the run trains.
+    """
+    from lorapipe import pipeline_steps
+
+    found = pipeline_steps.fingerprint(
+        inputs.path,
+        report.path,
+        uris={
+            "data_uri": data_uri,
+            "metadata_uri": metadata_uri,
+            "tagger_uri": tagger_uri,
+            "base_model_uri": base_model_uri,
+        },
+        settings={
+            "training_config": training_config,
+            "min_size": min_size,
+            "quality_policy": quality_policy,
+            "threshold": threshold,
+            "trigger_word": trigger_word,
+            "merge": merge,
+            "defect_policy": defect_policy,
+            "num_gpus": num_gpus,
+            "num_nodes": num_nodes,
+            "epsilon": epsilon,
+        },
+        publish_uri=publish_uri,
+        force_retrain=force_retrain,
+    )
+    for name, value in found["metrics"].items():
+        metrics.log_metric(name, value)
+    # KFP reads a returned tuple by the position of the NamedTuple's fields
+    return found["retrain"], found["run"], found["data"], found["tagger"], found["reason"]
