@@ -13,6 +13,8 @@ Layout of a training output (a local directory or an s3:// prefix)::
       _COMPLETE                          written last: without it a checkpoint does not count
     .staging-checkpoint-<step>-*/        a checkpoint being assembled (never read)
     loss_log.csv, training_report.json
+    published_validation.json            with ``compare_with``: the published LoRA's validation
+                                         loss on this run's images (``training.published``)
 
 Torch-free on purpose: ``lorapipe select`` runs in the CPU image and reads this layout too.
 """
@@ -40,7 +42,9 @@ STATE_NAME = "state.json"
 STAGING_PREFIX = ".staging-checkpoint-"
 TRAINING_REPORT_NAME = "training_report.json"
 LOSS_LOG_NAME = "loss_log.csv"  # step, epoch, loss, lr of every step
-PUBLISHED_VALIDATION_NAME = "published_validation.json"  # the published LoRA, measured here
+# the published LoRA measured on this run's validation images; also the training report's key
+PUBLISHED_VALIDATION_NAME = "published_validation.json"
+PUBLISHED_VALIDATION_KEY = "published_validation"
 # sample images rendered at a checkpoint, and their index (what each is: prompt, seed, ...)
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX_NAME = "samples.json"
@@ -180,8 +184,11 @@ def read_samples(checkpoint_uri: str | Path) -> dict[str, Any] | None:
     return read_json(index_uri)
 
 
-def read_published_validation(training_uri: str) -> dict[str, Any] | None:
-    """Train's measurement of the LoRA published when it ran (its ``compare_with`` key), or
-    None when it measured nothing."""
+def read_published_validation(training_uri: str | Path) -> dict[str, Any] | None:
+    """A training output's ``published_validation.json`` (the published LoRA measured on the
+    run's validation images, see ``training.published``), or None when the run measured
+    nothing (``compare_with`` empty)."""
     uri = store.join(training_uri, PUBLISHED_VALIDATION_NAME)
-    return read_json(uri) if store.exists(uri) else None
+    if not store.exists(uri):
+        return None
+    return read_json(uri)

@@ -258,6 +258,13 @@ class TrainConfig:
         default_factory=lambda: [100, 300, 500, 700, 900],
         help="fixed timesteps of the validation loss, each reported",
     )
+    compare_with: str = option(
+        "",
+        help="a published LoRA to measure on this run's validation images, so that select "
+        "promotes the new LoRA only if it is not worse: a `publish_uri` (its `latest.json` is "
+        "followed) or a LoRA folder/file (select's output), local or `s3://`; empty: nothing is "
+        "measured",
+    )
 
     # --- sample images (kohya's sample_prompts), rendered into each checkpoint
     sample_prompts: list[str] | None = option(

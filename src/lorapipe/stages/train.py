@@ -7,7 +7,8 @@ log -> now and then a checkpoint with its validation loss and sample images), th
 The machinery is in ``lorapipe.training``: ``data`` (examples, order, random draws), ``encoders``
 (latent and caption caches), ``batches`` (samples to tensors), ``objective``, ``lora``,
 ``validation``, ``samples`` (sample images), ``checkpoints`` (save, mirror, prune, resume) and
-``progress`` (bar, loss_log.csv, TensorBoard).
+``progress`` (bar, loss_log.csv, TensorBoard); ``published`` measures the LoRA published now on
+this run's validation images at the end (``compare_with``), for select to compare with.
 The config and its checks are in ``lorapipe.train_config``.
 
 Processes: ``lorapipe train --num-processes N`` starts N processes with accelerate (one per GPU;
@@ -42,7 +43,7 @@ import yaml
 
 from lorapipe import config as config_options
 from lorapipe import store, writer_lock
-from lorapipe.checkpoint_layout import TRAINING_REPORT_NAME
+from lorapipe.checkpoint_layout import PUBLISHED_VALIDATION_KEY, TRAINING_REPORT_NAME
 from lorapipe.errors import ConfigError, TrainingError
 from lorapipe.train_config import TrainConfig, check_values, load_config
 
@@ -85,6 +86,7 @@ def _train_holding_outputs(
     import torch
     from accelerate.utils import set_seed
 
+    from lorapipe.training import published as published_lora
     from lorapipe.training.buckets import bucket_table
     from lorapipe.training.checkpoints import Checkpointer
     from lorapipe.training.lora import lora_config_record
@@ -95,6 +97,12 @@ def _train_holding_outputs(
 
     started_at = _now()
     paths = OutputPaths.for_config(config)
+    # what is published now, before a publish while this run trains can move it
+    published = (
+        published_lora.resolve_for_run(config.compare_with, accelerator)
+        if config.compare_with
+        else None
+    )
     set_seed(config.seed)  # the same LoRA initialisation in every process
     models = load_models(config, accelerator)
     config = dataclasses.replace(config, resolution=models.resolution)
@@ -174,9 +182,22 @@ def _train_holding_outputs(
         throughput=progress.throughput,
         sample_seconds=progress.sample_seconds,
     )
+    if published is not None:  # by every process: the validator gathers
+        _, fresh_validator = batch_makers(config, models, data, models.text_encoders, accelerator)
+        report[PUBLISHED_VALIDATION_KEY] = published_lora.measure(
+            published,
+            models=models,
+            validator=fresh_validator,
+            accelerator=accelerator,
+            base_model_hash=report["base_model_hash"],
+        )
     if accelerator.is_main_process:
         for lock in locks:
             lock.check()  # taken over meanwhile: the report must not go over the new holder's
+        if published is not None:
+            published_lora.write_record(
+                report[PUBLISHED_VALIDATION_KEY], paths.local, paths.mirrors
+            )
         write_report(report, paths)
     accelerator.wait_for_everyone()
     accelerator.end_training()
