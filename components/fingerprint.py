@@ -1,7 +1,5 @@
-from typing import NamedTuple
-
 from kfp import dsl
-from kfp.dsl import HTML, Artifact, Metrics, Output
+from kfp.dsl import HTML, Artifact, Metrics, Output, OutputPath
 
 from components.images import BASE_IMAGE
 
@@ -24,11 +22,15 @@ def fingerprint(
     epsilon: float,
     publish_uri: str,
     force_retrain: bool,
+    run: OutputPath(str),
+    data: OutputPath(str),
+    tagger: OutputPath(str),
     inputs: Output[Artifact],
     report: Output[HTML],
     metrics: Output[Metrics],
-) -> NamedTuple("Fingerprints", retrain=bool, run=str, data=str, tagger=str, reason=str):
+) -> bool:
     """Fingerprint every input the run reads; train only if they changed since latest.json's.
+    Returns whether to train (the DAG's condition on it reads the single ``Output``).
 
     Args:
         data_uri: Raw images: a folder, a .zip/.tar archive or an s3:// prefix.
@@ -47,6 +49,9 @@ def fingerprint(
         epsilon: Select's, in the run's digest.
         publish_uri: Where latest.json is; empty: always train.
         force_retrain: Train even when nothing changed.
+        run: The run's digest (inputs and settings), recorded with the LoRA.
+        data: The digest of data_uri and metadata_uri: ingest's cache key.
+        tagger: The digest of tagger_uri: tag's cache key.
         inputs: The fingerprints and the decision (report.json).
         report: Each input's digest and whether the run trains, and why.
         metrics: Files and bytes read, and whether the run trains.
@@ -79,5 +84,7 @@ def fingerprint(
     )
     for name, value in found["metrics"].items():
         metrics.log_metric(name, value)
-    # KFP reads a returned tuple by the position of the NamedTuple's fields
-    return found["retrain"], found["run"], found["data"], found["tagger"], found["reason"]
+    for path, digest in ((run, found["run"]), (data, found["data"]), (tagger, found["tagger"])):
+        with open(path, "w") as file:
+            file.write(digest)
+    return found["retrain"]

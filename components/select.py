@@ -1,5 +1,3 @@
-from typing import Optional
-
 from kfp import dsl
 from kfp.dsl import HTML, Input, Metrics, Model, Output
 
@@ -17,7 +15,7 @@ def select(
     lora: Output[Model],
     report: Output[HTML],
     metrics: Output[Metrics],
-    promotion_epsilon: Optional[float] = None,  # noqa: UP045 - KFP parses Optional, not X | None
+    promotion_epsilon: float = -1.0,
 ):
     """The earliest checkpoint within epsilon of the lowest validation loss, as diffusers and
     kohya (WebUI/ComfyUI) LoRA files; published under publish_uri/<run id>/ when given.
@@ -30,7 +28,7 @@ def select(
         promote: better (latest.json moves only to a LoRA not worse than the published one
             on this run's validation images) or always.
         fingerprint: The run's input fingerprint, recorded in latest.json.
-        promotion_epsilon: Relative tolerance of promote better; None: epsilon's.
+        promotion_epsilon: Relative tolerance of promote better; below 0: epsilon's.
         lora: Both LoRA files, the selection, the loss curve and the report.
         report: The choice and why: the rule, the table, the loss curve and a row of
             samples per checkpoint.

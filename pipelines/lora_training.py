@@ -19,7 +19,7 @@ fingerprint step never is.
 """
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input
@@ -92,7 +92,7 @@ def _select_and_review(
     epsilon: float,
     publish_uri: str,
     promote: str,
-    promotion_epsilon: Optional[float],  # noqa: UP045 - KFP parses Optional, not X | None
+    promotion_epsilon: float,
     run_fingerprint: str,
     prompts: list,
     negative_presets: list,
@@ -160,7 +160,7 @@ def augment_train_review(
     epsilon: float,
     publish_uri: str,
     promote: str,
-    promotion_epsilon: Optional[float],  # noqa: UP045 - KFP parses Optional, not X | None
+    promotion_epsilon: float,
     run_fingerprint: str,
     prompts: list,
     negative_presets: list,
@@ -293,7 +293,7 @@ def lora_training(
     epsilon: float = 0.01,
     publish_uri: str = "",
     promote: str = "better",
-    promotion_epsilon: Optional[float] = None,  # noqa: UP045 - KFP parses Optional, not X | None
+    promotion_epsilon: float = -1.0,
     force_retrain: bool = False,
     prompts: list = DEFAULT_PROMPTS,
     negative_presets: list = ["landscape"],  # noqa: B006 - KFP reads defaults from the signature
@@ -327,7 +327,7 @@ def lora_training(
     checked.set_cpu_request("1").set_memory_request("1Gi").set_memory_limit("2Gi")
     _with_s3_access(checked)
 
-    with dsl.If(checked.outputs["retrain"] == True, name="inputs changed"):  # noqa: E712
+    with dsl.If(checked.outputs["Output"] == True, name="inputs changed"):  # noqa: E712
         _ingest_onwards(
             checked,
             data_uri=data_uri,

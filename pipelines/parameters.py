@@ -33,6 +33,10 @@ PIPELINE_HELP = {
     "checkpoint_mirror_uri": "An s3:// prefix: checkpoints are mirrored to <this>/<run id>/ as "
     "they are written, and a retried train pod resumes from there.",
     "job_yaml": "YAML of any other `lorapipe generate` keys (sampler, sizes, clip_skip, ...).",
+    "promotion_epsilon": "Relative tolerance of promote better: the new LoRA is promoted when "
+    "its validation loss <= the published LoRA's x (1 + promotion_epsilon), both on the new "
+    "run's validation images; below 0 (the default): the same as epsilon (lorapipe select "
+    "--promotion-epsilon).",
     "force_retrain": "Train even when the inputs' fingerprint equals that of the LoRA "
     "latest.json records (or of the last run published there); otherwise such a run stops "
     "after its first step, with nothing trained.",
@@ -49,7 +53,6 @@ STAGE_KEYS = {
     "epsilon": ("select", "epsilon"),
     "publish_uri": ("select", "publish_uri"),
     "promote": ("select", "promote"),
-    "promotion_epsilon": ("select", "promotion_epsilon"),
     "prompts": ("generate", "prompts"),
     "negative_presets": ("generate", "negative_presets"),
     "lora_scales": ("generate", "lora_scales"),

@@ -169,7 +169,7 @@ def test_a_run_trains_only_when_the_uncached_fingerprint_step_says_the_inputs_ch
     root = spec["root"]["dag"]["tasks"]
     assert root["fingerprint"]["cachingOptions"] == {}
     assert root["condition-1"]["triggerPolicy"]["condition"] == (
-        "inputs.parameter_values['pipelinechannel--fingerprint-retrain'] == true"
+        "inputs.parameter_values['pipelinechannel--fingerprint-Output'] == true"
     )
     (ingest,) = [
         task for task in _all_tasks(spec).values() if task["taskInfo"]["name"] == "ingest / clean"
@@ -197,7 +197,7 @@ def test_a_run_trains_only_when_the_uncached_fingerprint_step_says_the_inputs_ch
     defaults = spec["root"]["inputDefinitions"]["parameters"]
     assert defaults["force_retrain"]["defaultValue"] is False
     assert defaults["promote"]["defaultValue"] == "better"
-    assert defaults["promotion_epsilon"]["isOptional"]
+    assert defaults["promotion_epsilon"]["defaultValue"] == -1.0  # below 0: epsilon's
 
 
 def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -195,11 +195,12 @@ def select(
     publish_uri: str = "",
     run_id: str = "",
     promote: str = "better",
-    promotion_epsilon: float | None = None,
+    promotion_epsilon: float = -1.0,
     fingerprint: str = "",
 ) -> Metrics:
     """Pick the checkpoint, write both LoRA formats; publish them under ``publish_uri``, moving
-    latest.json only to a LoRA that is promoted."""
+    latest.json only to a LoRA that is promoted. A negative ``promotion_epsilon`` is
+    ``epsilon``'s (a KFP parameter cannot default to None: ``kfp.local`` refuses it)."""
     from lorapipe.stages import select as stage
 
     values = {
@@ -207,7 +208,7 @@ def select(
         "publish_uri": publish_uri,
         "pipeline_run_id": run_id,
         "promote": promote,
-        "promotion_epsilon": promotion_epsilon,
+        "promotion_epsilon": promotion_epsilon if promotion_epsilon >= 0 else None,
         "fingerprint": fingerprint,
     }
     settings = _from_parameters(stage.SelectConfig, values)
