@@ -40,6 +40,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tag": ("lorapipe.stages.tag", "DeepDanbooru tags and captions; exports metadata.csv"),
     "augment": ("lorapipe.stages.augment", "add mirrored copies, swapping left/right in captions"),
     "train": ("lorapipe.stages.train", "train a LoRA on 1..N processes, with validation loss"),
+    "sweep": (
+        "lorapipe.sweep",
+        "train one LoRA per config of a sweep (a list or grid of overrides), comparable runs",
+    ),
     "generate": ("lorapipe.stages.generate", "image grid with layered negatives, metrics, report"),
     "report": ("lorapipe.report.run_report", "one HTML page for a run: a section per stage"),
     "fingerprint": (

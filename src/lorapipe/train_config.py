@@ -32,6 +32,7 @@ from lorapipe.config import Where, option, options
 from lorapipe.errors import ConfigError, PromptError, StorageError
 from lorapipe.generation.samplers import SAMPLERS
 from lorapipe.prompts.syntax import parse_prompt
+from lorapipe.selection_rule import DEFAULT_EPSILON
 
 SEED_KEYS = (
     "train_data_dir",
@@ -265,6 +266,18 @@ class TrainConfig:
         "followed) or a LoRA folder/file (select's output), local or `s3://`; empty: nothing is "
         "measured",
     )
+    early_stopping_patience: int = option(
+        0,
+        help="stop after this many checkpoints in a row without a validation loss below the "
+        "best so far by more than early_stopping_epsilon; `0`: off",
+        minimum=0,
+    )
+    early_stopping_epsilon: float = option(
+        DEFAULT_EPSILON,
+        help="the improvement early stopping asks for, relative to the best validation loss "
+        "(0.01: 1% lower); the same measure as select's epsilon",
+        minimum=0,
+    )
 
     # --- sample images (kohya's sample_prompts), rendered into each checkpoint
     sample_prompts: list[str] | None = option(
@@ -289,7 +302,7 @@ class TrainConfig:
     sample_every_n_steps: int = option(
         0,
         help="render samples at the checkpoints whose step is a multiple of N (and always at "
-        "the last step); `0`: at every checkpoint",
+        "the last one, also where early stopping ends the run); `0`: at every checkpoint",
         minimum=0,
     )
     sample_cfg_scale: float = option(
@@ -465,6 +478,11 @@ def check_values(train: TrainConfig, origin: Where | None = None) -> None:
         raise ConfigError(
             f"{where('validation_timesteps')} must list timesteps in [0, {NUM_TRAIN_TIMESTEPS}), "
             f"got {train.validation_timesteps}"
+        )
+    if train.early_stopping_patience and not train.validation_split:
+        raise ConfigError(
+            f"{where('early_stopping_patience')} needs validation images to watch; set "
+            "validation_split above 0 (e.g. 0.1), or early_stopping_patience: 0"
         )
     if not train.target_modules:
         raise ConfigError(f"{where('target_modules')} is empty; name layers, e.g. [to_q, to_v]")

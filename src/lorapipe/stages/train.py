@@ -3,12 +3,14 @@ process or many.
 
 ``run`` is the whole training, top to bottom: the models with LoRA adapters, the data (split,
 latents cached), the optimizer, then the loop (micro-batches -> UNet -> loss -> optimizer step ->
-log -> now and then a checkpoint with its validation loss and sample images), then the report.
+log -> now and then a checkpoint with its validation loss and sample images, until the last step
+or early stopping), then the report.
 The machinery is in ``lorapipe.training``: ``data`` (examples, order, random draws), ``encoders``
 (latent and caption caches), ``batches`` (samples to tensors), ``objective``, ``lora``,
-``validation``, ``samples`` (sample images), ``checkpoints`` (save, mirror, prune, resume) and
-``progress`` (bar, loss_log.csv, TensorBoard); ``published`` measures the LoRA published now on
-this run's validation images at the end (``compare_with``), for select to compare with.
+``validation``, ``early_stopping``, ``samples`` (sample images), ``checkpoints`` (save, mirror,
+prune, resume) and ``progress`` (bar, loss_log.csv, TensorBoard); ``published`` measures the
+LoRA published now on this run's validation images at the end (``compare_with``), for select
+to compare with.
 The config and its checks are in ``lorapipe.train_config``.
 
 Processes: ``lorapipe train --num-processes N`` starts N processes with accelerate (one per GPU;
@@ -89,6 +91,7 @@ def _train_holding_outputs(
     from lorapipe.training import published as published_lora
     from lorapipe.training.buckets import bucket_table
     from lorapipe.training.checkpoints import Checkpointer
+    from lorapipe.training.early_stopping import EarlyStopping
     from lorapipe.training.lora import lora_config_record
     from lorapipe.training.objective import per_sample_mse
     from lorapipe.training.progress import RunningLoss, TrainingLog
@@ -113,6 +116,7 @@ def _train_holding_outputs(
     trainable_parameters = [p for model in trained for p in model.parameters() if p.requires_grad]
     batches, validate = batch_makers(config, models, data, text_encoders, accelerator)
     running_loss = RunningLoss()
+    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_epsilon)
     checkpointer = Checkpointer(
         output=paths.local,
         mirrors=paths.mirrors,
@@ -125,6 +129,7 @@ def _train_holding_outputs(
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         running_loss=running_loss,
+        early_stopping=early_stopping,
         plan=data.plan.signature,
         writer_locks=locks,
     )
@@ -138,6 +143,8 @@ def _train_holding_outputs(
     ) as progress:
         progress.text("buckets", bucket_table(data.buckets))
         for step in range(start_step, data.total_steps):
+            if early_stopping.stopped:
+                break  # at the last checkpoint, or the one this run resumed from
             micro_batches = data.plan.micro_batches(step, accelerator.process_index)
             step_samples = data.plan.step_samples(step)  # fewer for a bucket's remainder
             step_loss = torch.zeros((), device=accelerator.device)
@@ -170,7 +177,8 @@ def _train_holding_outputs(
                 with eval_mode(*[accelerator.unwrap_model(model) for model in trained]):
                     validation = validate(models.unet, accelerator)
                 progress.validation(done, validation)
-                images = sample_images.render(done, last=done == data.total_steps)  # main only
+                stop = early_stopping.update(done, validation.mean if validation else None)
+                images = sample_images.render(done, last=stop or done == data.total_steps)
                 progress.sample_images(images)
                 checkpointer.save(done, epoch, data.plan.samples_seen(done), validation, images)
 
@@ -181,6 +189,7 @@ def _train_holding_outputs(
         started_at,
         throughput=progress.throughput,
         sample_seconds=progress.sample_seconds,
+        stopped_early=early_stopping.record(data.total_steps),
     )
     if published is not None:  # by every process: the validator gathers
         _, fresh_validator = batch_makers(config, models, data, models.text_encoders, accelerator)
@@ -614,15 +623,18 @@ def training_report(
     *,
     throughput: float | None,
     sample_seconds: float,
+    stopped_early: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """``training_report.json``: the resolved config and what the run trained on; the training
-    throughput and the seconds spent on sample images are this attempt's."""
+    throughput and the seconds spent on sample images are this attempt's. ``steps`` are the
+    steps trained: fewer than planned when the run ``stopped_early`` (``EarlyStopping.record``)."""
     from lorapipe.captions import split_caption
     from lorapipe.training.lora import lora_config_record
 
     tags = collections.Counter(
         tag for e in data.train_examples for tag in (e.tags or split_caption(e.caption))
     )
+    steps = stopped_early["step"] if stopped_early else data.total_steps
     return {
         "config": config.to_dict(),
         "base_model": config.base_model,
@@ -637,10 +649,11 @@ def training_report(
         "finished_at": _now(),
         "global_batch_size": data.plan.global_batch,
         "num_processes": data.plan.num_processes,
-        "steps": data.total_steps,
-        "short_batches": data.plan.short_batches(data.total_steps),
+        "steps": steps,
+        "stopped_early": stopped_early,
+        "short_batches": data.plan.short_batches(steps),
         **data.buckets,
-        "epochs": math.ceil(data.total_steps / data.plan.steps_per_epoch),
+        "epochs": math.ceil(steps / data.plan.steps_per_epoch),
         "lora": lora_config_record(config, models.targets),
         "samples_per_second": throughput,
         "sample_seconds": round(sample_seconds, 3),

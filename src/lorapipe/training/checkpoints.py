@@ -9,8 +9,8 @@ mirror (an s3:// prefix) receives every other file first and ``_COMPLETE`` last.
 ``training_state/`` holds the trainable (LoRA) parameters by their own names
 (``trainable.safetensors``), the optimizer state (``optimizer.pt``, loaded with
 ``weights_only=True``: no pickled code), and ``state.json``: step, epoch, the data plan, the
-learning-rate scheduler, the fp16 gradient scaler, the running loss, and every process's torch,
-numpy and Python random states.
+learning-rate scheduler, the fp16 gradient scaler, the running loss, the early-stopping state,
+and every process's torch, numpy and Python random states.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from diffusers import UNet2DConditionModel
     from torch.optim.lr_scheduler import LRScheduler
 
+    from lorapipe.training.early_stopping import EarlyStopping
     from lorapipe.training.progress import RunningLoss
     from lorapipe.training.samples import RenderedSamples
     from lorapipe.training.validation import ValidationLoss
@@ -280,6 +281,7 @@ class Checkpointer:
     optimizer: torch.optim.Optimizer
     lr_scheduler: LRScheduler
     running_loss: RunningLoss
+    early_stopping: EarlyStopping
     plan: dict[str, int | str]  # data.SamplePlan.signature
     # this run's outputs, held by this process (main) or none: checked before each upload
     writer_locks: Sequence[WriterLock] = ()
@@ -293,8 +295,8 @@ class Checkpointer:
 
     def resume(self, resume: str) -> int:
         """Restore the checkpoint ``resume`` names (see ``find_resume_point``): LoRA parameters,
-        optimizer, scheduler, running loss and this process's random states. Returns the step
-        to continue from (0 when there is nothing to resume)."""
+        optimizer, scheduler, running loss, early-stopping state and this process's random
+        states. Returns the step to continue from (0 when there is nothing to resume)."""
         if self.accelerator.is_main_process:
             remove_stale_staging(self.output)
         with self.accelerator.main_process_first():
@@ -318,6 +320,8 @@ class Checkpointer:
         self.optimizer.load_state_dict(optimizer_state)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.running_loss.load_state_dict(state["running_loss"])
+        if "early_stopping" in state:  # checkpoints of earlier versions start it afresh
+            self.early_stopping.load_state_dict(state["early_stopping"])
         if state["grad_scaler"] and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self._restore_random_states(checkpoint, state["rng"])
@@ -391,6 +395,7 @@ class Checkpointer:
                 "plan": self.plan,
                 "lr_scheduler": self.lr_scheduler.state_dict(),
                 "running_loss": self.running_loss.state_dict(),
+                "early_stopping": self.early_stopping.state_dict(),
                 "grad_scaler": self.accelerator.scaler.state_dict()
                 if self.accelerator.scaler
                 else None,

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import math
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ def _examples_from_dataset(uri: str, image_cache: Path) -> list[Example]:
     for record in read_records(uri):
         path = image_cache / f"{record.sha256}.{record.format or 'png'}"
         if not path.exists():
-            temporary = path.with_name(f".{path.name}.{record.id}.tmp")
+            # per process: runs of a parallel sweep copy the same images at once
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             temporary.write_bytes(record.image)
             temporary.replace(path)
         examples.append(
