@@ -146,3 +146,60 @@ def test_a_damaged_latest_json_is_one_line(tmp_path: Path) -> None:
     (tmp_path / publication.LATEST_NAME).write_text("{not json")
     with pytest.raises(InputError, match=r"latest.json is not JSON.*restore it or remove it"):
         read_latest(str(tmp_path))
+
+
+def test_a_longer_trained_lora_replaces_a_barely_trained_one_and_not_the_reverse(
+    tmp_path: Path,
+) -> None:
+    """End to end on the demo world's base model and images: train measures the published
+    LoRA on its validation images (compare_with), select compares and publishes. A LoRA of 40
+    steps is promoted over one of 2; a LoRA of 2 steps afterwards is kept under its run id
+    only, and the reports say by how much it lost."""
+    from lorapipe.demo import inputs as demo
+    from lorapipe.stages import ingest, select, train
+    from lorapipe.train_config import TrainConfig
+
+    dataset = tmp_path / "dataset"
+    raw = demo.write_sample_folder(tmp_path / "raw", count=12)
+    ingest.run(str(raw), str(dataset), ingest.IngestConfig(min_size=256, workers=1))
+    loras = str(tmp_path / "loras")
+
+    def train_and_publish(run_id: str, steps: int) -> dict:
+        config = TrainConfig(
+            base_model=str(demo.WORLD_MODEL),
+            cache_dir=str(tmp_path / "cache"),
+            resolution=64,
+            lora_rank=8,
+            batch_size=4,
+            learning_rate=1e-3,
+            max_train_steps=steps,
+            save_steps=steps,
+            validation_split=0.25,
+            sample_prompts=[],
+            compare_with=loras,
+        )
+        train.run(str(dataset), str(tmp_path / run_id), config)
+        options = select.SelectConfig(publish_uri=loras, pipeline_run_id=run_id)
+        return select.run(str(tmp_path / run_id), str(tmp_path / f"{run_id}-lora"), options)
+
+    barely = train_and_publish("barely", 2)["promotion"]
+    longer = train_and_publish("longer", 40)["promotion"]
+    again = train_and_publish("barely-again", 2)
+
+    assert barely["promoted"] and barely["reason"] == "the first LoRA published here"
+    assert longer["promoted"] and longer["compared_with"] == "barely"
+    # the same images, timesteps and noise: the published LoRA scores what its own run did
+    assert longer["compared_val_loss"] == pytest.approx(barely["val_loss"], rel=1e-5)
+    assert longer["val_loss"] < barely["val_loss"]
+    promotion = again["promotion"]
+    assert not promotion["promoted"] and promotion["compared_with"] == "longer"
+    assert promotion["compared_val_loss"] == pytest.approx(longer["val_loss"], rel=1e-5)
+    assert again["metrics"]["val_loss_vs_published"] > 0.01
+    assert "stays at run longer" in promotion["reason"]
+    latest = read_latest(loras)
+    assert latest["run_id"] == "longer"
+    assert [(r["run_id"], r["promoted"]) for r in latest["history"]] == [
+        ("barely", True), ("longer", True), ("barely-again", False),
+    ]  # fmt: skip
+    assert store.exists(store.join(loras, "barely-again", "pytorch_lora_weights.safetensors"))
+    assert "Not promoted" in (tmp_path / "barely-again-lora" / "report.md").read_text()
