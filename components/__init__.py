@@ -10,9 +10,20 @@ from components.augment import augment
 from components.fingerprint import fingerprint
 from components.generate import generate
 from components.ingest import ingest
+from components.plan_sweep import plan_sweep
 from components.report import run_report
 from components.select import select
 from components.tag import tag
 from components.train import train
 
-__all__ = ["augment", "fingerprint", "generate", "ingest", "run_report", "select", "tag", "train"]
+__all__ = [
+    "augment",
+    "fingerprint",
+    "generate",
+    "ingest",
+    "plan_sweep",
+    "run_report",
+    "select",
+    "tag",
+    "train",
+]

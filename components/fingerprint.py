@@ -11,6 +11,7 @@ def fingerprint(
     tagger_uri: str,
     base_model_uri: str,
     training_config: str,
+    sweep: str,
     min_size: int,
     quality_policy: str,
     threshold: float,
@@ -38,6 +39,7 @@ def fingerprint(
         tagger_uri: DeepDanbooru project folder; empty: no tagging.
         base_model_uri: The base model.
         training_config: YAML of train keys, in the run's digest by value.
+        sweep: The sweep's YAML, in the run's digest.
         min_size: Ingest's, in the run's digest.
         quality_policy: Ingest's, in the run's digest.
         threshold: The tagger's, in the run's digest.
@@ -69,6 +71,7 @@ def fingerprint(
         },
         settings={
             "training_config": training_config,
+            "sweep": sweep,
             "min_size": min_size,
             "quality_policy": quality_policy,
             "threshold": threshold,

@@ -10,7 +10,7 @@ def run_report(
     ingested: Input[Dataset],
     dataset: Input[Dataset],
     augmented: Input[Dataset],
-    training: Input[Model],
+    trainings: Input[list[Model]],
     lora: Input[Model],
     images: Input[Artifact],
     report: Output[HTML],
@@ -22,7 +22,8 @@ def run_report(
         ingested: Ingest's dataset.
         dataset: What augment read: the tagged dataset, or ingest's when no tagger ran.
         augmented: Augment's dataset.
-        training: Train's checkpoints, loss log and training report.
+        trainings: Each train step's checkpoints, loss log and training report; the page
+            shows the one select chose from.
         lora: Select's output.
         images: Generate's images, contact sheets and report.
         report: The run report.
@@ -35,7 +36,7 @@ def run_report(
         ingested=ingested.path,
         dataset=dataset.path,
         augmented=augmented.path,
-        training=training.path,
+        trainings=[training.path for training in trainings],
         lora=lora.path,
         images=images.path,
     )

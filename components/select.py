@@ -6,7 +6,7 @@ from components.images import BASE_IMAGE
 
 @dsl.component(base_image=BASE_IMAGE, install_kfp_package=False)
 def select(
-    training: Input[Model],
+    trainings: Input[list[Model]],
     epsilon: float,
     publish_uri: str,
     run_id: str,
@@ -17,11 +17,12 @@ def select(
     metrics: Output[Metrics],
     promotion_epsilon: float = -1.0,
 ):
-    """The earliest checkpoint within epsilon of the lowest validation loss, as diffusers and
-    kohya (WebUI/ComfyUI) LoRA files; published under publish_uri/<run id>/ when given.
+    """The earliest checkpoint within epsilon of the lowest validation loss (of any run, when a
+    sweep trained several), as diffusers and kohya (WebUI/ComfyUI) LoRA files; published under
+    publish_uri/<run id>/ when given.
 
     Args:
-        training: Train's output.
+        trainings: Each train step's output (one per run of the sweep).
         epsilon: Relative tolerance over the lowest validation loss.
         publish_uri: Where the LoRA is published with latest.json; empty: not published.
         run_id: The pipeline run's id, in the LoRA's metadata and the published folder.
@@ -37,7 +38,7 @@ def select(
     from lorapipe import pipeline_steps
 
     values = pipeline_steps.select(
-        training.path,
+        [training.path for training in trainings],
         lora.path,
         report.path,
         epsilon=epsilon,

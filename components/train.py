@@ -15,6 +15,8 @@ def train(
     num_nodes: int,
     trainer_image: str,
     publish_uri: str,
+    sweep_run: str,
+    sweep_overrides: str,
     training: Output[Model],
     report: Output[HTML],
     metrics: Output[Metrics],
@@ -33,6 +35,9 @@ def train(
         trainer_image: The torch image the TrainJob's nodes run.
         publish_uri: Where latest.json is: its LoRA is measured on this run's validation
             images, so that select promotes only a LoRA that is not worse.
+        sweep_run: The sweep run's name (empty without a sweep): its run id and checkpoint
+            folder get it, and select reads it beside the training report.
+        sweep_overrides: JSON of the sweep run's overrides of the base training config.
         training: Checkpoints (with the samples rendered at each), loss log and training
             report.
         report: Loss and validation-by-timestep charts, throughput and buckets.
@@ -52,6 +57,8 @@ def train(
         num_nodes=num_nodes,
         trainer_image=trainer_image,
         publish_uri=publish_uri,
+        sweep_run=sweep_run,
+        sweep_overrides=sweep_overrides,
     )
     for name, value in values.items():
         metrics.log_metric(name, value)

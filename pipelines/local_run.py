@@ -21,6 +21,10 @@ from lorapipe.report.run_report import StageOutputs, write_run_report
 from pipelines.lora_training import PIPELINE_NAME
 
 
+# each train task's output, in its sweep iteration's folder (kfp.local's layout)
+TRAININGS = "for-loop-*/train*/training"
+
+
 @dataclass(frozen=True)
 class LocalRun:
     """A finished local run: its run report and, for the demo, what the run showed; or, when
@@ -133,7 +137,7 @@ def demo_outputs(run_dir: Path, truth: Path) -> RunOutputs:
     return RunOutputs(
         ingest_report=artifact("ingest/dataset/report.json"),
         tagged_dataset=tagged[0] if tagged else None,
-        training=artifact("train*/training"),
+        training=Path(_winning_training(run_dir)),
         selection_report=artifact("select*/lora/report.json"),
         generated=artifact("generate*/images"),
         truth=truth,
@@ -165,10 +169,19 @@ def stage_outputs(run_dir: Path) -> StageOutputs:
         ingest=artifact("ingest/dataset"),
         tag=artifact("tag*/tagged"),
         augment=artifact("augment*/augmented"),
-        train=artifact("train*/training"),
+        train=_winning_training(run_dir) if list(run_dir.glob(TRAININGS)) else None,
         select=artifact("select*/lora"),
         generate=artifact("generate*/images"),
     )
+
+
+def _winning_training(run_dir: Path) -> str:
+    """The training select chose from: of a sweep's, the winner's."""
+    from lorapipe.pipeline_steps import winning_training
+
+    trainings = [str(path) for path in sorted(run_dir.glob(TRAININGS))]
+    (selection,) = run_dir.glob("select*/lora/report.json")
+    return winning_training(trainings, json.loads(selection.read_text()))
 
 
 def collect_outputs(run_dir: Path, out: Path) -> Path:

@@ -1,4 +1,5 @@
-"""The DAG: fingerprint -> ingest -> [tag] -> augment -> train -> select -> generate -> run report.
+"""The DAG: fingerprint -> ingest -> [tag] -> augment -> train (one per run of the sweep) ->
+select -> generate -> run report.
 
 The first step fingerprints every input (``lorapipe.retraining``); when nothing changed since
 the LoRA ``latest.json`` records, the run stops there (``dsl.If`` on its ``retrain`` output)
@@ -18,13 +19,24 @@ checkpoints; the deterministic data stages are cached, on their inputs' fingerpr
 fingerprint step never is.
 """
 
+import os
 from pathlib import Path
 from typing import Any
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Artifact, Dataset, Input
 
-from components import augment, fingerprint, generate, ingest, run_report, select, tag, train
+from components import (
+    augment,
+    fingerprint,
+    generate,
+    ingest,
+    plan_sweep,
+    run_report,
+    select,
+    tag,
+    train,
+)
 from components.images import TORCH_IMAGE
 from pipelines import parameters
 
@@ -51,6 +63,9 @@ DEFAULT_TRAINING_CONFIG = (
     "save_steps: 100, resolution: 512, mixed_precision: bf16, validation_split: 0.1}"
 )
 DEFAULT_PROMPTS = ["a photo of a street at dusk, film grain"]
+# trainings of a sweep at once; KFP takes a ParallelFor's parallelism when it compiles, not as
+# a run parameter: `LORAPIPE_MAX_PARALLEL_TRAINS=8 make compile`
+MAX_PARALLEL_TRAINS = int(os.environ.get("LORAPIPE_MAX_PARALLEL_TRAINS", "4"))
 
 
 def _with_s3_access(task: dsl.PipelineTask) -> dsl.PipelineTask:
@@ -85,7 +100,7 @@ def _train_task(arguments: dict, *, gpus: Any) -> dsl.PipelineTask:
 
 
 def _select_and_review(
-    trained: dsl.PipelineTask,
+    trained: dsl.PipelineTask,  # the train task in the sweep's ParallelFor
     data: dict[str, Any],
     *,
     base_model_uri: str,
@@ -103,7 +118,7 @@ def _select_and_review(
     job_yaml: str,
 ) -> None:
     selected = select(
-        training=trained.outputs["training"],
+        trainings=dsl.Collected(trained.outputs["training"]),
         epsilon=epsilon,
         publish_uri=publish_uri,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -137,7 +152,8 @@ def _select_and_review(
 
     page = run_report(
         **data,
-        training=trained.outputs["training"],
+        # a Collected of its own: the compiler refuses one shared by two tasks
+        trainings=dsl.Collected(trained.outputs["training"]),
         lora=selected.outputs["lora"],
         images=review.outputs["images"],
     )
@@ -147,13 +163,22 @@ def _select_and_review(
     _with_s3_access(page)
 
 
+def _sweep_run(run: Any) -> dict[str, Any]:
+    """The train step's arguments that come from one item of plan_sweep's list."""
+    return dict(
+        training_config=run.training_config,
+        sweep_run=run.run_name,
+        sweep_overrides=run.overrides,
+    )
+
+
 @dsl.pipeline(name="augment-train-review")
 def augment_train_review(
     inputs: Input[Artifact],
     ingested: Input[Dataset],
     dataset: Input[Dataset],
     base_model_uri: str,
-    training_config: str,
+    runs: list,
     num_gpus: int,
     num_nodes: int,
     checkpoint_mirror_uri: str,
@@ -170,17 +195,17 @@ def augment_train_review(
     steps: int,
     job_yaml: str,
 ):
-    """flip-augment -> train -> select -> generate -> run report; train runs in its own pod,
-    or with num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself). ``ingested``
-    is ingest's dataset and ``inputs`` the fingerprint step's output, for the run report;
-    ``dataset`` is what augment reads."""
+    """flip-augment -> train (one task per run of the sweep, ``MAX_PARALLEL_TRAINS`` at a
+    time) -> select over all runs -> generate -> run report; train runs in its own pod, or
+    with num_nodes > 1 coordinates a TrainJob (and then holds no GPU itself). ``runs`` is
+    plan_sweep's list; ``ingested`` is ingest's dataset and ``inputs`` the fingerprint step's
+    output, for the run report; ``dataset`` is what augment reads."""
     augmented = _data_stage(augment(dataset=dataset), cpu="2", memory="4Gi")
     augmented.set_display_name("flip-augment")
 
     training = dict(
         dataset=augmented.outputs["augmented"],
         base_model_uri=base_model_uri,
-        training_config=training_config,
         num_gpus=num_gpus,
         checkpoint_mirror_uri=checkpoint_mirror_uri,
         run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -210,14 +235,16 @@ def augment_train_review(
         job_yaml=job_yaml,
     )
     with dsl.If(num_nodes == 1, name="one pod"):
-        trained = _train_task(training, gpus=num_gpus)
-        kubernetes.empty_dir_mount(
-            trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
-        )
+        with dsl.ParallelFor(runs, parallelism=MAX_PARALLEL_TRAINS, name="sweep") as run:
+            trained = _train_task({**training, **_sweep_run(run)}, gpus=num_gpus)
+            kubernetes.empty_dir_mount(
+                trained, volume_name="dshm", mount_path="/dev/shm", medium="Memory"
+            )
         _select_and_review(trained, data, **review)
     with dsl.Else(name="multi-node TrainJob"):
-        trained = _train_task(training, gpus=None)
-        trained.set_display_name("train LoRA (TrainJob)")
+        with dsl.ParallelFor(runs, parallelism=MAX_PARALLEL_TRAINS, name="sweep") as run:
+            trained = _train_task({**training, **_sweep_run(run)}, gpus=None)
+            trained.set_display_name("train LoRA (TrainJob)")
         _select_and_review(trained, data, **review)
 
 
@@ -287,6 +314,7 @@ def lora_training(
     merge: str = "keep",
     defect_policy: str = "caption",
     training_config: str = DEFAULT_TRAINING_CONFIG,
+    sweep: str = "",
     num_gpus: int = 1,
     num_nodes: int = 1,
     checkpoint_mirror_uri: str = "",
@@ -309,6 +337,7 @@ def lora_training(
         tagger_uri=tagger_uri,
         base_model_uri=base_model_uri,
         training_config=training_config,
+        sweep=sweep,
         min_size=min_size,
         quality_policy=quality_policy,
         threshold=threshold,
@@ -326,6 +355,11 @@ def lora_training(
     checked.set_retry(num_retries=2, backoff_duration="10s", backoff_factor=2)
     checked.set_cpu_request("1").set_memory_request("1Gi").set_memory_limit("2Gi")
     _with_s3_access(checked)
+    planned = plan_sweep(training_config=training_config, sweep=sweep)
+    planned.set_display_name("plan sweep")
+    planned.set_caching_options(False)
+    planned.set_cpu_request("1").set_memory_request("1Gi").set_memory_limit("2Gi")
+    _with_s3_access(planned)  # a sweep may be a file on S3
 
     with dsl.If(checked.outputs["Output"] == True, name="inputs changed"):  # noqa: E712
         _ingest_onwards(
@@ -341,7 +375,7 @@ def lora_training(
             defect_policy=defect_policy,
             after_data=dict(
                 base_model_uri=base_model_uri,
-                training_config=training_config,
+                runs=planned.output,
                 num_gpus=num_gpus,
                 num_nodes=num_nodes,
                 checkpoint_mirror_uri=checkpoint_mirror_uri,

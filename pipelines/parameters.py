@@ -27,6 +27,10 @@ PIPELINE_HELP = {
     "images; empty: the one beside them, if any.",
     "training_config": "YAML of any `lorapipe train` config keys (the seed article's "
     "my_film_config.yaml keys); the pipeline sets the data, model, output and log paths.",
+    "sweep": "Train several configs and ship the best: a YAML list of training_config "
+    "overrides ([{lora_rank: 8}, {lora_rank: 32, lora_alpha: 16}]) or a grid expanded to its "
+    "product ({lora_rank: [8, 16], learning_rate: [1e-4, 5e-5]}); one train step per config, "
+    "in parallel; empty: one training.",
     "num_gpus": "GPUs of the train pod, one training process each (per node with num_nodes > 1).",
     "num_nodes": "Nodes to train on; above 1, training runs as a Kubeflow Trainer TrainJob of "
     "num_nodes x num_gpus and needs an S3 checkpoint_mirror_uri.",

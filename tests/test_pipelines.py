@@ -22,7 +22,9 @@ from pipelines import __main__ as pipelines_cli
 from pipelines import lora_training
 
 # run-report's executor starts with "run"
-STAGE_COMPONENTS = {"fingerprint", "ingest", "tag", "augment", "train", "select", "generate", "run"}
+STAGE_COMPONENTS = {
+    "fingerprint", "plan", "ingest", "tag", "augment", "train", "select", "generate", "run",
+}  # fmt: skip
 
 
 def load_compiled(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -46,15 +48,15 @@ def test_the_dag_runs_the_six_stages_in_order_then_the_run_report(compiled: Path
     executors = {name.removeprefix("exec-") for name in spec["deploymentSpec"]["executors"]}
     assert {name.split("-")[0] for name in executors} == STAGE_COMPONENTS
 
-    assert set(spec["root"]["dag"]["tasks"]) == {"fingerprint", "condition-1"}
+    assert set(spec["root"]["dag"]["tasks"]) == {"fingerprint", "plan-sweep", "condition-1"}
     tasks = tasks_by_display_name(spec)
     for augment in tasks["flip-augment"]:
         assert augment["componentRef"]["name"].startswith("comp-augment")
     for train in tasks["train LoRA"] + tasks["train LoRA (TrainJob)"]:
         assert _producer(train, "dataset") == ("parent", "pipelinechannel--augment-augmented")
-    for select in tasks["select checkpoint"]:
-        producer, output = _producer(select, "training")
-        assert producer.startswith("train") and output == "training"
+    for select in tasks["select checkpoint"]:  # every run of the sweep's ParallelFor
+        producer, output = _producer(select, "trainings")
+        assert producer.startswith("for-loop") and output.endswith("-training")
     for generate in tasks["generate review grid"]:
         producer, output = _producer(generate, "lora")
         assert producer.startswith("select") and output == "lora"
@@ -62,7 +64,7 @@ def test_the_dag_runs_the_six_stages_in_order_then_the_run_report(compiled: Path
     for page in tasks["run report"]:
         assert _producer(page, "images")[0].startswith("generate")
         assert _producer(page, "lora")[0].startswith("select")
-        assert _producer(page, "training")[0].startswith("train")
+        assert _producer(page, "trainings")[0].startswith("for-loop")
         assert _producer(page, "ingested") == ("parent", "pipelinechannel--ingested")
         assert _producer(page, "inputs") == ("parent", "pipelinechannel--inputs")
     report_outputs = spec["components"]["comp-run-report"]["outputDefinitions"]["artifacts"]
@@ -77,7 +79,7 @@ def test_kfp_loads_the_committed_yaml_back_as_the_pipeline_with_its_parameters()
     assert set(loaded.component_spec.inputs) == set(
         lora_training.lora_training.component_spec.inputs
     )
-    assert set(loaded.pipeline_spec.root.dag.tasks) == {"fingerprint", "condition-1"}
+    assert set(loaded.pipeline_spec.root.dag.tasks) == {"fingerprint", "plan-sweep", "condition-1"}
     executors = loaded.pipeline_spec.deployment_spec["executors"]
     assert {name.removeprefix("exec-").split("-")[0] for name in executors} == STAGE_COMPONENTS
 
@@ -237,6 +239,7 @@ def test_components_run_in_the_stage_images(compiled: Path) -> None:
     executors = spec["deploymentSpec"]["executors"]
     expected = {
         "fingerprint": images.BASE_IMAGE,
+        "plan": images.BASE_IMAGE,  # plan-sweep
         "ingest": images.BASE_IMAGE,
         "tag": images.TAGGER_IMAGE,
         "augment": images.BASE_IMAGE,

@@ -96,7 +96,10 @@ def test_each_stage_page_the_kfp_ui_shows_is_its_section_alone(
 ) -> None:
     (run_dir,) = (demo_run.report.parent / "pipeline-root").glob("lorapipe-lora-training-*")
     for stage in RUN_SECTIONS[:-1]:
-        (artifact,) = run_dir.glob(f"{stage}*/report")
+        (artifact,) = [
+            *run_dir.glob(f"{stage}*/report"),
+            *run_dir.glob(f"for-loop-*/{stage}*/report"),
+        ]
         html = artifact.with_name("report.html")
         shutil.copyfile(artifact, html)  # the KFP UI serves the artifact as an HTML page
         page, problems = open_page(browser, html)

@@ -45,6 +45,8 @@ LOSS_LOG_NAME = "loss_log.csv"  # step, epoch, loss, lr of every step
 # the published LoRA measured on this run's validation images; also the training report's key
 PUBLISHED_VALIDATION_NAME = "published_validation.json"
 PUBLISHED_VALIDATION_KEY = "published_validation"
+# a pipeline sweep's run: its name and overrides (``lorapipe sweep`` writes sweep.json instead)
+SWEEP_RUN_NAME = "sweep_run.json"
 # sample images rendered at a checkpoint, and their index (what each is: prompt, seed, ...)
 SAMPLES_DIR = "samples"
 SAMPLES_INDEX_NAME = "samples.json"

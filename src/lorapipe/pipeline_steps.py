@@ -16,6 +16,7 @@ and only earlier attempts of it can hold them.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -136,6 +137,34 @@ def augment(dataset_path: str, output_path: str, report_path: str) -> Metrics:
 
 
 @pipeline_task
+def plan_sweep(training_config: str, sweep: str) -> list[dict[str, str]]:
+    """The trainings of the pipeline's ``sweep`` over ``training_config`` (``lorapipe.sweep``),
+    refused in one line when a run's config is wrong or the runs' losses would not compare.
+    Each run's config is the base config's keys with its overrides, as YAML (one line of
+    JSON); without a sweep, one run of ``training_config`` as given, with no name."""
+    import yaml
+
+    from lorapipe import sweep as sweeps
+    from lorapipe.train_config import load_config_text
+
+    overrides = sweeps.parse_sweep(sweep)
+    if overrides == [{}]:
+        return [{"run_name": "", "training_config": training_config, "overrides": "{}"}]
+    base_values = yaml.safe_load(training_config) or {}
+    runs = sweeps.plan_sweep(
+        load_config_text(training_config), overrides, "pipeline parameter sweep"
+    )
+    return [
+        {
+            "run_name": run.name,
+            "training_config": json.dumps({**base_values, **run.overrides}),
+            "overrides": json.dumps(run.overrides),
+        }
+        for run in runs
+    ]
+
+
+@pipeline_task
 def train(
     dataset_path: str,
     training_path: str,
@@ -149,6 +178,8 @@ def train(
     num_nodes: int = 1,
     trainer_image: str = "",
     publish_uri: str = "",
+    sweep_run: str = "",
+    sweep_overrides: str = "{}",
 ) -> Metrics:
     """Train with the user's YAML config; the pipeline decides data, model and output.
 
@@ -156,8 +187,11 @@ def train(
     complete one there, so a retried pod continues instead of starting over. ``num_gpus`` are
     the pod's (one process each; on a node with none, one CPU process), or each node's with
     ``num_nodes`` > 1. The LoRA published at ``publish_uri`` is measured on this run's
-    validation images (train's ``compare_with``), for select's promotion rule.
+    validation images (train's ``compare_with``), for select's promotion rule. A run of a
+    sweep (``sweep_run``, from :func:`plan_sweep`) has a run id and checkpoint folder of its
+    own, and its name and overrides are recorded beside its training report for select.
     """
+    from lorapipe.checkpoint_layout import SWEEP_RUN_NAME
     from lorapipe.stages import train as stage
     from lorapipe.train_config import load_config_text
 
@@ -168,7 +202,7 @@ def train(
         "output_dir": training_path,
         "log_dir": "",
         "checkpoint_mirror": checkpoint_mirror_uri,
-        "run_id": run_id,
+        "run_id": f"{run_id}-{sweep_run}" if sweep_run and run_id else run_id,
         "resume": "latest",
         "num_processes": num_gpus if num_nodes > 1 else stage.processes_for_gpus(num_gpus),
         "num_nodes": num_nodes,
@@ -181,13 +215,16 @@ def train(
             f"training in {settings.num_processes} processes failed; the first error is in the "
             "log above. A retry resumes from the last mirrored checkpoint"
         )
+    if sweep_run:
+        record = {"name": sweep_run, "overrides": json.loads(sweep_overrides)}
+        Path(training_path, SWEEP_RUN_NAME).write_text(json.dumps(record) + "\n")
     _write_page("train", training_path, report_path)
     return metrics_for_kfp(stage.metrics(training_path))
 
 
 @pipeline_task
 def select(
-    training_path: str,
+    training_paths: Sequence[str],
     lora_path: str,
     report_path: str,
     *,
@@ -198,9 +235,12 @@ def select(
     promotion_epsilon: float = -1.0,
     fingerprint: str = "",
 ) -> Metrics:
-    """Pick the checkpoint, write both LoRA formats; publish them under ``publish_uri``, moving
-    latest.json only to a LoRA that is promoted. A negative ``promotion_epsilon`` is
-    ``epsilon``'s (a KFP parameter cannot default to None: ``kfp.local`` refuses it)."""
+    """Pick the checkpoint (of the best run, when a sweep trained several), write both LoRA
+    formats; publish them under ``publish_uri``, moving latest.json only to a LoRA that is
+    promoted. A negative ``promotion_epsilon`` is ``epsilon``'s (a KFP parameter cannot
+    default to None: ``kfp.local`` refuses it)."""
+    import tempfile
+
     from lorapipe.stages import select as stage
 
     values = {
@@ -212,9 +252,27 @@ def select(
         "fingerprint": fingerprint,
     }
     settings = _from_parameters(stage.SelectConfig, values)
-    report = stage.run(training_path, lora_path, settings)
+    if len(training_paths) == 1:
+        report = stage.run(training_paths[0], lora_path, settings)
+    else:
+        with tempfile.TemporaryDirectory(prefix="lorapipe-sweep-") as sweep_dir:
+            _write_sweep_record(Path(sweep_dir), training_paths)
+            report = stage.run(sweep_dir, lora_path, settings)
     _write_page("select", lora_path, report_path)
     return metrics_for_kfp(report["metrics"])
+
+
+def _write_sweep_record(folder: Path, training_paths: Sequence[str]) -> None:
+    """The ``sweep.json`` that ``lorapipe sweep`` would have written for the pipeline's
+    trainings, from the record each train step left beside its report."""
+    from lorapipe.checkpoint_layout import SWEEP_RUN_NAME
+    from lorapipe.sweep import SWEEP_NAME
+
+    runs = []
+    for path in training_paths:
+        record = json.loads(Path(path, SWEEP_RUN_NAME).read_text())
+        runs.append({**record, "output": str(path), "status": "finished"})
+    (folder / SWEEP_NAME).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
 
 
 @pipeline_task
@@ -279,19 +337,32 @@ def run_report(
     ingested: str,
     dataset: str,
     augmented: str,
-    training: str,
+    trainings: Sequence[str],
     lora: str,
     images: str,
 ) -> None:
     """The whole run on one page, the pipeline's last HTML artifact. ``dataset`` is what
     augment read: the tagged dataset, or ``ingested`` itself when no tagger ran; ``inputs`` is
-    the fingerprint step's output."""
+    the fingerprint step's output. Of a sweep's trainings, the page shows the winner's."""
     from lorapipe.report.run_report import StageOutputs, run_page
     from lorapipe.report.sections import read_report
 
     tagged = dataset if read_report(dataset).get("stage") == "tag" else None
+    training = winning_training(trainings, read_report(lora))
     outputs = StageOutputs(ingested, tagged, augmented, training, lora, images, inputs)
     Path(report_path).write_text(run_page(outputs), encoding="utf-8")
+
+
+def winning_training(trainings: Sequence[str], selection: Mapping[str, Any]) -> str:
+    """The training select chose from (by the run name each train step recorded)."""
+    from lorapipe.checkpoint_layout import SWEEP_RUN_NAME
+
+    winner = (selection.get("winner") or {}).get("name")
+    for path in trainings:
+        record = Path(path, SWEEP_RUN_NAME)
+        if winner and record.is_file() and json.loads(record.read_text())["name"] == winner:
+            return path
+    return trainings[0]
 
 
 def _required(key: str, value: str) -> str:
