@@ -20,7 +20,6 @@ from lorapipe.errors import PipelineRunError
 from lorapipe.report.run_report import StageOutputs, write_run_report
 from pipelines.lora_training import PIPELINE_NAME
 
-
 # each train task's output, in its sweep iteration's folder (kfp.local's layout)
 TRAININGS = "for-loop-*/train*/training"
 
