@@ -71,6 +71,14 @@ SCHEMA = pa.schema(
 # Parquet column paths whose values repeat across rows; dictionary encoding of the unique ones
 # (image bytes, ids, hashes, file names) would only fill a dictionary that is then abandoned.
 _DICTIONARY_COLUMNS = ["format", "tags.list.element"]
+# zstd everywhere but the image bytes: PNG, JPEG and WebP are compressed already, and zstd over
+# them costs more time than the encoding itself saves bytes
+_COMPRESSION = {
+    f"{item.name}.list.element" if pa.types.is_list(item.type) else item.name: (
+        "none" if item.name == "image" else "zstd"
+    )
+    for item in SCHEMA
+}
 
 
 @dataclass
@@ -236,7 +244,7 @@ class DatasetWriter:
         self._shard = pq.ParquetWriter(
             self._staging_dir / self._shard_name,
             SCHEMA,
-            compression="zstd",
+            compression=_COMPRESSION,
             use_dictionary=_DICTIONARY_COLUMNS,
         )
 
