@@ -14,7 +14,7 @@ import pytest
 from PIL import ExifTags, Image, PngImagePlugin
 
 from lorapipe.errors import ImageBytesError
-from lorapipe.image_bytes import kept_format, lossless_png, strip_metadata
+from lorapipe.image_bytes import WEBP_MAX_SIDE, kept_format, re_encoded, strip_metadata
 
 SECRET_COMMENT = b"shot at home"
 SECRET_XMP = b"<x:xmpmeta>author: Jane Doe</x:xmpmeta>"
@@ -227,9 +227,17 @@ def test_pixels_that_must_change_are_not_kept() -> None:
             assert kept_format(image, orientation) is None, label
 
 
-def test_a_re_encoded_png_is_lossless_and_bare() -> None:
+def test_a_re_encode_is_lossless_webp_and_bare() -> None:
     photo = _photo()
-    data = lossless_png(photo)
+    data, image_format = re_encoded(photo)
+    assert image_format == "webp" and data[12:16] == b"VP8L"  # the lossless bitstream
     assert np.array_equal(_pixels(data), np.asarray(photo))
     with _opened(data) as image:
-        assert image.format == "PNG" and not image.info
+        assert image.format == "WEBP" and not {"exif", "xmp", "icc_profile"} & set(image.info)
+
+
+def test_an_image_too_wide_for_webp_is_re_encoded_as_png() -> None:
+    banner = Image.new("RGB", (WEBP_MAX_SIDE + 1, 8), (200, 30, 40))
+    data, image_format = re_encoded(banner)
+    assert image_format == "png"
+    assert np.array_equal(_pixels(data), np.asarray(banner))

@@ -329,7 +329,7 @@ def test_exif_orientation_applied_and_stripped(corpus: tuple) -> None:
         upright = np.rot90(np.asarray(stored.convert("RGB")), k=-1)
     assert np.abs(_pixels(record).astype(int) - upright).mean() < 1
     with Image.open(io.BytesIO(record.image)) as image:
-        assert image.format == "PNG"
+        assert image.format == "WEBP"
         assert not image.getexif()
         assert "exif" not in image.info
 
@@ -358,7 +358,7 @@ def test_records_are_keyed_by_their_pixels(corpus: tuple) -> None:
         assert (record.width, record.height) == pixels.shape[1::-1]
 
 
-# what each kept file's row holds: its own bytes (8-bit RGB, upright) or a re-encoded PNG
+# what each kept file's row holds: its own bytes (8-bit RGB, upright) or a lossless WebP
 KEPT_BYTES = {"photo.jpg": "jpeg", "lossless.png": "png", "landscape.png": "png"}
 KEPT_BYTES["nested/photo.webp"] = "webp"
 RE_ENCODED = KEPT - set(KEPT_BYTES)  # rotated, CMYK, palette, 16-bit, GIF, BMP, TIFF
@@ -372,12 +372,12 @@ def test_photos_keep_their_own_bytes_and_changed_pixels_are_re_encoded(corpus: t
         assert record.format == image_format
         assert record.image == strip_metadata((root / name).read_bytes(), image_format)
     for name in RE_ENCODED:
-        assert records[name].format == "png"
+        assert records[name].format == "webp"
     for record in records.values():
         with Image.open(io.BytesIO(record.image)) as image:
             assert image.format.lower() == record.format
     assert report["stored"] == {
-        "formats": {"jpeg": 1, "png": len(KEPT) - 2, "webp": 1},
+        "formats": {"jpeg": 1, "png": 2, "webp": 1 + len(RE_ENCODED)},
         "re_encoded": len(RE_ENCODED),
     }
 
@@ -406,7 +406,7 @@ def _metadata_laden(folder: Path) -> dict[str, str]:
     _save(_image(61), folder / "b.png", exif=exif, pnginfo=text)
     _save(_image(62), folder / "c.webp", exif=exif, xmp=xmp, lossless=True)
     _save(_image(63), folder / "d.jpg", exif=rotated, comment=b"shot at home")
-    return {"a.jpg": "jpeg", "b.png": "png", "c.webp": "webp", "d.jpg": "png"}
+    return {"a.jpg": "jpeg", "b.png": "png", "c.webp": "webp", "d.jpg": "webp"}
 
 
 def test_no_exif_gps_xmp_or_comment_survives_in_any_row(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Pass 2 of ingest: a keeper whose bytes its row keeps is copied, stripped, without decoding;
 a keeper whose pixels must change (EXIF rotation, CMYK, alpha, 16-bit) is decoded again and
-re-encoded as a lossless PNG with the right pixels; a file changed since pass 1 is decoded
+re-encoded losslessly (WebP) with the right pixels; a file changed since pass 1 is decoded
 again rather than trusted."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_a_file_changed_since_pass_1_is_decoded_again(tmp_path: Path) -> None:
     found = decode_file(path, MAX_PIXELS)
     Image.fromarray(_pattern(seed=2)).save(path, quality=92)
     row = stored_row(path, found, MAX_PIXELS, thumbnail=False)
-    assert row.re_encoded and row.format == "png"
+    assert row.re_encoded and row.format == "webp"
     with Image.open(path) as now:
         assert np.array_equal(_pixels(row), np.asarray(now.convert("RGB")))
     assert row.sha256 != found.sha256
@@ -127,5 +127,5 @@ def test_16_bit_grey_is_scaled_to_8_bits(tmp_path: Path) -> None:
     Image.fromarray(grey.astype(np.uint16) * 257).save(path)
     row = _both_passes(path)
     pixels = _pixels(row)
-    assert row.format == "png" and row.fixes == ("converted I;16 to RGB",)
+    assert row.format == "webp" and row.fixes == ("converted I;16 to RGB",)
     assert all(np.array_equal(pixels[..., channel], grey) for channel in range(3))

@@ -86,7 +86,7 @@ class ImageRecord:
     """One image of a dataset: the encoded bytes and what the stages learned about them."""
 
     id: str  # stable id, e.g. first 16 hex of the pixels' sha256 (+ "-flip")
-    image: bytes  # encoded image (PNG from ingest), EXIF stripped, 8-bit RGB
+    image: bytes  # encoded 8-bit RGB, no metadata (from ingest: a photo's own bytes or WebP)
     format: str  # "png" | "jpeg" | "webp"
     width: int
     height: int

@@ -1,5 +1,5 @@
 """The encoded bytes a dataset row holds: a photo's own bytes where that is lossless, a fast
-lossless PNG where its pixels had to change.
+lossless re-encode (WebP lossless) where its pixels had to change.
 
 Re-encoding is what made ingest slow and its datasets large (a PNG at Pillow's default level
 costs about 20 JPEG decodes and stores about 7x a photo's bytes), so a JPEG, PNG or WebP that
@@ -31,8 +31,11 @@ from lorapipe.errors import ImageBytesError
 
 # Pillow's format name -> the dataset's ``format`` value, for the formats whose bytes are kept
 KEPT_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
-# zlib level of a re-encoded PNG: bench/ingest_throughput.py measures the candidates, and
-# level 1 costs about a third of Pillow's default (6) for a few percent more bytes on photos
+# a re-encode: WebP lossless at its fastest effort, which bench/ingest_throughput.py measures
+# faster than PNG at any zlib level and smaller than Pillow's default PNG, on photos and on
+# flat-colour drawings; PNG (zlib level 1, the fastest that compresses) past WebP's size limit
+RE_ENCODING = {"format": "WEBP", "lossless": True, "quality": 0, "method": 0}
+WEBP_MAX_SIDE = 16383
 PNG_COMPRESS_LEVEL = 1
 
 _JPEG_SOI, _JPEG_EOI, _JPEG_SOS, _JPEG_COM = 0xD8, 0xD9, 0xDA, 0xFE
@@ -75,11 +78,16 @@ def strip_metadata(data: bytes, image_format: str) -> bytes:
     return strip(data)
 
 
-def lossless_png(image: Image.Image) -> bytes:
-    """``image`` as a PNG at the fast ``PNG_COMPRESS_LEVEL``, with no metadata at all."""
+def re_encoded(image: Image.Image) -> tuple[bytes, str]:
+    """(bytes, ``format``) of ``image`` encoded losslessly and fast, with no metadata at all:
+    WebP lossless (``RE_ENCODING``), or PNG at ``PNG_COMPRESS_LEVEL`` for an image with a side
+    over WebP's ``WEBP_MAX_SIDE``."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return buffer.getvalue()
+    if max(image.size) > WEBP_MAX_SIDE:
+        image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        return buffer.getvalue(), "png"
+    image.save(buffer, **RE_ENCODING)
+    return buffer.getvalue(), "webp"
 
 
 # --------------------------------------------------------------------------- JPEG

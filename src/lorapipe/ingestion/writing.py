@@ -4,7 +4,7 @@ the report shows.
 A keeper whose row keeps its file's bytes is copied, stripped of its metadata, with no
 decode at all, once the stripped bytes are checked against pass 1's hash of them (a file
 changed in between is decoded again instead). Every other keeper is decoded again and
-re-encoded as a fast lossless PNG (``lorapipe.image_bytes``). Thumbnails come from reduced
+re-encoded losslessly (``lorapipe.image_bytes.re_encoded``). Thumbnails come from reduced
 decodes."""
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from lorapipe.ingestion.parallel import over_files
 from lorapipe.ingestion.report import size_bucket
 from lorapipe.thumbnails import thumbnail_jpeg, thumbnail_name
 
-RE_ENCODED_FORMAT = "png"
-
 
 @dataclass
 class Stats:
@@ -46,7 +44,7 @@ class Stats:
     kept_sizes: Counter = field(default_factory=Counter)
     fixes: Counter = field(default_factory=Counter)
     stored_formats: Counter = field(default_factory=Counter)  # rows by the format they hold
-    re_encoded: int = 0  # rows whose pixels changed, so their bytes are a new PNG
+    re_encoded: int = 0  # rows whose pixels changed, so their bytes are a new encoding
     kept: int = 0
     captioned: int = 0
 
@@ -104,9 +102,10 @@ def _re_encoded_row(data: bytes, max_pixels: int, thumbnail: bool) -> Row:
     except Exception as error:
         return Row(*failure(error, max_pixels))
     rgb = picture.rgb
+    encoded, image_format = image_bytes.re_encoded(rgb)
     return Row(
-        image=image_bytes.lossless_png(rgb),
-        format=RE_ENCODED_FORMAT,
+        image=encoded,
+        format=image_format,
         width=rgb.width,
         height=rgb.height,
         sha256=pixel_sha256(rgb),

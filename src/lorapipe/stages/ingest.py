@@ -27,8 +27,9 @@ for real and judged before anything trains on it:
   rotation keeps its own bytes, with EXIF, GPS, XMP, comments and colour profiles cut out
   without re-encoding; every other image has its fixes applied (EXIF orientation; every mode,
   CMYK, P, LA, RGBA, 16-bit, float, to 8-bit RGB with transparency composited on white) and is
-  stored as a fast lossless PNG. No metadata survives in any row; the ``format`` column says
-  what each holds. GIFs and multi-page TIFFs contribute their first frame.
+  stored re-encoded losslessly (WebP lossless at its fastest; PNG past WebP's 16383 px). No
+  metadata survives in any row; the ``format`` column says what each holds. GIFs and
+  multi-page TIFFs contribute their first frame.
 
 Memory stays bounded with two passes over the files, on ``workers`` threads: pass 1 decodes
 every file once (``lorapipe.ingestion.decoding``) and keeps only its size, hashes and quality
