@@ -1,7 +1,7 @@
 """GPU benchmark: lorapipe's training and generation on full-size SD 1.5 and SDXL with random
 weights, each against its naive counterpart measured in the same run, as one table.
 
-    python bench/gpu.py            # a CUDA GPU: about 4-6 minutes (meant to finish within 8)
+    python bench/gpu.py            # a CUDA GPU: an estimated 4-6 minutes, never yet run on one
     python bench/gpu.py --smoke    # the same code on the tiny test models, on CPU, in seconds
 
 - Models: the architectures of ``lorapipe/data/model_configs`` (SD 1.5: UNet 860M; SDXL base
@@ -16,7 +16,7 @@ weights, each against its naive counterpart measured in the same run, as one tab
   ``torch.cuda.max_memory_allocated`` of each run, achieved TFLOP/s is the UNet's forward and
   backward FLOPs per sample (counted on the meta device, ``flops.count_flops``) times
   samples/s, and its share of the GPU's bf16 dense peak (``BF16_DENSE_PEAK_TFLOPS``). The
-  AdamW column says whether train's optimizer ran fused, as it was made.
+  notes say how train's AdamW ran (fused, foreach or a loop), as train made it.
 - Generation: ``lorapipe.stages.generate.run`` on a 16-image grid at batch 8 against one
   pipeline call per image (``generate_throughput.naive_loop``), same LoRA and sampler, bf16;
   images/s over the rendering only, and the largest pixel difference between the two.
@@ -27,6 +27,7 @@ Every variant runs in this process, one after the other; peak memory is reset be
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shutil
 import sys
@@ -429,8 +430,11 @@ def bf16_dense_peak(device: str) -> float | None:
 
 
 def reset_peak_memory() -> None:
+    """Free what the last variant left (its models sit in reference cycles until collected)
+    and start counting the peak again."""
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
