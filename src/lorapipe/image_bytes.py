@@ -2,7 +2,8 @@
 lossless re-encode (WebP lossless) where its pixels had to change.
 
 Re-encoding is what made ingest slow and its datasets large (a PNG at Pillow's default level
-costs about 20 JPEG decodes and stores about 7x a photo's bytes), so a JPEG, PNG or WebP that
+costs about 50 decodes of a 1024x768 JPEG and stores about 6x its bytes, as
+``bench/ingest_throughput.py`` measures), so a JPEG, PNG or WebP that
 decodes to 8-bit RGB with no EXIF rotation to apply keeps its bytes. What must not survive is
 cut out without touching the compressed data:
 
@@ -32,8 +33,8 @@ from lorapipe.errors import ImageBytesError
 # Pillow's format name -> the dataset's ``format`` value, for the formats whose bytes are kept
 KEPT_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 # a re-encode: WebP lossless at its fastest effort, which bench/ingest_throughput.py measures
-# faster than PNG at any zlib level and smaller than Pillow's default PNG, on photos and on
-# flat-colour drawings; PNG (zlib level 1, the fastest that compresses) past WebP's size limit
+# faster than PNG at any zlib level that compresses (0 only stores) and smaller than Pillow's
+# default PNG, on photos and on flat-colour drawings; PNG level 1 past WebP's size limit
 RE_ENCODING = {"format": "WEBP", "lossless": True, "quality": 0, "method": 0}
 WEBP_MAX_SIDE = 16383
 PNG_COMPRESS_LEVEL = 1
