@@ -7,8 +7,8 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_FLAGS ?=
 
-.PHONY: setup run compile submit schedule test test-slow test-faults lint bench tiny-model \
-	world-model world-tagger clean
+.PHONY: setup run compile submit schedule test test-slow test-faults lint bench bench-gpu \
+	tiny-model world-model world-tagger clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,10 @@ bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 	$(BIN)/python bench/generate_throughput.py
 	$(BIN)/python bench/ingest_throughput.py
+
+# on a CUDA machine (TORCH_SPEC naming a CUDA build): full-size SD 1.5 / SDXL, about 5 minutes
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/gpu.py
 
 tiny-model: $(STAMP)
 	$(BIN)/lorapipe tiny-model models/tiny-sd

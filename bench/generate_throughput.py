@@ -139,7 +139,7 @@ def naive_loop(model: Path, lora_file: Path, config, report) -> tuple[float, dic
     lora_format.load_into_pipeline(pipe, str(lora_file), adapter_name="bench_style")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    pipe.scheduler = make_scheduler(config.sampler, pipe.scheduler.config)
+    scheduler_config = pipe.scheduler.config
     encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder)
     cells = plan_grid(config, [parse_prompt(p) for p in config.prompts], NegativeLibrary.load())
     assert len(cells) == report["images"]
@@ -147,13 +147,14 @@ def naive_loop(model: Path, lora_file: Path, config, report) -> tuple[float, dic
     started = time.monotonic()
     for cell in cells:
         (tag,) = cell.loras
+        pipe.scheduler = make_scheduler(cell.sampler, scheduler_config)  # samplers are an axis
         pipe.set_adapters(["bench_style"], [tag.unet_weight])
         positive, negative = encoder.encode_pair(cell.parsed, cell.negative.text)
         images[cell.file_name] = pipe(
             prompt_embeds=positive,
             negative_prompt_embeds=negative,
             guidance_scale=cell.cfg_scale,
-            num_inference_steps=config.steps,
+            num_inference_steps=cell.steps,
             width=config.width,
             height=config.height,
             generator=torch.Generator().manual_seed(cell.seed),

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lorapipe.demo import inputs, world
 from lorapipe.errors import InputError
-from lorapipe.stages.ingest import perceptual_hash
+from lorapipe.ingestion.decoding import perceptual_hash
 
 
 def test_the_sample_folder_holds_captioned_512px_styled_scenes_some_watermarked_and_three_files_to_drop(

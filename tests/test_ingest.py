@@ -3,6 +3,7 @@ kept, every other file is reported with the right reason, nothing outside the in
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -16,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image, ImageFilter
+from PIL import ExifTags, Image, ImageFilter, PngImagePlugin
 
 from lorapipe import store
 from lorapipe.cli import main as cli_main
 from lorapipe.dataset import ImageRecord, read_records
 from lorapipe.errors import ConfigError, DatasetError, InputError
-from lorapipe.stages.ingest import IngestConfig, perceptual_hash, run
+from lorapipe.image_bytes import strip_metadata
+from lorapipe.ingestion.decoding import perceptual_hash
+from lorapipe.stages.ingest import IngestConfig, run
 from lorapipe.stages.ingest import metrics as ingest_metrics
 
 # ------------------------------------------------------------------------- image makers
@@ -194,28 +197,29 @@ def _pixels(record: ImageRecord) -> np.ndarray:
         return np.asarray(image)
 
 
-class _OpenSpy:
-    """Records every path Pillow is asked to open (decoding runs in-process with workers=1)."""
+class _ReadSpy:
+    """Records every file read through ``Path.read_bytes``, as ingest reads every image (the
+    decoding runs in this process with workers=1)."""
 
-    def __init__(self, original: object) -> None:
-        self.original = original
+    def __init__(self, patch: pytest.MonkeyPatch) -> None:
         self.paths: list[Path] = []
+        original = Path.read_bytes
 
-    def __call__(self, source: object, *args: object, **kwargs: object) -> Image.Image:
-        if isinstance(source, (str, Path)):
-            self.paths.append(Path(source))
-        return self.original(source, *args, **kwargs)
+        def read_bytes(path: Path) -> bytes:
+            self.paths.append(path)
+            return original(path)
+
+        patch.setattr(Path, "read_bytes", read_bytes)
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, dict, list[Path]]:
-    """The corpus ingested once with workers=1: (input, dataset, report, opened paths)."""
+    """The corpus ingested once with workers=1: (input, dataset, report, read paths)."""
     base = tmp_path_factory.mktemp("corpus")
     root = _build_corpus(base)
     output = str(base / "dataset")
     with pytest.MonkeyPatch.context() as patch:
-        spy = _OpenSpy(Image.open)
-        patch.setattr(Image, "open", spy)
+        spy = _ReadSpy(patch)
         report = run(str(root), output, IngestConfig(max_pixels=MAX_PIXELS, workers=1))
     return root, output, report, spy.paths
 
@@ -270,10 +274,10 @@ def test_duplicates_name_the_kept_image(corpus: tuple) -> None:
     assert kept["a_landscape_small.jpg"] == "landscape.png"
 
 
-def test_nothing_outside_the_input_is_opened(corpus: tuple) -> None:
-    root, _, _, opened = corpus
-    assert opened, "the spy saw no decoding"
-    for path in opened:
+def test_nothing_outside_the_input_is_read(corpus: tuple) -> None:
+    root, _, _, read = corpus
+    assert read, "the spy saw no reading"
+    for path in read:
         assert path.resolve().is_relative_to(root.resolve()), path
 
 
@@ -325,7 +329,7 @@ def test_exif_orientation_applied_and_stripped(corpus: tuple) -> None:
         upright = np.rot90(np.asarray(stored.convert("RGB")), k=-1)
     assert np.abs(_pixels(record).astype(int) - upright).mean() < 1
     with Image.open(io.BytesIO(record.image)) as image:
-        assert image.format == "PNG"
+        assert image.format == "WEBP"
         assert not image.getexif()
         assert "exif" not in image.info
 
@@ -348,9 +352,78 @@ def test_modes_become_8_bit_rgb(corpus: tuple) -> None:
 def test_records_are_keyed_by_their_pixels(corpus: tuple) -> None:
     _, output, _, _ = corpus
     for record in _records(output).values():
-        assert record.format == "png"
+        pixels = _pixels(record)
+        assert record.sha256 == hashlib.sha256(pixels.tobytes()).hexdigest()
         assert record.id == record.sha256[:16]
-        assert (record.width, record.height) == _pixels(record).shape[1::-1]
+        assert (record.width, record.height) == pixels.shape[1::-1]
+
+
+# what each kept file's row holds: its own bytes (8-bit RGB, upright) or a lossless WebP
+KEPT_BYTES = {"photo.jpg": "jpeg", "lossless.png": "png", "landscape.png": "png"}
+KEPT_BYTES["nested/photo.webp"] = "webp"
+RE_ENCODED = KEPT - set(KEPT_BYTES)  # rotated, CMYK, palette, 16-bit, GIF, BMP, TIFF
+
+
+def test_photos_keep_their_own_bytes_and_changed_pixels_are_re_encoded(corpus: tuple) -> None:
+    root, output, report, _ = corpus
+    records = _records(output)
+    for name, image_format in KEPT_BYTES.items():
+        record = records[name]
+        assert record.format == image_format
+        assert record.image == strip_metadata((root / name).read_bytes(), image_format)
+    for name in RE_ENCODED:
+        assert records[name].format == "webp"
+    for record in records.values():
+        with Image.open(io.BytesIO(record.image)) as image:
+            assert image.format.lower() == record.format
+    assert report["stored"] == {
+        "formats": {"jpeg": 1, "png": 2, "webp": 1 + len(RE_ENCODED)},
+        "re_encoded": len(RE_ENCODED),
+    }
+
+
+# written as text into the files (the GPS position is binary: no EXIF at all must survive)
+SECRETS = ("SecretCam", "Jane Doe", "shot at home")
+
+
+def _metadata_laden(folder: Path) -> dict[str, str]:
+    """Photos carrying a camera model, a GPS position, XMP and a comment, in every format
+    whose bytes a row keeps, and one whose EXIF rotation makes it re-encoded; by name, the
+    format its row should hold."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Model] = "SecretCam"
+    gps = exif.get_ifd(ExifTags.IFD.GPSInfo)
+    gps[ExifTags.GPS.GPSLatitudeRef] = "N"
+    gps[ExifTags.GPS.GPSLatitude] = (52.0, 31.0, 12.0)
+    xmp = b"<x:xmpmeta>creator: Jane Doe</x:xmpmeta>"
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "shot at home")
+    text.add_itxt("XML:com.adobe.xmp", xmp.decode())
+    rotated = Image.Exif()
+    rotated.update(exif)
+    rotated[ExifTags.Base.Orientation] = 6
+    _save(_image(60), folder / "a.jpg", exif=exif, xmp=xmp, comment=b"shot at home")
+    _save(_image(61), folder / "b.png", exif=exif, pnginfo=text)
+    _save(_image(62), folder / "c.webp", exif=exif, xmp=xmp, lossless=True)
+    _save(_image(63), folder / "d.jpg", exif=rotated, comment=b"shot at home")
+    return {"a.jpg": "jpeg", "b.png": "png", "c.webp": "webp", "d.jpg": "webp"}
+
+
+def test_no_exif_gps_xmp_or_comment_survives_in_any_row(tmp_path: Path) -> None:
+    expected = _metadata_laden(tmp_path / "raw")
+    output = str(tmp_path / "out")
+    report = run(str(tmp_path / "raw"), output, IngestConfig(workers=2))
+    records = _records(output)
+    assert {name: record.format for name, record in records.items()} == expected
+    assert report["stored"]["re_encoded"] == 1
+    originals = b"".join(path.read_bytes() for path in (tmp_path / "raw").iterdir())
+    assert all(secret.encode() in originals for secret in SECRETS)
+    for record in records.values():
+        for secret in SECRETS:
+            assert secret.encode() not in record.image, (record.source, secret)
+        with Image.open(io.BytesIO(record.image)) as image:
+            assert not image.getexif(), record.source
+            assert not {"exif", "xmp", "comment", "Comment"} & set(image.info), record.source
 
 
 def test_report_files_and_histogram(corpus: tuple) -> None:
@@ -365,7 +438,7 @@ def test_report_files_and_histogram(corpus: tuple) -> None:
     assert histogram["kept"]["768-1023"] == 1  # landscape.png
 
 
-def test_two_worker_processes_give_the_same_dataset(corpus: tuple, tmp_path: Path) -> None:
+def test_two_worker_threads_give_the_same_dataset(corpus: tuple, tmp_path: Path) -> None:
     root, output, report, _ = corpus
     again = str(tmp_path / "again")
     report_again = run(str(root), again, IngestConfig(max_pixels=MAX_PIXELS, workers=2))

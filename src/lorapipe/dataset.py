@@ -71,6 +71,14 @@ SCHEMA = pa.schema(
 # Parquet column paths whose values repeat across rows; dictionary encoding of the unique ones
 # (image bytes, ids, hashes, file names) would only fill a dictionary that is then abandoned.
 _DICTIONARY_COLUMNS = ["format", "tags.list.element"]
+# zstd everywhere but the image bytes: PNG, JPEG and WebP are compressed already, and zstd over
+# them costs more time than the encoding itself saves bytes
+_COMPRESSION = {
+    f"{item.name}.list.element" if pa.types.is_list(item.type) else item.name: (
+        "none" if item.name == "image" else "zstd"
+    )
+    for item in SCHEMA
+}
 
 
 @dataclass
@@ -78,7 +86,7 @@ class ImageRecord:
     """One image of a dataset: the encoded bytes and what the stages learned about them."""
 
     id: str  # stable id, e.g. first 16 hex of the pixels' sha256 (+ "-flip")
-    image: bytes  # encoded image (PNG from ingest), EXIF stripped, 8-bit RGB
+    image: bytes  # encoded 8-bit RGB, no metadata (from ingest: a photo's own bytes or WebP)
     format: str  # "png" | "jpeg" | "webp"
     width: int
     height: int
@@ -236,7 +244,7 @@ class DatasetWriter:
         self._shard = pq.ParquetWriter(
             self._staging_dir / self._shard_name,
             SCHEMA,
-            compression="zstd",
+            compression=_COMPRESSION,
             use_dictionary=_DICTIONARY_COLUMNS,
         )
 

@@ -20,6 +20,11 @@ class InputError(LorapipeError):
     """User-provided input data (images, CSV, archives, job files) is unusable."""
 
 
+class ImageBytesError(InputError):
+    """An image file's encoded bytes cannot be kept as they are: malformed, or not what a
+    dataset row may hold unchanged (8-bit RGB without metadata)."""
+
+
 class StorageError(LorapipeError):
     """Object storage or the local filesystem refused an operation."""
 

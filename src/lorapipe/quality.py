@@ -30,6 +30,7 @@ luma is Pillow's (ITU-R 601-2).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -119,32 +120,45 @@ class Measures:
         }
 
 
+def normalised(image: Image.Image) -> Image.Image:
+    """``image`` shrunk (never enlarged) to ``NORMALISED_SIDE`` px on its shorter side: the
+    copy the measures are taken on (ingest hashes it too)."""
+    scale = NORMALISED_SIDE / min(image.size)
+    if scale >= 1:
+        return image
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    factors = (image.width // size[0], image.height // size[1])
+    if (size[0] * factors[0], size[1] * factors[1]) == image.size:
+        return image.reduce(factors)  # a whole factor (1024x768 -> 512x384): the box average
+    # reduce() by the whole factor first: the same box average, several times faster
+    return image.resize(size, Image.Resampling.BOX, reducing_gap=1.0)
+
+
 def measure(
-    image: Image.Image, quantization: Mapping[int, Sequence[int]] | None = None
+    image: Image.Image,
+    quantization: Mapping[int, Sequence[int]] | None = None,
+    small: Image.Image | None = None,
 ) -> Measures | None:
     """The measures of an 8-bit RGB ``image``; ``quantization`` is the source file's JPEG
-    quantisation tables (``Image.quantization``) when it was a JPEG. None for an image too
-    small to measure."""
+    quantisation tables (``Image.quantization``) when it was a JPEG, ``small`` its
+    ``normalised`` copy where the caller has made it. None for an image too small to
+    measure."""
     if min(image.size) < MIN_AUDITED_SIDE:
         return None
-    scale = NORMALISED_SIDE / min(image.size)
-    small = image
-    if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        # reduce() by the whole factor first: the same box average, several times faster
-        small = image.resize(size, Image.Resampling.BOX, reducing_gap=1.0)
-    levels = np.asarray(small.convert("L"))
-    luma = levels.astype(np.float32)
+    small = normalised(image) if small is None else small
+    grey = small.convert("L")
+    luma = np.asarray(grey, dtype=np.float32)
     channels = np.asarray(small)
     brightest = np.maximum(np.maximum(channels[..., 0], channels[..., 1]), channels[..., 2])
-    low, high = _percentile_levels(np.bincount(levels.ravel(), minlength=256), CONTRAST_PERCENTILES)
+    pixels = small.width * small.height
+    low, high = _percentile_levels(np.asarray(grey.histogram()), CONTRAST_PERCENTILES)
     return Measures(
         focus=focus(luma),
         detail=detail(luma),
         jpeg_quality=jpeg_quality(quantization) if quantization else None,
         blockiness=None if quantization else blockiness(np.asarray(image.convert("L"))),
-        clipped_highlights=float(np.mean(brightest >= HIGHLIGHT_LEVEL)),
-        clipped_shadows=float(np.mean(brightest <= SHADOW_LEVEL)),
+        clipped_highlights=np.count_nonzero(brightest >= HIGHLIGHT_LEVEL) / pixels,
+        clipped_shadows=np.count_nonzero(brightest <= SHADOW_LEVEL) / pixels,
         contrast=(high - low) / 255.0,
     )
 
@@ -153,12 +167,13 @@ def focus(luma: np.ndarray) -> float:
     """``sqrt(E[laplacian^2] / E[gradient^2])``: the 4-neighbour Laplacian against forward
     differences, over the same interior pixels, each less what 8-bit rounding alone adds
     (without that, the rounding of a smooth, badly blurred image would read as sharp edges);
-    0 for an image with no gradient above the rounding."""
-    dx = luma[1:-1, 1:-1] - luma[1:-1, :-2]
-    dy = luma[1:-1, 1:-1] - luma[:-2, 1:-1]
-    laplacian = (
-        luma[1:-1, :-2] + luma[1:-1, 2:] + luma[:-2, 1:-1] + luma[2:, 1:-1] - 4 * luma[1:-1, 1:-1]
-    )
+    0 for an image with no gradient above the rounding. The Laplacian is the difference of
+    neighbouring differences, so the differences are taken once."""
+    across = np.diff(luma, axis=1)[1:-1]  # luma[i, j + 1] - luma[i, j] on interior rows
+    down = np.diff(luma, axis=0)[:, 1:-1]  # luma[i + 1, j] - luma[i, j] on interior columns
+    dx, dy = across[:, :-1], down[:-1]
+    laplacian = across[:, 1:] - dx
+    laplacian += down[1:] - dy
     # white noise of variance v has E[gradient^2] = 4v and E[laplacian^2] = 20v
     gradient = float(np.mean(dx * dx) + np.mean(dy * dy)) - 4 * ROUNDING_VARIANCE
     if gradient <= 0:
@@ -170,20 +185,40 @@ def focus(luma: np.ndarray) -> float:
 def detail(luma: np.ndarray) -> float:
     """The share of spectral energy above a third of Nyquist among that above 1/16 of it, of
     the mean-removed luma under a Hann window (so the frame's edges add no false detail),
-    each band less what 8-bit rounding alone (white noise) puts in it."""
-    height, width = luma.shape
-    window = np.outer(np.hanning(height), np.hanning(width)).astype(np.float32)
-    power = np.abs(np.fft.rfft2((luma - luma.mean()) * window)) ** 2
-    squared = np.fft.fftfreq(height)[:, None] ** 2 + np.fft.rfftfreq(width)[None, :] ** 2
-    rounding = ROUNDING_VARIANCE * float(np.sum(window.astype(np.float64) ** 2))  # per bin
+    each band less what 8-bit rounding alone (white noise) puts in it. In float64, where
+    NumPy's FFT is several times faster than in float32."""
+    luma = np.asarray(luma, dtype=np.float64)
+    window, rounding = _window(*luma.shape)
+    spectrum = np.fft.rfft2((luma - luma.mean()) * window)
+    power = spectrum.real**2
+    power += spectrum.imag**2
+    base_band, detail_band = _bands(*luma.shape)
 
-    def energy(band: np.ndarray) -> float:
-        return max(float(power[band].sum()) - rounding * int(band.sum()), 0.0)
+    def energy(band: tuple[np.ndarray, int]) -> float:
+        weights, bins = band
+        return max(float(np.einsum("ij,ij->", power, weights)) - rounding * bins, 0.0)
 
-    base = energy(squared >= DETAIL_BASE_FROM**2)
+    base = energy(base_band)
     if base == 0:
         return 0.0
-    return energy(squared >= DETAIL_FROM**2) / base
+    return energy(detail_band) / base
+
+
+@functools.lru_cache(maxsize=16)
+def _window(height: int, width: int) -> tuple[np.ndarray, float]:
+    """The 2-D Hann window of a shape and the rounding noise it passes into each bin: most
+    images of a set share a few shapes."""
+    window = np.outer(np.hanning(height), np.hanning(width))
+    return window, ROUNDING_VARIANCE * float(np.sum(window**2))
+
+
+@functools.lru_cache(maxsize=16)
+def _bands(height: int, width: int) -> tuple[tuple[np.ndarray, int], ...]:
+    """The rfft2 bins at or above 1/16 and at or above a third of Nyquist, each as 0/1
+    weights (a weighted sum is several times faster than a masked one) and its bin count."""
+    squared = np.fft.fftfreq(height)[:, None] ** 2 + np.fft.rfftfreq(width)[None, :] ** 2
+    bands = (squared >= DETAIL_BASE_FROM**2, squared >= DETAIL_FROM**2)
+    return tuple((band.astype(np.float64), int(band.sum())) for band in bands)
 
 
 def jpeg_quality(quantization: Mapping[int, Sequence[int]]) -> int:

@@ -81,7 +81,7 @@ def demo_scenes(count: int = DEMO_IMAGES) -> list[tuple[world.Scene, int, tuple[
     (perceptual hashes, of a render at the scene's frame, more than ``MIN_HASH_DISTANCE`` bits
     apart): the hash is luma-only, so two scenes differing only in colour would otherwise be
     dropped."""
-    from lorapipe.stages.ingest import perceptual_hash
+    from lorapipe.ingestion.decoding import perceptual_hash
 
     candidates = world.sample_scenes(10 * count, seed=DEMO_SEED, styled_fraction=1.0)
     kept: list[tuple[world.Scene, int, tuple[int, int], int]] = []

@@ -13,7 +13,10 @@ from lorapipe import quality
 from lorapipe.thumbnails import markdown_image
 
 if TYPE_CHECKING:
-    from lorapipe.stages.ingest import IngestConfig, _Audit, _Captions, _Stats
+    from lorapipe.ingestion.audit import Audit
+    from lorapipe.ingestion.captions import Captions
+    from lorapipe.ingestion.writing import Stats
+    from lorapipe.stages.ingest import IngestConfig
 
 # shorter-side buckets of the size histogram: (label, lowest size in it), ascending
 SIZE_BUCKETS = (
@@ -34,9 +37,9 @@ def build_report(
     input_uri: str,
     output_uri: str,
     config: IngestConfig,
-    stats: _Stats,
-    captions: _Captions,
-    audit: _Audit,
+    stats: Stats,
+    captions: Captions,
+    audit: Audit,
     reasons: Sequence[str],
 ) -> dict[str, Any]:
     """The ``report.json`` of a run; ``reasons`` are the drop reasons in the report's order."""
@@ -61,6 +64,10 @@ def build_report(
             "kept": {label: stats.kept_sizes[label] for label, _ in SIZE_BUCKETS},
         },
         "fixes": dict(sorted(stats.fixes.items())),
+        "stored": {
+            "formats": dict(sorted(stats.stored_formats.items())),
+            "re_encoded": stats.re_encoded,
+        },
         "captions": {
             "metadata": captions.source,
             "rows": captions.rows,
@@ -74,7 +81,7 @@ def build_report(
     }
 
 
-def _quality_section(audit: _Audit) -> dict[str, Any]:
+def _quality_section(audit: Audit) -> dict[str, Any]:
     """The thresholds, the set's median focus, counts per code and every flagged image."""
     counts = Counter(flag.code for flags in audit.flags.values() for flag in flags)
     median = audit.median_focus
@@ -90,7 +97,7 @@ def _quality_section(audit: _Audit) -> dict[str, Any]:
     }
 
 
-def _flagged_entry(audit: _Audit, name: str) -> dict[str, Any]:
+def _flagged_entry(audit: Audit, name: str) -> dict[str, Any]:
     flags = audit.flags[name]
     entry = {
         "file": name,
@@ -112,6 +119,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{reason} {count}" for reason, count in report["dropped_by_reason"].items()
     )
     fixes = ", ".join(f"{fix} {count}" for fix, count in report["fixes"].items())
+    stored = ", ".join(f"{count} {kind}" for kind, count in report["stored"]["formats"].items())
     lines = [
         "# lorapipe ingest",
         "",
@@ -119,6 +127,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- {report['files']} files: {report['kept']} kept, {report['dropped']} dropped"
         + (f" ({reasons})" if reasons else ""),
         f"- fixes: {fixes or 'none needed'}",
+        f"- stored: {stored or 'nothing'}; {report['stored']['re_encoded']} re-encoded (their "
+        "pixels changed), the others their own bytes with the metadata cut out",
         f"- captions: `{captions['metadata']}` has {captions['rows']} rows; "
         f"{captions['captioned_images']} kept images captioned, "
         f"{captions['uncaptioned_images']} without; rows naming a missing file: "

@@ -1,0 +1,40 @@
+"""ingest's work runs on threads, in input order, never far ahead of its consumer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from lorapipe.ingestion.parallel import WINDOW_PER_WORKER, bounded_map
+
+
+def test_results_come_in_input_order_whichever_finishes_first() -> None:
+    def slow_for_small(value: int) -> int:
+        time.sleep(0.002 * (10 - value))
+        return value * value
+
+    assert list(bounded_map(slow_for_small, range(10), workers=3)) == [v * v for v in range(10)]
+
+
+def test_items_are_taken_lazily_at_most_a_window_ahead() -> None:
+    taken: list[int] = []
+
+    def items() -> object:
+        for value in range(100):
+            taken.append(value)
+            yield value
+
+    results = bounded_map(lambda value: value, items(), workers=2)
+    assert next(results) == 0
+    assert len(taken) <= 2 * WINDOW_PER_WORKER
+    results.close()
+
+
+def test_work_runs_on_several_threads_and_with_one_worker_in_the_caller() -> None:
+    def thread_of(_: int) -> str:
+        time.sleep(0.01)
+        return threading.current_thread().name
+
+    assert len(set(bounded_map(thread_of, range(8), workers=2))) == 2
+    caller = threading.current_thread().name
+    assert set(bounded_map(thread_of, range(3), workers=1)) == {caller}
