@@ -30,8 +30,11 @@ log = logging.getLogger(__name__)
 
 def parse_params(pairs: list[str], params_file: str | None) -> dict[str, Any]:
     """Pipeline arguments from a YAML file, then ``name=value`` flags (values parsed as JSON
-    when they are JSON, else kept as strings); unknown names are refused."""
-    known = set(lora_training.lora_training.component_spec.inputs or {})
+    when they are JSON, else kept as strings); unknown names are refused. A text parameter
+    (``training_config``, ``sweep``, ``job_yaml``) given as a list or mapping is written back
+    as one line of YAML, its value."""
+    inputs = lora_training.lora_training.component_spec.inputs or {}
+    known = set(inputs)
     arguments: dict[str, Any] = {}
     if params_file:
         loaded = yaml.safe_load(store.read_text(params_file)) or {}
@@ -56,6 +59,8 @@ def parse_params(pairs: list[str], params_file: str | None) -> dict[str, Any]:
                 f"pipeline parameter '{name}' is unknown; the parameters are "
                 f"{', '.join(sorted(known))}"
             )
+        if inputs[name].type == "String" and isinstance(arguments[name], dict | list):
+            arguments[name] = yaml.safe_dump(arguments[name], default_flow_style=True).strip()
     return arguments
 
 

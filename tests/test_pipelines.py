@@ -267,6 +267,21 @@ def test_params_parse_json_values_and_refuse_unknown_names(tmp_path: Path) -> No
         pipelines_cli.parse_params(["num_gpu=4"], None)
 
 
+def test_a_text_parameter_written_as_yaml_structure_reaches_the_pipeline_as_its_text(
+    tmp_path: Path,
+) -> None:
+    """`sweep: [{lora_rank: 4}]` in a params file, or JSON on the command line, is the
+    sweep's YAML text, which the plan step parses."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        "sweep: [{lora_rank: 4}, {lora_rank: 8}]\ntraining_config: {epochs: 2}\n"
+    )
+    arguments = pipelines_cli.parse_params(['job_yaml={"sampler": "euler"}'], str(params_file))
+    assert arguments["sweep"] == "[{lora_rank: 4}, {lora_rank: 8}]"
+    assert arguments["training_config"] == "{epochs: 2}"
+    assert yaml.safe_load(arguments["job_yaml"]) == {"sampler": "euler"}
+
+
 # --------------------------------------------------------------------------- a fake KFP server
 
 
