@@ -158,14 +158,16 @@ def write_training_output(
     report: Mapping[str, Any] | None = None,
     rank: int = 4,
     alpha: float = 8.0,
+    seed: int = 0,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Write a training output with one complete checkpoint per record (each with its own
-    random LoRA weights, seeded by step) and the incomplete ones; return {step: LoRA layers}."""
+    random LoRA weights, seeded by ``seed`` + step: another seed, another run) and the
+    incomplete ones; return {step: LoRA layers}."""
     saved: dict[int, dict[str, torch.Tensor]] = {}
     for step in [r["step"] for r in records] + list(incomplete_steps):
         checkpoint = root / f"checkpoint-{step}"
         checkpoint.mkdir(parents=True)
-        randomize_lora(pipeline, seed=step)
+        randomize_lora(pipeline, seed=seed + step)
         save_lora(pipeline, checkpoint)
         saved[step] = {
             key: value.clone()

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lorapipe.checkpoint_layout import CheckpointLosses, checkpoint_name
-from lorapipe.selection_rule import METRIC_LABELS, Selection
+from lorapipe.selection_rule import METRIC_LABELS, RunSelection, Selection
 
 LOSS_CURVE_SIZE = (1000, 560)  # pixels
 TRAINING_CHART_SIZE = (760, 420)
@@ -25,6 +25,8 @@ TRAIN_COLOR = "#1f77b4"
 VALIDATION_COLOR = "#e66e14"
 TOLERANCE_COLOR = "#787878"
 TIMESTEP_COLORS = ("#9467bd", "#2ca02c", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+RUN_COLORS = ("#1f77b4", "#e66e14", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+              "#bcbd22", "#7f7f7f")  # fmt: skip
 
 
 def draw_loss_curve(
@@ -75,6 +77,41 @@ def draw_loss_curve(
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     figure.subplots_adjust(left=0.08, right=0.79, top=0.91, bottom=0.11)
     figure.savefig(path, format="png", dpi=DPI)
+
+
+def draw_runs_validation_loss(choice: RunSelection) -> bytes:
+    """``runs_loss.png``: every run's mean validation loss by step, a line each (the winner's
+    thick), the tolerance line of the lowest across runs and the checkpoint that ships, as PNG
+    bytes; a run's legend entry carries its place in the ranking."""
+    figure, axes = _figure(LOSS_CURVE_SIZE)
+    selection = choice.selection
+    for standing, color in zip(choice.standings, itertools.cycle(RUN_COLORS)):
+        scored = sorted(
+            (c.step, value)
+            for c in standing.run.checkpoints
+            if (value := c.value(selection.metric)) is not None
+        )
+        winner = standing.run is choice.winner
+        axes.plot([step for step, _ in scored], [value for _, value in scored], marker="o",
+                  markersize=5 if winner else 3, linewidth=3 if winner else 1.4, color=color,
+                  label=f"{standing.place}. {_shortened(standing.run.name)}")  # fmt: skip
+    axes.axhline(selection.threshold, color=TOLERANCE_COLOR, linestyle="--", linewidth=1,
+                 label=f"tolerance: lowest + {selection.epsilon * 100:g}%")  # fmt: skip
+    axes.plot([selection.step], [selection.value], marker="o", markersize=14, fillstyle="none",
+              markeredgewidth=3, linestyle="none", color=CHOSEN_COLOR,
+              label=f"chosen: {_shortened(choice.winner.name)}, step {selection.step}")  # fmt: skip
+    axes.set_xlabel("step")
+    axes.set_ylabel(METRIC_LABELS[selection.metric])
+    axes.set_title(f"{METRIC_LABELS[selection.metric]} of every run by step")
+    axes.grid(True, color="#e4e4e4")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    figure.subplots_adjust(left=0.08, right=0.72, top=0.91, bottom=0.11)
+    return _png(figure)
+
+
+def _shortened(name: str, length: int = 36) -> str:
+    """A run name that fits the legend (a sweep's names run to 80 characters)."""
+    return name if len(name) <= length else name[: length - 1] + "…"
 
 
 def _timestep_order(timestep: str) -> tuple[int, float | str]:

@@ -21,6 +21,7 @@ from lorapipe.checkpoint_layout import (
 )
 from lorapipe.errors import InputError
 from lorapipe.report.page import PageLinks, Picture, Section, picture_of_file, png_picture
+from lorapipe.stages.select_runs import overrides_text
 
 if TYPE_CHECKING:
     from lorapipe.demo.claims import Claim
@@ -182,10 +183,15 @@ def _loss_log(output_uri: str) -> list[tuple[int, float]]:
 
 def select_section(output_uri: str, links: PageLinks) -> Section:
     """The rule, the table behind it, the loss curve and a row of samples per checkpoint
-    with the chosen one marked, so a person can judge the choice by eye."""
+    with the chosen one marked, so a person can judge the choice by eye; with several runs,
+    first their ranking and every run's validation loss."""
     report = read_report(output_uri)
     curve_uri = store.join(output_uri, report["files"]["loss_curve"])
     loss_curve = png_picture(store.read_bytes(curve_uri), "loss by step, the chosen checkpoint")
+    runs_chart = None
+    if "runs_loss" in report["files"]:
+        runs_uri = store.join(output_uri, report["files"]["runs_loss"])
+        runs_chart = png_picture(store.read_bytes(runs_uri), "validation loss of every run")
     sample_rows = []
     for row in report.get("samples", []):
         pictures = [
@@ -208,6 +214,10 @@ def select_section(output_uri: str, links: PageLinks) -> Section:
         {
             "report": report,
             "loss_curve": loss_curve,
+            "runs_chart": runs_chart,
+            "overrides": {
+                run["name"]: overrides_text(run["overrides"]) for run in report.get("runs", [])
+            },
             "sample_rows": sample_rows,
             "sample_columns": columns,
             "sample_prompts": report.get("sample_prompts", []),

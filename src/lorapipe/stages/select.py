@@ -23,6 +23,15 @@ Output (a directory, local or s3://):
   ``{name: number}`` for KFP v2's ``Metrics.log_metric``
 - ``report.json`` / ``report.md``
 
+Several training outputs, or a sweep folder (``lorapipe sweep``'s, with ``sweep.json``), are
+runs of different configs: :mod:`lorapipe.stages.select_runs` refuses runs whose validation
+losses do not compare, applies the rule across them (``selection_rule.ACROSS_RUNS_RULE``: the
+earliest checkpoint of any run within epsilon of the lowest validation loss of all; ties to
+the smaller LoRA rank, then the fewer training steps) and exports the winner's checkpoint as
+above. ``selection.json`` and the report then also rank the runs (``runs``, ``winner``,
+``failed_runs``), ``runs_loss.png`` draws every run's validation loss, and the LoRA's metadata
+names the winning run and its overrides (``lorapipe.sweep_run``, ``lorapipe.sweep_overrides``).
+
 With ``publish_uri``, the LoRA is also published there (:mod:`lorapipe.publication`): always
 under its run id, and ``latest.json`` moves to it only when it is promoted, i.e. with
 ``promote: better`` when its validation loss is not worse than the published LoRA's (measured
@@ -46,7 +55,7 @@ from typing import Any, ClassVar
 
 from lorapipe import config as config_options
 from lorapipe import kohya_names, lora_format, outputs, publication, store
-from lorapipe.charts import draw_loss_curve
+from lorapipe.charts import draw_loss_curve, draw_runs_validation_loss
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
     LORA_CONFIG_NAME,
@@ -54,9 +63,7 @@ from lorapipe.checkpoint_layout import (
     TRAINING_REPORT_NAME,
     CheckpointLosses,
     checkpoint_name,
-    find_checkpoints,
     read_json,
-    read_losses,
     read_published_validation,
     read_samples,
 )
@@ -69,6 +76,7 @@ from lorapipe.selection_rule import (
     Selection,
     choose_checkpoint,
 )
+from lorapipe.stages import select_runs
 from lorapipe.training.buckets import kohya_bucket_info
 
 log = logging.getLogger(__name__)
@@ -156,27 +164,50 @@ class SelectConfig:
             )
 
 
-def run(training_output_uri: str, output_uri: str, config: SelectConfig | None = None) -> dict:
-    """Choose a checkpoint of ``training_output_uri`` and write the LoRA files, selection,
-    plot, metrics and report to ``output_uri``; return the report."""
+def run(
+    training_output_uri: str | Sequence[str],
+    output_uri: str,
+    config: SelectConfig | None = None,
+) -> dict:
+    """Choose a checkpoint of ``training_output_uri`` (given several training outputs or a
+    sweep folder: a run and its checkpoint, ``select_runs``) and write the LoRA files,
+    selection, plots, metrics and report to ``output_uri``; return the report."""
     config = config or SelectConfig()
     config.validate()
-    complete, incomplete = find_checkpoints(training_output_uri)
-    if incomplete:
-        log.warning("ignoring incomplete checkpoints (no %s): %s", COMPLETE_MARKER, incomplete)
-    if not complete:
-        raise InputError(
-            f"training output '{training_output_uri}' has no complete checkpoint "
-            f"(a checkpoint-<step>/ directory with {COMPLETE_MARKER}); let training save one"
+    sources = select_runs.resolve_sources(training_output_uri)
+    if not sources.ranked:
+        trained = select_runs.read_training_output(sources.runs[0].output)
+        selection = choose_checkpoint(trained.losses, epsilon=config.epsilon, metric=config.metric)
+        return _export(trained, selection, output_uri, config)
+    ranking = select_runs.rank_runs(sources, epsilon=config.epsilon, metric=config.metric)
+    return _export(ranking.winner_output, ranking.choice.selection, output_uri, config, ranking)
+
+
+def _export(
+    trained: select_runs.TrainingOutput,
+    selection: Selection,
+    output_uri: str,
+    config: SelectConfig,
+    ranking: select_runs.Ranking | None = None,
+) -> dict:
+    """Write the chosen checkpoint of ``trained`` in both formats with its report (and the
+    ranking of the runs, when there were several), publish it with ``publish_uri``; the
+    report."""
+    if trained.incomplete:
+        log.warning(
+            "ignoring incomplete checkpoints (no %s): %s", COMPLETE_MARKER, trained.incomplete
         )
-    losses = [read_losses(uri, step) for step, uri in sorted(complete.items())]
-    selection = choose_checkpoint(losses, epsilon=config.epsilon, metric=config.metric)
     for warning in selection.warnings:
         log.warning(warning)
+    if not trained.report:
+        log.warning(
+            "%s is missing; the LoRA's training metadata will say None",
+            store.join(trained.uri, TRAINING_REPORT_NAME),
+        )
 
-    chosen = next(c for c in losses if c.step == selection.step)
-    modules = load_checkpoint_lora(complete[selection.step])
-    training_report = _read_training_report(training_output_uri)
+    chosen = next(c for c in trained.losses if c.step == selection.step)
+    modules = load_checkpoint_lora(trained.complete[selection.step])
+    training_report = trained.report
     output_name = config.output_name or _default_output_name(training_report)
     lorapipe_metadata = {
         "selection_rule": selection.rule,
@@ -187,12 +218,15 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         "pipeline_run_id": config.pipeline_run_id,
         "base_model": training_report.get("base_model"),
         "base_model_hash": training_report.get("base_model_hash"),
+        **(select_runs.lorapipe_metadata(ranking) if ranking else {}),
     }
     facts = training_facts(training_report, modules, chosen, output_name, lorapipe_metadata)
-    report = _report(
-        training_output_uri, output_uri, selection, losses, complete, incomplete, facts, modules
-    )
-    samples = checkpoint_samples(complete, selection.step)
+    report = _report(trained, output_uri, selection, facts, modules)
+    if ranking is not None:
+        report.update(select_runs.report_entries(ranking))
+        report["files"]["runs_loss"] = select_runs.RUNS_CHART_NAME
+        report["metrics"].update(select_runs.metrics(ranking))
+    samples = checkpoint_samples(trained.complete, selection.step)
     report.update(samples=[row.report_row() for row in samples], sample_prompts=_prompts(samples))
 
     with (
@@ -202,7 +236,7 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
         if published is not None:
             record = published.record(
                 _candidate(config, selection, chosen, training_report),
-                read_published_validation(training_output_uri),
+                read_published_validation(trained.uri),
                 promote=config.promote,
                 epsilon=_promotion_epsilon(config),
             )
@@ -220,7 +254,10 @@ def run(training_output_uri: str, output_uri: str, config: SelectConfig | None =
             family=facts.family,
             unet_config=_base_unet_config(training_report, facts.family),
         )
-        draw_loss_curve(losses, selection, staging / report["files"]["loss_curve"])
+        draw_loss_curve(trained.losses, selection, staging / report["files"]["loss_curve"])
+        if ranking is not None:
+            chart = draw_runs_validation_loss(ranking.choice)
+            (staging / report["files"]["runs_loss"]).write_bytes(chart)
         for row in samples:
             row.copy_into(staging)
         _write_json(
@@ -297,14 +334,6 @@ def load_checkpoint_lora(checkpoint_uri: str) -> lora_format.LoraModules:
                 "the checkpoint is inconsistent"
             )
     return modules
-
-
-def _read_training_report(training_output_uri: str) -> dict[str, Any]:
-    uri = store.join(training_output_uri, TRAINING_REPORT_NAME)
-    if not store.exists(uri):
-        log.warning("%s is missing; the LoRA's training metadata will say None", uri)
-        return {}
-    return read_json(uri)
 
 
 def _model_family(training_report: Mapping[str, Any]) -> ModelFamily:
@@ -439,25 +468,23 @@ def _base_model_name(uri: Any) -> str | None:
 # what selection.json holds (report.json holds these and more)
 SELECTION_KEYS = (
     "rule", "metric", "epsilon", "chosen", "reason", "warnings", "checkpoints",
-    "incomplete_checkpoints", "promotion", "history",
+    "incomplete_checkpoints", "runs", "winner", "failed_runs", "promotion", "history",
 )  # fmt: skip
 
 
 def _report(
-    training_output_uri: str,
+    trained: select_runs.TrainingOutput,
     output_uri: str,
     selection: Selection,
-    losses: Sequence[CheckpointLosses],
-    complete: Mapping[int, str],
-    incomplete: Mapping[int, str],
     facts: lora_format.TrainingFacts,
     modules: lora_format.LoraModules,
 ) -> dict[str, Any]:
+    losses, complete, incomplete = trained.losses, trained.complete, trained.incomplete
     chosen = next(c for c in losses if c.step == selection.step)
     name = facts.output_name
     return {
         "stage": "select",
-        "training_output": training_output_uri,
+        "training_output": trained.uri,
         "output": output_uri,
         "rule": selection.rule,
         "metric": selection.metric,
@@ -584,8 +611,9 @@ def _number(value: float | None) -> str:
 def render_markdown(report: Mapping[str, Any]) -> str:
     """report.md: the choice and why, the table behind it, the plot and how to use the files."""
     chosen_step = report["chosen"]["step"]
+    winner = f"{report['winner']['name']} " if "winner" in report else ""
     lines = [
-        f"# LoRA selection: {checkpoint_name(chosen_step)}",
+        f"# LoRA selection: {winner}{checkpoint_name(chosen_step)}",
         "",
         f"**Rule:** {report['rule']} (epsilon = {report['epsilon']:g}).",
         "",
@@ -593,6 +621,8 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     lines += [f"> warning: {warning}" for warning in report["warnings"]]
+    if "runs" in report:
+        lines += ["", *select_runs.markdown_lines(report), f"## The winner: {winner.strip()}"]
     lines += [
         "",
         "![loss curve](loss_curve.png)",
@@ -647,7 +677,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("training_output", help="train's output directory (local or s3://)")
+    parser.add_argument(
+        "training_output",
+        nargs="+",
+        help="train's output directory (local or s3://); several, or a sweep folder "
+        "(`lorapipe sweep`'s, with sweep.json): the runs are ranked and the winner's LoRA ships",
+    )
     parser.add_argument("--out", required=True, help="where to write the LoRA files and report")
     parser.add_argument("--config", help="YAML file of the options below")
     config_options.add_arguments(parser, SelectConfig)
