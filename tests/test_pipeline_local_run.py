@@ -177,3 +177,33 @@ def test_a_second_run_on_unchanged_inputs_trains_nothing_and_an_added_image_retr
     html = third.report.read_text()
     assert "the inputs changed since run" in html
     assert ("Promoted: " if newest["promoted"] else "Not promoted: ") in html
+
+
+def test_a_sweep_trains_each_config_ranks_the_runs_and_publishes_the_winner(
+    tmp_path: Path,
+) -> None:
+    """`make run PARAMS="--param 'sweep=[{lora_rank: 4}, {lora_rank: 8}]'"`: one train task
+    per config in the ParallelFor, select over both, the winner published."""
+    run = local_run.run_local(
+        tmp_path,
+        {**QUICK, "tagger_uri": "", "sweep": "[{lora_rank: 4}, {lora_rank: 8}]"},
+        compare_scraped=False,
+    )
+
+    (run_dir,) = (tmp_path / "pipeline-root").glob("lorapipe-lora-training-*")
+    trainings = sorted(run_dir.glob(local_run.TRAININGS))
+    assert len(trainings) == 2
+    ranks = sorted(
+        json.loads((t / "training_report.json").read_text())["lora"]["rank"] for t in trainings
+    )
+    assert ranks == [4, 8]
+    selection = json.loads((_task_dir(tmp_path, "select") / "lora" / "selection.json").read_text())
+    assert len(selection["runs"]) == 2
+    winner = selection["winner"]
+    assert winner["name"] in {"run-01-lora_rank-4", "run-02-lora_rank-8"}
+    assert winner["overrides"] == {"lora_rank": int(winner["name"].rsplit("-", 1)[1])}
+    assert "ties go to the run of smaller LoRA rank" in selection["rule"]
+    latest = json.loads((tmp_path / "published" / "latest.json").read_text())
+    with safe_open(Path(latest["uri"]) / "filmstyle.safetensors", "pt") as kohya:
+        assert kohya.metadata()["ss_network_dim"] == str(winner["overrides"]["lora_rank"])
+    assert winner["name"] in run.report.read_text()  # the ranking, in the run report

@@ -202,6 +202,31 @@ def test_a_run_trains_only_when_the_uncached_fingerprint_step_says_the_inputs_ch
     assert defaults["promotion_epsilon"]["defaultValue"] == -1.0  # below 0: epsilon's
 
 
+def test_a_sweep_runs_one_train_task_per_planned_config_in_a_parallel_for(compiled: Path) -> None:
+    spec, _ = load_compiled(compiled)
+    root = spec["root"]["dag"]["tasks"]
+    assert root["plan-sweep"]["inputs"]["parameters"]["sweep"] == {
+        "componentInputParameter": "sweep"
+    }
+    loops = [
+        task
+        for component in spec["components"].values()
+        for name, task in component.get("dag", {}).get("tasks", {}).items()
+        if name.startswith("for-loop")
+    ]
+    assert len(loops) == 4  # one pod and TrainJob, in each tagger branch
+    for loop in loops:
+        assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--runs"}
+        assert loop["iteratorPolicy"]["parallelismLimit"] == lora_training.MAX_PARALLEL_TRAINS
+        (train,) = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"].values()
+        assert train["componentRef"]["name"].startswith("comp-train")
+        parameters = train["inputs"]["parameters"]
+        assert parameters["training_config"]["componentInputParameter"].endswith("loop-item")
+        assert parameters["training_config"]["parameterExpressionSelector"] == (
+            'parseJson(string_value)["training_config"]'
+        )
+
+
 def _all_tasks(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     tasks = {**spec["root"]["dag"]["tasks"]}
     for component in spec["components"].values():

@@ -15,6 +15,7 @@ from test_train import write_folder
 
 from lorapipe import checkpoint_layout as layout
 from lorapipe.errors import ConfigError
+from lorapipe.report.run_report import stage_page
 from lorapipe.stages.train import run
 from lorapipe.train_config import TrainConfig, load_config
 from lorapipe.training.early_stopping import EarlyStopping
@@ -143,6 +144,7 @@ def test_a_run_whose_validation_loss_has_flattened_stops_early(
     assert logged_steps(output) == [1, 2, 3]
     # the early-stopped checkpoint is the run's last: it gets the sample images
     assert [step for step in (1, 2, 3) if layout.read_samples(output / f"checkpoint-{step}")] == [3]
+    assert "Stopped early at step 3: 2 checkpoints in a row" in stage_page("train", str(output))
 
 
 def test_a_run_that_trains_to_the_end_records_no_early_stop(

@@ -30,6 +30,7 @@ from lorapipe import checkpoint_layout as layout
 from lorapipe import lora_format, store
 from lorapipe.errors import ConfigError
 from lorapipe.models import load_base_model
+from lorapipe.report.run_report import stage_page
 from lorapipe.stages import select
 from lorapipe.stages.train import load_models, run
 from lorapipe.train_config import TrainConfig
@@ -123,6 +124,8 @@ def test_the_published_lora_gets_the_loss_its_own_run_recorded_and_nothing_else_
     assert record["val_loss_by_timestep"] == pytest.approx(
         run_a.chosen_record["val_loss_by_timestep"], rel=RTOL
     )
+    page = stage_page("train", str(tmp_path / "b"))  # the train section says so too
+    assert "(run a), measured on this run's validation images: validation loss" in page
     assert record["validation_images"] == 2
     assert record["base_model_hash"] == report["base_model_hash"]  # as select recorded it
     assert report[layout.PUBLISHED_VALIDATION_KEY] == record
