@@ -546,7 +546,9 @@ def make_optimizer(
     for name, text_encoder in models.trained_text_encoders.items():
         groups.append({"params": _trainable(text_encoder), "lr": rates[name] or text_encoder_lr})
     if config.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
+        # fused: one kernel for every parameter's update on a GPU (torch leaves it off)
+        on_gpu = models.unet.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay, fused=on_gpu)
     elif config.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=config.weight_decay)
     else:
