@@ -206,3 +206,17 @@ def selected_lora_folder(folder: Path) -> Path:
     files = {"kohya": "filmstyle.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
     (folder / "report.json").write_text(json.dumps({"files": files}))
     return folder
+
+
+def publish_folder(lora_dir: Path | str, publish_uri: str, run_id: str):
+    """Publish ``lora_dir`` under ``publish_uri/<run_id>/`` and point latest.json at it, as
+    select does with ``promote: always``; the run's ``publication.RunRecord``."""
+    from lorapipe.publication import Candidate, publishing
+
+    candidate = Candidate(
+        run_id, fingerprint="", checkpoint_step=0, val_loss=None, base_model_hash=None
+    )
+    with publishing(publish_uri) as published:
+        record = published.record(candidate, None, promote="always", epsilon=0.0)
+        published.publish(lora_dir, record)
+    return record

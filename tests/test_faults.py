@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from fault_proxy import CuttingProxy
+from lora_fixtures import publish_folder
 from PIL import Image
 from safetensors.torch import load_file
 from test_train import flags, write_folder
@@ -34,7 +35,6 @@ from lorapipe import outputs, store, writer_lock
 from lorapipe.dataset import DatasetWriter, ImageRecord, read_info, read_records
 from lorapipe.errors import LorapipeError
 from lorapipe.stages import augment, ingest, select
-from lorapipe.stages.select import publish
 from lorapipe.stages.train import run
 from lorapipe.train_config import TrainConfig
 from lorapipe.training.progress import LOSS_LOG_NAME
@@ -549,14 +549,15 @@ def test_two_runs_publishing_to_one_bucket_do_not_clobber_each_other(
         (lora_dir / "lora.safetensors").write_bytes(run_id.encode() * 100)
         (lora_dir / "report.json").write_text(json.dumps({"run": run_id}))
         files[run_id] = tree_digest(lora_dir)
-        publish(str(lora_dir), published, run_id)
+        publish_folder(lora_dir, published, run_id)
     for run_id, digest in files.items():
         prefix = store.join(published, run_id)
         assert store.is_complete(prefix)
         with store.local_dir(prefix) as local:
             assert {k: v for k, v in tree_digest(local).items() if k in digest} == digest
     latest = json.loads(store.read_text(store.join(published, "latest.json")))
-    assert latest == {"run_id": "run-2", "uri": store.join(published, "run-2")}
+    assert (latest["run_id"], latest["uri"]) == ("run-2", store.join(published, "run-2"))
+    assert [record["run_id"] for record in latest["history"]] == ["run-1", "run-2"]
 
 
 # --------------------------------------------------------------------------- two writers

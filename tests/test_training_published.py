@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 from accelerate import Accelerator
-from lora_fixtures import TEXT_ENCODER_TARGETS, add_random_lora, save_lora
+from lora_fixtures import TEXT_ENCODER_TARGETS, add_random_lora, publish_folder, save_lora
 from safetensors.torch import load_file
 from test_train import write_folder
 
@@ -203,7 +203,7 @@ def test_an_s3_publish_uri_is_followed_and_the_record_is_mirrored(
     run_a: PublishedRun, images: Path, s3_bucket: str
 ) -> None:
     """select's own publish on S3: the run folder is a versioned output behind a pointer."""
-    run_folder = select.publish(str(run_a.selected), f"{s3_bucket}/loras", "a")
+    run_folder = publish_folder(run_a.selected, f"{s3_bucket}/loras", "a").uri
     output = f"{s3_bucket}/runs/b"
     config = quick(run_a.config, compare_with=f"{s3_bucket}/loras")
     report = run(str(images), output, config)
