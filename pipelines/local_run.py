@@ -7,6 +7,7 @@ locally; everything else (artifacts, conditions, the sub-pipeline) runs as on a 
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import warnings
@@ -117,10 +118,15 @@ def _run_pipeline(root: Path, arguments: dict[str, Any]) -> Path:
     warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root))
     before = set(root.glob(f"{PIPELINE_NAME}-*"))
+    # kfp.local indents a task's output by swapping builtins.print and back; tasks of a
+    # ParallelFor run in threads, whose swaps interleave and can leave print indented for good
+    original_print = builtins.print
     try:
         lora_training(**arguments)
     except RuntimeError as error:
         raise PipelineRunError(_failure_line(str(error), root)) from None
+    finally:
+        builtins.print = original_print
     (run_dir,) = set(root.glob(f"{PIPELINE_NAME}-*")) - before
     return run_dir
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 from pathlib import Path
 
@@ -184,12 +185,21 @@ def test_a_sweep_trains_each_config_ranks_the_runs_and_publishes_the_winner(
 ) -> None:
     """`make run PARAMS="--param 'sweep=[{lora_rank: 4}, {lora_rank: 8}]'"`: one train task
     per config in the ParallelFor, select over both, the winner published."""
+    original_print = builtins.print
     run = local_run.run_local(
         tmp_path,
-        {**QUICK, "tagger_uri": "", "sweep": "[{lora_rank: 4}, {lora_rank: 8}]"},
+        {
+            **QUICK,
+            "training_config": QUICK["training_config"].replace(
+                "max_train_steps: 20", "max_train_steps: 10"
+            ),
+            "tagger_uri": "",
+            "sweep": "[{lora_rank: 4}, {lora_rank: 8}]",
+        },
         compare_scraped=False,
     )
 
+    assert builtins.print is original_print, "kfp.local's parallel tasks left print indented"
     (run_dir,) = (tmp_path / "pipeline-root").glob("lorapipe-lora-training-*")
     trainings = sorted(run_dir.glob(local_run.TRAININGS))
     assert len(trainings) == 2
