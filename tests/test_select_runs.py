@@ -112,6 +112,21 @@ def test_outputs_of_one_name_are_told_apart_by_their_paths(tmp_path: Path) -> No
     assert not resolve_sources(str(tmp_path / "train-1/out")).ranked
 
 
+def test_a_pipeline_sweep_runs_record_beside_its_report_names_it(tmp_path: Path) -> None:
+    """The pipeline's train step leaves the sweep run's name and overrides beside its report."""
+    for folder, name in (("train-1", "run-01-lora_rank-4"), ("train-2", "run-02-lora_rank-8")):
+        (tmp_path / folder / "training").mkdir(parents=True)
+        record = {"name": name, "overrides": {"lora_rank": int(name[-1])}}
+        (tmp_path / folder / "training" / "sweep_run.json").write_text(json.dumps(record))
+
+    sources = resolve_sources([str(tmp_path / f"train-{i}/training") for i in (1, 2)])
+
+    assert [(r.name, r.overrides) for r in sources.runs] == [
+        ("run-01-lora_rank-4", {"lora_rank": 4}),
+        ("run-02-lora_rank-8", {"lora_rank": 8}),
+    ]
+
+
 # --------------------------------------------------------------------------- select on training outputs
 
 

@@ -239,8 +239,6 @@ def select(
     formats; publish them under ``publish_uri``, moving latest.json only to a LoRA that is
     promoted. A negative ``promotion_epsilon`` is ``epsilon``'s (a KFP parameter cannot
     default to None: ``kfp.local`` refuses it)."""
-    import tempfile
-
     from lorapipe.stages import select as stage
 
     values = {
@@ -252,27 +250,9 @@ def select(
         "fingerprint": fingerprint,
     }
     settings = _from_parameters(stage.SelectConfig, values)
-    if len(training_paths) == 1:
-        report = stage.run(training_paths[0], lora_path, settings)
-    else:
-        with tempfile.TemporaryDirectory(prefix="lorapipe-sweep-") as sweep_dir:
-            _write_sweep_record(Path(sweep_dir), training_paths)
-            report = stage.run(sweep_dir, lora_path, settings)
+    report = stage.run(list(training_paths), lora_path, settings)
     _write_page("select", lora_path, report_path)
     return metrics_for_kfp(report["metrics"])
-
-
-def _write_sweep_record(folder: Path, training_paths: Sequence[str]) -> None:
-    """The ``sweep.json`` that ``lorapipe sweep`` would have written for the pipeline's
-    trainings, from the record each train step left beside its report."""
-    from lorapipe.checkpoint_layout import SWEEP_RUN_NAME
-    from lorapipe.sweep import SWEEP_NAME
-
-    runs = []
-    for path in training_paths:
-        record = json.loads(Path(path, SWEEP_RUN_NAME).read_text())
-        runs.append({**record, "output": str(path), "status": "finished"})
-    (folder / SWEEP_NAME).write_text(json.dumps({"runs": runs}, indent=1) + "\n")
 
 
 @pipeline_task

@@ -40,6 +40,7 @@ from lorapipe import store
 from lorapipe.checkpoint_layout import (
     COMPLETE_MARKER,
     LORA_CONFIG_NAME,
+    SWEEP_RUN_NAME,
     TRAINING_REPORT_NAME,
     CheckpointLosses,
     find_checkpoints,
@@ -135,9 +136,19 @@ def resolve_sources(inputs: str | Sequence[str]) -> Sources:
             runs += finished
             failed += failures
         else:
-            runs.append(RunSource(names[uri], uri))
+            runs.append(_plain_run(names[uri], uri))
     _check_names(runs)
     return Sources(tuple(runs), tuple(failed), ranked=len(given) > 1 or bool(sweeps))
+
+
+def _plain_run(name: str, uri: str) -> RunSource:
+    """A training output given alone: named by its folder, or by the pipeline's sweep run
+    record beside its report (``SWEEP_RUN_NAME``: every KFP output folder has one name)."""
+    record_uri = store.join(uri, SWEEP_RUN_NAME)
+    if not store.exists(record_uri):
+        return RunSource(name, uri)
+    record = json.loads(store.read_text(record_uri))
+    return RunSource(record["name"], uri, dict(record.get("overrides") or {}))
 
 
 def _sweep_json(uri: str) -> tuple[str, dict[str, Any]] | None:
