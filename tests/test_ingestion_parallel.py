@@ -38,3 +38,19 @@ def test_work_runs_on_several_threads_and_with_one_worker_in_the_caller() -> Non
     assert len(set(bounded_map(thread_of, range(8), workers=2))) == 2
     caller = threading.current_thread().name
     assert set(bounded_map(thread_of, range(3), workers=1)) == {caller}
+
+
+def test_numpys_blas_runs_on_one_thread_inside_the_workers_and_is_restored_after() -> None:
+    """Every core already decodes a file of its own: a BLAS pool per worker call only
+    oversubscribes them (it made pass 1 no faster on two threads than on one)."""
+    import numpy  # noqa: F401  (loads the BLAS that threadpoolctl reports)
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "NumPy's BLAS is loaded"
+    inside = list(bounded_map(lambda _: blas_threads(), range(4), workers=2))
+    assert inside == [[1] * len(before)] * 4
+    assert blas_threads() == before
