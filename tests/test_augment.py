@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lorapipe import image_bytes
 from lorapipe.cli import main as cli_main
 from lorapipe.dataset import DatasetWriter, ImageRecord, decode_image, read_records
 from lorapipe.errors import DatasetError
@@ -108,14 +109,42 @@ def test_a_jpeg_stays_a_jpeg(tmp_path: Path) -> None:
     assert np.abs(difference).mean() < 2
 
 
-def test_an_image_in_another_format_is_mirrored_into_png(tmp_path: Path) -> None:
+def test_a_lossless_row_has_a_lossless_mirror_in_its_own_format(tmp_path: Path) -> None:
+    """PNG and lossless WebP rows (ingest keeps a photo's own PNG or WebP bytes, and
+    re-encodes as lossless WebP) get exactly their mirror image, in their own format."""
+    as_png = image_record("a.png", 1)
+    as_webp = image_record("b.webp", 2, image_format="webp")
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(as_webp.image)).save(buffer, format="WEBP", lossless=True)
+    as_webp.image = buffer.getvalue()
+
+    for original in (as_png, as_webp):
+        _, copy = augmented(tmp_path / original.format, original)
+        assert copy.format == original.format
+        assert np.array_equal(pixels(copy), pixels(original)[:, ::-1])
+    assert not image_bytes.is_lossy(copy.image, "webp")
+
+
+def test_a_lossy_webp_row_has_a_lossy_webp_mirror(tmp_path: Path) -> None:
+    original = image_record("a.webp", 1, image_format="webp")
+    assert image_bytes.is_lossy(original.image, "webp")
+
+    _, copy = augmented(tmp_path, original)
+
+    assert copy.format == "webp"
+    assert image_bytes.is_lossy(copy.image, "webp")
+
+
+def test_an_image_in_another_format_is_mirrored_into_ingests_lossless_encoding(
+    tmp_path: Path,
+) -> None:
     """Only PNG, JPEG and WebP are written back; the copy's format says what its bytes are."""
     original = image_record("a.bmp", 1, image_format="bmp")
 
     _, copy = augmented(tmp_path, original)
 
-    assert copy.format == "png"
-    assert Image.open(io.BytesIO(copy.image)).format == "PNG"
+    assert copy.format == "webp"
+    assert Image.open(io.BytesIO(copy.image)).format == "WEBP"
     assert np.array_equal(pixels(copy), pixels(original)[:, ::-1])
 
 

@@ -14,7 +14,13 @@ import pytest
 from PIL import ExifTags, Image, PngImagePlugin
 
 from lorapipe.errors import ImageBytesError
-from lorapipe.image_bytes import WEBP_MAX_SIDE, kept_format, re_encoded, strip_metadata
+from lorapipe.image_bytes import (
+    WEBP_MAX_SIDE,
+    is_lossy,
+    kept_format,
+    re_encoded,
+    strip_metadata,
+)
 
 SECRET_COMMENT = b"shot at home"
 SECRET_XMP = b"<x:xmpmeta>author: Jane Doe</x:xmpmeta>"
@@ -241,3 +247,15 @@ def test_an_image_too_wide_for_webp_is_re_encoded_as_png() -> None:
     data, image_format = re_encoded(banner)
     assert image_format == "png"
     assert np.array_equal(_pixels(data), np.asarray(banner))
+
+
+def test_a_row_is_lossy_when_it_holds_a_jpeg_or_a_vp8_webp() -> None:
+    """What augment encodes a mirror by: lossy rows stay lossy, lossless ones lossless, and
+    a WebP's metadata chunks (VP8X, EXIF) do not hide which coding its image has."""
+    photo = _photo()
+    assert is_lossy(_encoded(photo, "JPEG"), "jpeg")
+    assert is_lossy(_webp_with_everything(), "webp")
+    assert not is_lossy(_webp_with_everything(lossless=True), "webp")
+    assert not is_lossy(_encoded(photo, "PNG"), "png")
+    with pytest.raises(ImageBytesError, match="not a WebP"):
+        is_lossy(b"RIFF", "webp")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import re
 import struct
+from collections.abc import Iterator
 
 from PIL import Image
 
@@ -50,7 +51,8 @@ _JFIF_HEADER = 12  # identifier, version, units, densities: what precedes the th
 _ADOBE = b"Adobe"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_RGB, _PNG_8_BIT = 2, 8
-_WEBP_IMAGE_CHUNKS = (b"VP8 ", b"VP8L")
+_WEBP_LOSSY_CHUNK = b"VP8 "
+_WEBP_IMAGE_CHUNKS = (_WEBP_LOSSY_CHUNK, b"VP8L")
 # chunks of a picture that is more than one opaque frame
 _WEBP_REFUSED = {b"ALPH": "an alpha channel", b"ANIM": "an animation", b"ANMF": "an animation"}
 
@@ -77,6 +79,16 @@ def strip_metadata(data: bytes, image_format: str) -> bytes:
     if strip is None:
         raise ImageBytesError(f"no way to keep the bytes of a {image_format!r} file")
     return strip(data)
+
+
+def is_lossy(data: bytes, image_format: str) -> bool:
+    """Whether a row's bytes hold a lossy encoding: a JPEG, or a WebP whose image chunk is
+    VP8 (VP8L is WebP's lossless coding). Raises ImageBytesError for a WebP it cannot read."""
+    if image_format == "jpeg":
+        return True
+    if image_format == "webp":
+        return any(kind == _WEBP_LOSSY_CHUNK for kind, _ in _webp_chunks(data))
+    return False
 
 
 def re_encoded(image: Image.Image) -> tuple[bytes, str]:
@@ -193,24 +205,30 @@ def _check_png_header(header: bytes) -> None:
 
 def _strip_webp(data: bytes) -> bytes:
     """A simple-format WebP of the file's one image chunk, whatever else it held."""
+    image_chunk = None
+    for kind, chunk in _webp_chunks(data):
+        if kind in _WEBP_REFUSED:
+            raise ImageBytesError(f"WebP has {_WEBP_REFUSED[kind]}; it is re-encoded, not kept")
+        if kind in _WEBP_IMAGE_CHUNKS:
+            if image_chunk is not None:
+                raise ImageBytesError("WebP has more than one image chunk")
+            image_chunk = chunk
+    if image_chunk is None:
+        raise ImageBytesError("WebP has no VP8/VP8L image chunk")
+    if len(image_chunk) & 1:
+        image_chunk += b"\x00"
+    return b"RIFF" + struct.pack("<I", 4 + len(image_chunk)) + b"WEBP" + image_chunk
+
+
+def _webp_chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(kind, the whole chunk with its header and padding) of each chunk of a WebP file."""
     if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
         raise ImageBytesError("not a WebP: no RIFF/WEBP header")
-    image_chunk = None
     position = 12
     while position + 8 <= len(data):
         kind, length = struct.unpack_from("<4sI", data, position)
         end = position + 8 + length + (length & 1)  # chunks are padded to even sizes
         if position + 8 + length > len(data):
             raise ImageBytesError(f"WebP chunk {kind!r} runs past the file: truncated")
-        if kind in _WEBP_REFUSED:
-            raise ImageBytesError(f"WebP has {_WEBP_REFUSED[kind]}; it is re-encoded, not kept")
-        if kind in _WEBP_IMAGE_CHUNKS:
-            if image_chunk is not None:
-                raise ImageBytesError("WebP has more than one image chunk")
-            image_chunk = data[position : min(end, len(data))]
+        yield kind, data[position : min(end, len(data))]
         position = end
-    if image_chunk is None:
-        raise ImageBytesError("WebP has no VP8/VP8L image chunk")
-    if len(image_chunk) & 1:
-        image_chunk += b"\x00"
-    return b"RIFF" + struct.pack("<I", 4 + len(image_chunk)) + b"WEBP" + image_chunk

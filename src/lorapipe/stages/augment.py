@@ -30,6 +30,7 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from lorapipe import config as config_options
+from lorapipe import image_bytes
 from lorapipe.captions import swap_left_right
 from lorapipe.config import option
 from lorapipe.dataset import DatasetWriter, ImageRecord, count_rows, decode_image, read_records
@@ -39,8 +40,7 @@ from lorapipe.flip_rules import DEFAULT_SKIP_TAGS, flip_blocker
 log = logging.getLogger(__name__)
 
 FLIP_SUFFIX = "-flip"
-PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-# a re-encoded JPEG/WebP copy: visually lossless, so mirroring adds no visible artifacts
+# the mirror of a lossy row (JPEG, lossy WebP): visually lossless, so it adds no visible artifacts
 LOSSY_QUALITY = 95
 
 
@@ -109,9 +109,7 @@ def run(dataset_uri: str, output_uri: str, config: AugmentConfig | None = None) 
 def mirror_record(record: ImageRecord) -> ImageRecord:
     """The mirrored copy of a record: pixels, id, hash, caption and tags."""
     mirrored = ImageOps.mirror(decode_image(record))
-    # PNG, JPEG and WebP are written back as they were; anything else becomes PNG
-    image_format = record.format if record.format in PILLOW_FORMATS else "png"
-    encoded = _encode(mirrored, image_format)
+    encoded, image_format = mirror_encoded(mirrored, record)
     return dataclasses.replace(
         record,
         id=record.id + FLIP_SUFFIX,
@@ -125,12 +123,22 @@ def mirror_record(record: ImageRecord) -> ImageRecord:
     )
 
 
-def _encode(image: Image.Image, image_format: str) -> bytes:
+def mirror_encoded(mirrored: Image.Image, record: ImageRecord) -> tuple[bytes, str]:
+    """(bytes, format) of a mirror, encoded as its row was: a lossy row (JPEG, lossy WebP) in
+    its format at ``LOSSY_QUALITY``, a PNG or lossless WebP row losslessly in its format (at
+    ingest's fast settings), anything else with ingest's lossless re-encoding. A lossless
+    photo's mirror is exactly its mirror image."""
     buffer = io.BytesIO()
-    pillow_format = PILLOW_FORMATS[image_format]
-    options = {} if pillow_format == "PNG" else {"quality": LOSSY_QUALITY}
-    image.save(buffer, format=pillow_format, **options)
-    return buffer.getvalue()
+    if image_bytes.is_lossy(record.image, record.format):
+        pillow_format = "JPEG" if record.format == "jpeg" else "WEBP"
+        mirrored.save(buffer, format=pillow_format, quality=LOSSY_QUALITY)
+    elif record.format == "png":
+        mirrored.save(buffer, format="PNG", compress_level=image_bytes.PNG_COMPRESS_LEVEL)
+    elif record.format == "webp":
+        mirrored.save(buffer, **image_bytes.RE_ENCODING)
+    else:
+        return image_bytes.re_encoded(mirrored)
+    return buffer.getvalue(), record.format
 
 
 def _pixel_sha256(image: Image.Image) -> str:
