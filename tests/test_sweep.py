@@ -5,6 +5,7 @@ run into its own folder and writing sweep.json."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,14 @@ from test_train import write_folder
 from lorapipe import checkpoint_layout as layout
 from lorapipe import cli
 from lorapipe.errors import ConfigError
-from lorapipe.sweep import COMPARABILITY_KEYS, gpu_slots, parse_sweep, plan_sweep
+from lorapipe.sweep import (
+    COMPARABILITY_KEYS,
+    child_environment,
+    cpu_threads,
+    gpu_slots,
+    parse_sweep,
+    plan_sweep,
+)
 from lorapipe.train_config import TrainConfig, load_config
 
 # --------------------------------------------------------------------------- parsing
@@ -174,6 +182,22 @@ def test_parallel_runs_get_gpus_of_their_own_when_there_are_enough(
     assert gpu_slots(1, 1) == [None]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
     assert gpu_slots(4, 1) == ["4", "5", "6", "7"]
+
+
+def test_parallel_runs_share_the_cpu_threads_instead_of_each_taking_every_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two runs at a time on 8 cores get 4 threads each (torch reads OMP_NUM_THREADS); one run
+    keeps torch's default, and a thread count the user set wins."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert cpu_threads(1, 1) is None
+    assert (cpu_threads(2, 1), cpu_threads(2, 2), cpu_threads(16, 1)) == (4, 2, 1)
+    environment = child_environment("0", cpu_threads(2, 1))
+    assert (environment["CUDA_VISIBLE_DEVICES"], environment["OMP_NUM_THREADS"]) == ("0", "4")
+    assert "OMP_NUM_THREADS" not in child_environment(None, None)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert child_environment(None, 4)["OMP_NUM_THREADS"] == "3"
 
 
 # --------------------------------------------------------------------------- lorapipe sweep

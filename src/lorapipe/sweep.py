@@ -276,8 +276,10 @@ def run_sweep(
     ``sweep.json`` records in the runs' order, printing one line per run as it ends."""
     slots: queue.Queue[str | None] = queue.Queue()
     processes = max(run.config.num_processes for run in runs)
-    for devices in gpu_slots(min(parallel, len(runs)), processes):
+    devices_of_slots = gpu_slots(min(parallel, len(runs)), processes)
+    for devices in devices_of_slots:
         slots.put(devices)
+    threads = cpu_threads(len(devices_of_slots), processes)
     with tempfile.TemporaryDirectory(prefix="lorapipe-sweep-") as tmp:
         logs = Path(tmp) if store.is_s3(output_dir) else Path(output_dir) / RUN_LOGS_DIR
         logs.mkdir(parents=True, exist_ok=True)
@@ -285,7 +287,8 @@ def run_sweep(
         def train_one(run: SweepRun) -> dict[str, Any]:
             devices = slots.get()
             try:
-                record = train_run(run, Path(tmp), logs / f"{run.name}.log", devices)
+                log_path = logs / f"{run.name}.log"
+                record = train_run(run, Path(tmp), log_path, child_environment(devices, threads))
             finally:
                 slots.put(devices)
             if store.is_s3(output_dir):
@@ -299,18 +302,40 @@ def run_sweep(
             return list(pool.map(train_one, runs))
 
 
-def train_run(run: SweepRun, work_dir: Path, log_path: Path, devices: str | None) -> dict[str, Any]:
-    """Train one run in a ``lorapipe train`` process (on ``devices``, CUDA_VISIBLE_DEVICES, when
-    given) with its output in ``log_path``; its ``sweep.json`` record."""
-    config_path = work_dir / f"{run.name}.yaml"
-    config_path.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+def cpu_threads(runs_at_a_time: int, processes: int) -> int | None:
+    """The CPU threads each training process gets when several runs share the CPU cores: an
+    equal share (at least 1), so that parallel runs do not each start a thread per core and
+    oversubscribe them; None for one run at a time (torch's own default)."""
+    if runs_at_a_time <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // (runs_at_a_time * processes))
+
+
+def child_environment(devices: str | None, threads: int | None) -> dict[str, str]:
+    """The environment of one run's ``lorapipe train``: its GPUs (CUDA_VISIBLE_DEVICES) when it
+    has its own, and its share of the CPU threads (OMP_NUM_THREADS, which torch reads) unless
+    the caller set that already."""
     environment = dict(os.environ)
     if devices is not None:
         environment["CUDA_VISIBLE_DEVICES"] = devices
+    if threads is not None:
+        environment.setdefault("OMP_NUM_THREADS", str(threads))
+    return environment
+
+
+def train_run(
+    run: SweepRun, work_dir: Path, log_path: Path, environment: Mapping[str, str]
+) -> dict[str, Any]:
+    """Train one run in a ``lorapipe train`` process with ``environment`` and its output in
+    ``log_path``; its ``sweep.json`` record."""
+    config_path = work_dir / f"{run.name}.yaml"
+    config_path.write_text(yaml.safe_dump(run.config.to_dict(), sort_keys=False))
     log.info("%s: training into %s (log: %s)", run.name, run.config.output_dir, log_path)
     command = [sys.executable, "-m", "lorapipe.cli", "train", "--config", str(config_path)]
     with log_path.open("w") as output:
-        code = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+        code = subprocess.call(
+            command, stdout=output, stderr=subprocess.STDOUT, env=dict(environment)
+        )
     report_uri = store.join(run.config.output_dir, TRAINING_REPORT_NAME)
     finished = code == 0 and store.exists(report_uri)
     report = json.loads(store.read_text(report_uri)) if finished else {}
@@ -389,7 +414,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         default=1,
         metavar="N",
         help="runs trained at a time, each a `lorapipe train` process (on GPUs of its own when "
-        "there are enough); default 1",
+        "there are enough, and an equal share of the CPU threads); default 1",
     )
     config_options.add_arguments(parser, TrainConfig)
     parser.epilog = (
